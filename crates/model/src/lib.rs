@@ -1,0 +1,22 @@
+//! converge's data model: ids, epochs and units, the replicated `ClusterState`, and the
+//! `ClusterCommand`s that change it through the pure `ClusterState::apply`.
+//!
+//! Nothing here does IO, reads a clock or draws a random number: every Raft node applies
+//! the same commands in the same order and must reach the same state.
+
+mod command;
+mod ids;
+mod report;
+mod state;
+mod units;
+
+pub use command::{ClusterCommand, CommandError, CommandOutcome};
+pub use ids::{
+    ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId,
+};
+pub use report::{DiskHealth, DiskReport, NodeReport};
+pub use state::{ClusterInfo, Disk, Node, Pg, Pool, ClusterState, Volume};
+pub use units::{
+    extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
+    REPLICAS_MAX, SECTOR_SIZE_BYTES,
+};

@@ -1,0 +1,135 @@
+//! The replicated cluster state: what every node agrees on through Raft.
+
+use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+use crate::units::{pg_of, EXTENT_SIZE_BYTES};
+use crate::ExtentIndex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Everything the cluster agrees on. Changed only by `ClusterState::apply`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Set once by `ClusterCommand::InitCluster`.
+    pub cluster: Option<ClusterInfo>,
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub disks: BTreeMap<DiskId, Disk>,
+    pub pools: BTreeMap<PoolId, Pool>,
+    pub volumes: BTreeMap<VolumeId, Volume>,
+    /// Volume ids are never reused, so a replica can tell a deleted volume's extents.
+    pub next_volume_id: VolumeId,
+    pub next_pool_id: PoolId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub id: ClusterId,
+    /// The secret a new node presents to join.
+    pub join_secret: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    /// `host:port` of the API and cluster traffic.
+    pub api_addr: String,
+    /// `host:port` of the replica server (the data path).
+    pub data_addr: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub id: DiskId,
+    pub node: NodeId,
+    /// Where the node finds the device or file.
+    pub path: String,
+    pub size_bytes: u64,
+    /// Extent slots the disk's format provides.
+    pub extent_slots: u64,
+}
+
+/// A replication factor over the cluster's disks, split into placement groups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub id: PoolId,
+    pub name: String,
+    pub replicas: u8,
+    /// Replicas that must acknowledge a write for it to succeed.
+    pub min_size: u8,
+    /// `pgs[i]` is placement group `i`; `pgs.len()` is the pool's PG count.
+    pub pgs: Vec<Pg>,
+}
+
+/// A placement group: the disks, on distinct nodes, that hold every extent hashed to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pg {
+    pub disks: Vec<DiskId>,
+    pub epoch: PgEpoch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub pool: PoolId,
+    pub size_bytes: u64,
+    /// The node allowed to write; `None` until someone first writes.
+    pub owner: Option<NodeId>,
+    pub owner_epoch: OwnerEpoch,
+}
+
+impl Pool {
+    pub fn pg_count(&self) -> u32 {
+        self.pgs.len() as u32
+    }
+
+    /// The placement group holding `extent` of `volume`.
+    pub fn pg_for(&self, volume: VolumeId, extent: ExtentIndex) -> (PgId, &Pg) {
+        let pg = pg_of(volume, extent, self.pg_count());
+        (pg, &self.pgs[pg.0 as usize])
+    }
+}
+
+impl Volume {
+    pub fn extent_count(&self) -> u64 {
+        self.size_bytes.div_ceil(EXTENT_SIZE_BYTES)
+    }
+}
+
+impl ClusterState {
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+
+    pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
+        self.pools.values().find(|p| p.name == name)
+    }
+
+    pub fn disks_of(&self, node: NodeId) -> impl Iterator<Item = &Disk> {
+        self.disks.values().filter(move |d| d.node == node)
+    }
+
+    /// Asserts the relations `apply` maintains; tests and the simulator call it after every
+    /// step.
+    pub fn check_invariants(&self) {
+        for disk in self.disks.values() {
+            assert!(self.nodes.contains_key(&disk.node), "{} on unknown {}", disk.id, disk.node);
+        }
+        for pool in self.pools.values() {
+            assert!(!pool.pgs.is_empty(), "{} has no placement groups", pool.id);
+            assert!(pool.min_size >= 1 && pool.min_size <= pool.replicas);
+            for pg in &pool.pgs {
+                assert_eq!(pg.disks.len(), usize::from(pool.replicas), "{} has a short PG", pool.id);
+                let mut nodes: Vec<NodeId> = pg.disks.iter().map(|d| self.disks[d].node).collect();
+                nodes.sort();
+                nodes.dedup();
+                assert_eq!(nodes.len(), pg.disks.len(), "{} has two replicas on one node", pool.id);
+            }
+        }
+        for volume in self.volumes.values() {
+            assert!(self.pools.contains_key(&volume.pool));
+            assert!(volume.id < self.next_volume_id);
+            let same_name = self.volumes.values().filter(|v| v.name == volume.name).count();
+            assert_eq!(same_name, 1, "volume name {} is not unique", volume.name);
+        }
+    }
+}
