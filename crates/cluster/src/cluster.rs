@@ -1,0 +1,418 @@
+//! `Cluster`: this node's handle on the Raft group and the state it agrees on.
+
+use crate::error::ClusterError;
+use crate::network::{Network, PeerTransport};
+use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
+use crate::storage::{open_database, LogStore, StateMachineStore};
+use crate::types::{PeerReply, PeerRpc, RaftNode, RemoteRefusal, TypeConfig};
+use model::{
+    ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport,
+    OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
+};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, Raft};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How often each node pings every other one.
+const PING_INTERVAL: Duration = Duration::from_millis(1000);
+/// A node not heard from for this long is shown as down.
+const DOWN_AFTER: Duration = Duration::from_millis(3000);
+/// How long a proposal waits for a leader before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(15);
+/// How long a forwarded proposal may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Joining waits for the new node to catch up with the log.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+const _: () = assert!(DOWN_AFTER.as_millis() > 2 * PING_INTERVAL.as_millis());
+
+pub struct ClusterConfig {
+    pub data_dir: PathBuf,
+    pub api_addr: String,
+    pub data_addr: String,
+}
+
+/// This node's view of the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: Node,
+    raft: Raft<TypeConfig>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    transport: Arc<dyn PeerTransport>,
+    seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
+    local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+}
+
+impl Cluster {
+    /// Opens this node's Raft log and state under `config.data_dir` and starts Raft and the
+    /// liveness pings. A node that was a member before rejoins on its own.
+    pub async fn start(
+        config: ClusterConfig,
+        transport: Arc<dyn PeerTransport>,
+        local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+    ) -> Result<Self, ClusterError> {
+        let id = load_or_create_node_id(&config.data_dir)?;
+        let db_path = config.data_dir.join("cluster.redb");
+        let db = open_database(&db_path)
+            .map_err(|source| ClusterError::Database { path: db_path.display().to_string(), source })?;
+        let (machine, state) = StateMachineStore::open(db.clone()).map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let raft_config = Config {
+            cluster_name: "converge".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let network = Network { transport: transport.clone() };
+        let raft = Raft::new(id.0, Arc::new(raft_config), network, LogStore::new(db), machine)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let node = Node { id, api_addr: config.api_addr, data_addr: config.data_addr };
+        let inner = Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report });
+        tokio::spawn(ping_loop(Arc::downgrade(&inner)));
+        Ok(Cluster { inner })
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.inner.node
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node.id
+    }
+
+    /// The latest applied state. Never waits for Raft.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// A receiver that sees every newly applied state.
+    pub fn watch_state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.inner.state.clone()
+    }
+
+    /// Creates a one-node cluster with this node and returns the join token for others.
+    pub async fn init(&self) -> Result<String, ClusterError> {
+        if let Some(info) = &self.state().cluster {
+            return Err(ClusterError::AlreadyMember(info.id));
+        }
+        let raft = &self.inner.raft;
+        if !raft.is_initialized().await.map_err(raft_error)? {
+            let members = BTreeMap::from([(self.node_id().0, RaftNode { api_addr: self.node().api_addr.clone() })]);
+            raft.initialize(members).await.map_err(raft_error)?;
+        }
+        let id = ClusterId(u128::from(random_u64()?) << 64 | u128::from(random_u64()?));
+        let join_secret = format!("cvg1-{:016x}{:016x}", random_u64()?, random_u64()?);
+        self.propose(ClusterCommand::InitCluster { id, join_secret: join_secret.clone() }).await?;
+        self.propose(ClusterCommand::AddNode(self.node().clone())).await?;
+        Ok(join_secret)
+    }
+
+    /// Asks the member at `peer_api_addr` to add this node, and waits for this node to see
+    /// the cluster's state.
+    pub async fn join(&self, peer_api_addr: &str, token: &str) -> Result<ClusterId, ClusterError> {
+        if let Some(info) = &self.state().cluster {
+            return Err(ClusterError::AlreadyMember(info.id));
+        }
+        let rpc = PeerRpc::Join { token: token.to_string(), node: self.node().clone() };
+        let id = match self.call(peer_api_addr, rpc, JOIN_TIMEOUT).await? {
+            PeerReply::Join(result) => result.map_err(refusal)?,
+            other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
+        };
+        let me = self.node_id();
+        self.wait_for(|s| s.nodes.contains_key(&me).then_some(())).await?;
+        Ok(id)
+    }
+
+    /// Proposes a command through the leader, wherever it is, and returns its outcome.
+    pub async fn propose(&self, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
+        let started = Instant::now();
+        loop {
+            let attempt = match self.inner.raft.client_write(command.clone()).await {
+                Ok(response) => return Ok(response.data?),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => match forward.leader_node {
+                    Some(leader) if forward.leader_id != Some(self.node_id().0) => {
+                        self.forward(&leader.api_addr, command.clone()).await
+                    }
+                    _ => Err(ClusterError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 }),
+                },
+                Err(e) => return Err(raft_error(e)),
+            };
+            match attempt {
+                Err(ClusterError::NoLeader { .. } | ClusterError::Peer { .. }) if started.elapsed() < LEADER_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(ClusterError::NoLeader { .. } | ClusterError::Peer { .. }) => {
+                    return Err(ClusterError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(&self, leader_addr: &str, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
+        match self.call(leader_addr, PeerRpc::Propose(command), FORWARD_TIMEOUT).await? {
+            PeerReply::Propose(Ok(outcome)) => Ok(outcome),
+            PeerReply::Propose(Err(RemoteRefusal::Command(e))) => Err(ClusterError::Command(e)),
+            PeerReply::Propose(Err(RemoteRefusal::Other(_))) => Err(ClusterError::NoLeader { waited_ms: 0 }),
+            other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn call(&self, addr: &str, rpc: PeerRpc, timeout: Duration) -> Result<PeerReply, ClusterError> {
+        self.inner.transport.call(addr, rpc, timeout).await.map_err(|source| ClusterError::Peer { addr: addr.into(), source })
+    }
+
+    /// Serves a request from another node.
+    pub async fn handle_peer(&self, rpc: PeerRpc) -> PeerReply {
+        let raft = &self.inner.raft;
+        match rpc {
+            PeerRpc::Append(request) => PeerReply::Append(raft.append_entries(request).await),
+            PeerRpc::Vote(request) => PeerReply::Vote(raft.vote(request).await),
+            PeerRpc::Snapshot(request) => PeerReply::Snapshot(raft.install_snapshot(request).await),
+            PeerRpc::Propose(command) => PeerReply::Propose(match raft.client_write(command).await {
+                Ok(response) => response.data.map_err(RemoteRefusal::Command),
+                Err(e) => Err(RemoteRefusal::Other(e.to_string())),
+            }),
+            PeerRpc::Join { token, node } => PeerReply::Join(self.admit(token, node).await.map_err(|e| match e {
+                ClusterError::Command(c) => RemoteRefusal::Command(c),
+                other => RemoteRefusal::Other(other.to_string()),
+            })),
+            PeerRpc::Ping => PeerReply::Ping((self.inner.local_report)()),
+        }
+    }
+
+    /// Adds a node that presented `token`: its addresses go into the state, then it becomes
+    /// a learner, catches up, and is promoted to voter.
+    async fn admit(&self, token: String, node: Node) -> Result<ClusterId, ClusterError> {
+        let state = self.state();
+        let info = state.cluster.as_ref().ok_or(ClusterError::NotInitialized)?;
+        if info.join_secret != token {
+            return Err(ClusterError::BadToken);
+        }
+        let raft = &self.inner.raft;
+        let leader = raft.current_leader().await;
+        if leader != Some(self.node_id().0) {
+            let leader_addr = leader
+                .and_then(|l| state.nodes.get(&NodeId(l)))
+                .map(|n| n.api_addr.clone())
+                .ok_or(ClusterError::NoLeader { waited_ms: 0 })?;
+            return match self.call(&leader_addr, PeerRpc::Join { token, node }, JOIN_TIMEOUT).await? {
+                PeerReply::Join(result) => result.map_err(refusal),
+                other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
+            };
+        }
+        self.propose(ClusterCommand::AddNode(node.clone())).await?;
+        let raft_node = RaftNode { api_addr: node.api_addr.clone() };
+        raft.add_learner(node.id.0, raft_node, true).await.map_err(raft_error)?;
+        let voters = ChangeMembers::AddVoterIds(BTreeSet::from([node.id.0]));
+        raft.change_membership(voters, false).await.map_err(raft_error)?;
+        tracing::info!(node = %node.id, addr = %node.api_addr, "node joined");
+        Ok(info.id)
+    }
+
+    pub fn is_up(&self, node: NodeId) -> bool {
+        node == self.node_id()
+            || self.inner.seen.lock().expect("seen lock").get(&node).is_some_and(|(at, _)| at.elapsed() < DOWN_AFTER)
+    }
+
+    pub async fn add_disk(&self, disk: Disk) -> Result<(), ClusterError> {
+        self.propose(ClusterCommand::AddDisk(disk)).await.map(drop)
+    }
+
+    /// Creates a volume in the pool for `replicas`, creating and placing that pool first if
+    /// this is its first volume.
+    pub async fn create_volume(&self, name: &str, size_bytes: u64, replicas: u8) -> Result<Volume, ClusterError> {
+        let pool_name = policy::pool_name(replicas);
+        if self.state().pool_by_name(&pool_name).is_none() {
+            let pgs = policy::place_pool(&self.state(), replicas, PG_COUNT_DEFAULT)?;
+            let create = ClusterCommand::CreatePool { name: pool_name.clone(), replicas, min_size: replicas, pgs };
+            match self.propose(create).await {
+                Ok(_) | Err(ClusterError::Command(model::CommandError::PoolExists(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let pool = self.wait_for(|s| s.pool_by_name(&pool_name).map(|p| p.id)).await?;
+        let command = ClusterCommand::CreateVolume { name: name.to_string(), pool, size_bytes };
+        let CommandOutcome::VolumeCreated(id) = self.propose(command).await? else {
+            return Err(ClusterError::Refused("volume creation gave no volume".into()));
+        };
+        self.wait_for(|s| s.volumes.get(&id).cloned()).await
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Volume, ClusterError> {
+        self.state().volume_by_name(name).cloned().ok_or_else(|| ClusterError::NotFound { what: "volume", name: name.into() })
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClusterError> {
+        let volume = self.volume(name)?;
+        self.propose(ClusterCommand::DeleteVolume { volume: volume.id }).await?;
+        self.wait_for(|s| (!s.volumes.contains_key(&volume.id)).then_some(())).await
+    }
+
+    /// Makes this node the volume's writer with a new owner epoch, and waits until this node
+    /// has applied it (so its own replica server agrees).
+    pub async fn acquire_volume(&self, volume: VolumeId) -> Result<OwnerEpoch, ClusterError> {
+        let command = ClusterCommand::AcquireVolume { volume, node: self.node_id() };
+        let CommandOutcome::VolumeAcquired(epoch) = self.propose(command).await? else {
+            return Err(ClusterError::Refused("acquiring the volume gave no epoch".into()));
+        };
+        self.wait_for(|s| s.volumes.get(&volume).filter(|v| v.owner_epoch >= epoch).map(|_| ())).await?;
+        Ok(epoch)
+    }
+
+    /// Waits until this node's applied state satisfies `pick`, for a committed change.
+    async fn wait_for<T>(&self, pick: impl Fn(&ClusterState) -> Option<T>) -> Result<T, ClusterError> {
+        let mut state = self.watch_state();
+        let waited = tokio::time::timeout(LEADER_WAIT, async {
+            loop {
+                if let Some(found) = pick(&state.borrow_and_update()) {
+                    return Some(found);
+                }
+                if state.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+        match waited.await {
+            Ok(Some(found)) => Ok(found),
+            _ => Err(ClusterError::NoLeader { waited_ms: LEADER_WAIT.as_millis() as u64 }),
+        }
+    }
+
+    pub async fn status(&self) -> ClusterStatus {
+        let state = self.state();
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let mut reports: HashMap<NodeId, NodeReport> = HashMap::new();
+        reports.insert(self.node_id(), (self.inner.local_report)());
+        for (node, (at, report)) in self.inner.seen.lock().expect("seen lock").iter() {
+            if at.elapsed() < DOWN_AFTER {
+                reports.insert(*node, report.clone());
+            }
+        }
+        let mut problems = Vec::new();
+        let nodes: Vec<NodeStatus> = state
+            .nodes
+            .values()
+            .map(|node| {
+                let report = reports.get(&node.id);
+                let up = report.is_some();
+                if !up {
+                    problems.push(format!("{} ({}) is down", node.id, node.api_addr));
+                }
+                let disks = state
+                    .disks_of(node.id)
+                    .map(|disk| {
+                        let disk_report = report.and_then(|r| r.disks.iter().find(|d| d.disk == disk.id));
+                        if let Some(DiskHealth::Failed(reason)) = disk_report.map(|d| &d.health) {
+                            problems.push(format!("{} on {} failed: {reason}", disk.id, node.id));
+                        }
+                        DiskStatus {
+                            id: disk.id,
+                            path: disk.path.clone(),
+                            size_bytes: disk.size_bytes,
+                            health: disk_report.map(|d| d.health.clone()),
+                            used_bytes: disk_report.map(|d| d.extents_used * EXTENT_SIZE_BYTES),
+                            capacity_bytes: disk.extent_slots * EXTENT_SIZE_BYTES,
+                        }
+                    })
+                    .collect();
+                NodeStatus {
+                    id: node.id,
+                    api_addr: node.api_addr.clone(),
+                    data_addr: node.data_addr.clone(),
+                    up,
+                    voter: voters.contains(&node.id.0),
+                    disks,
+                }
+            })
+            .collect();
+        if metrics.current_leader.is_none() {
+            problems.push("no Raft leader: a majority of nodes must be up".into());
+        }
+        if state.cluster.is_none() {
+            problems.push("not initialised: run `converge cluster init`".into());
+        }
+        ClusterStatus {
+            cluster_id: state.cluster.as_ref().map(|c| c.id),
+            this_node: self.node_id(),
+            leader: metrics.current_leader.map(NodeId),
+            healthy: problems.is_empty(),
+            problems,
+            nodes,
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+/// Pings every other member each `PING_INTERVAL`, recording who answered and their disks.
+async fn ping_loop(inner: std::sync::Weak<Inner>) {
+    let mut ticker = tokio::time::interval(PING_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let state = inner.state.borrow().clone();
+        let pings = state.nodes.values().filter(|n| n.id != inner.node.id).map(|node| {
+            let call = inner.transport.call(&node.api_addr, PeerRpc::Ping, PING_INTERVAL);
+            async move { (node.id, call.await) }
+        });
+        for (node, reply) in futures_util::future::join_all(pings).await {
+            if let Ok(PeerReply::Ping(report)) = reply {
+                inner.seen.lock().expect("seen lock").insert(node, (Instant::now(), report));
+            }
+        }
+    }
+}
+
+fn refusal(e: RemoteRefusal) -> ClusterError {
+    match e {
+        RemoteRefusal::Command(c) => ClusterError::Command(c),
+        RemoteRefusal::Other(text) if text.contains("join token") => ClusterError::BadToken,
+        RemoteRefusal::Other(text) => ClusterError::Refused(text),
+    }
+}
+
+fn raft_error<E: std::fmt::Display>(e: E) -> ClusterError {
+    ClusterError::Raft(e.to_string())
+}
+
+fn random_u64() -> Result<u64, ClusterError> {
+    getrandom::u64().map_err(|e| ClusterError::Raft(format!("no randomness from the OS: {e}")))
+}
+
+/// This node's id: drawn once, kept in the data dir.
+fn load_or_create_node_id(data_dir: &std::path::Path) -> Result<NodeId, ClusterError> {
+    let path = data_dir.join("node-id");
+    let io = |source| ClusterError::Io { path: path.display().to_string(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(NodeId)
+            .map_err(|_| ClusterError::Refused(format!("{} is damaged: it should hold a number", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(io)?;
+            // Small ids read better in status output; 2^40 keeps collisions negligible.
+            let id = NodeId(random_u64()? % (1 << 40) + 1);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, id.0.to_string()).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(id)
+        }
+        Err(e) => Err(io(e)),
+    }
+}

@@ -1,0 +1,18 @@
+//! Membership, the Raft log (openraft) and its state machine storage (redb), proposing
+//! commands, and publishing read-only snapshots of the cluster state.
+//!
+//! Never touches guest data, QEMU or HTTP: the transport between nodes is a trait that the
+//! composition root implements.
+
+mod cluster;
+mod error;
+mod network;
+mod status;
+mod storage;
+mod types;
+
+pub use cluster::{Cluster, ClusterConfig};
+pub use error::{ClusterError, ClusterErrorKind};
+pub use network::{PeerTransport, TransportError};
+pub use status::{ClusterStatus, DiskStatus, NodeStatus};
+pub use types::{PeerReply, PeerRpc, RemoteRefusal};

@@ -1,0 +1,36 @@
+//! What `converge cluster status` shows: the replicated state joined with liveness.
+
+use model::{ClusterId, DiskHealth, DiskId, NodeId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: Option<ClusterId>,
+    pub this_node: NodeId,
+    pub leader: Option<NodeId>,
+    pub healthy: bool,
+    /// What makes the cluster unhealthy, one line each.
+    pub problems: Vec<String>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub api_addr: String,
+    pub data_addr: String,
+    pub up: bool,
+    pub voter: bool,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub id: DiskId,
+    pub path: String,
+    pub size_bytes: u64,
+    /// `None` while the disk's node is down.
+    pub health: Option<DiskHealth>,
+    pub used_bytes: Option<u64>,
+    pub capacity_bytes: u64,
+}

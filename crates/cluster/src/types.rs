@@ -1,0 +1,62 @@
+//! openraft's type configuration and the messages nodes send each other.
+
+use model::{ClusterCommand, ClusterId, CommandError, CommandOutcome, Node, NodeReport};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+
+/// What openraft keeps about a member: where to send it Raft traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftNode {
+    pub api_addr: String,
+}
+
+/// The result of applying one log entry (membership and blank entries give `Done`).
+pub type ApplyResult = Result<CommandOutcome, CommandError>;
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = ClusterCommand,
+        R = ApplyResult,
+        NodeId = u64,
+        Node = RaftNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A request from one node to another over the cluster transport.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<u64>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A command a follower forwards to the leader.
+    Propose(ClusterCommand),
+    /// A new node asks to become a member.
+    Join { token: String, node: Node },
+    Ping,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerReply {
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Propose(Result<CommandOutcome, RemoteRefusal>),
+    Join(Result<ClusterId, RemoteRefusal>),
+    Ping(NodeReport),
+}
+
+/// Why a peer refused a forwarded request, carried across the wire.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RemoteRefusal {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,7 @@
+//! Replica placement and balancing, as pure functions of the cluster's disks.
+//!
+//! Nothing here does IO, reads a clock or draws a random number.
+
+mod placement;
+
+pub use placement::{place_pool, pool_name, rebalance, CandidateDisk, PlacementError};
