@@ -14,3 +14,6 @@ pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
 pub use disk::{DiskIdentity, LocalDisk};
 pub use error::{StoreError, StoreErrorKind};
 pub use ring::RING_DEPTH;
+
+mod disk_set;
+pub use disk_set::DiskSet;

@@ -1,0 +1,128 @@
+//! Connections from this node's engine to other nodes' replica servers: one per peer,
+//! many requests in flight on it, replies matched by request id.
+
+use crate::error::ReplicaError;
+use crate::replica::Reply;
+use crate::wire::{Request, ResponseHeader, Status, RESPONSE_HEADER_BYTES};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::AlignedBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ReplicaError>>>>>;
+
+#[derive(Default)]
+pub struct PeerPool {
+    connections: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl PeerPool {
+    /// Sends `request` (with `payload` for a write) to the replica server at `addr`.
+    pub async fn call(&self, addr: &str, request: Request, payload: Option<(&AlignedBuf, Range<usize>)>) -> Result<Reply, ReplicaError> {
+        let connection = self.connection(addr).await?;
+        connection.call(request, payload).await
+    }
+
+    async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ReplicaError> {
+        if let Some(c) = self.connections.lock().expect("pool lock").get(addr).filter(|c| c.alive.load(Ordering::Acquire)) {
+            return Ok(c.clone());
+        }
+        let connection = Arc::new(Connection::connect(addr).await?);
+        self.connections.lock().expect("pool lock").insert(addr.to_string(), connection.clone());
+        Ok(connection)
+    }
+}
+
+struct Connection {
+    addr: String,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+}
+
+impl Connection {
+    async fn connect(addr: &str) -> Result<Self, ReplicaError> {
+        let connect_error = |source| ReplicaError::Connect { addr: addr.to_string(), source };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(connect_error)?;
+        stream.set_nodelay(true).map_err(connect_error)?;
+        let (reader, writer) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
+        Ok(Connection { addr: addr.to_string(), writer: tokio::sync::Mutex::new(writer), pending, next_id: AtomicU64::new(1), alive })
+    }
+
+    async fn call(&self, mut request: Request, payload: Option<(&AlignedBuf, Range<usize>)>) -> Result<Reply, ReplicaError> {
+        request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, reply) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(request.id, done);
+        let sent = async {
+            let mut writer = self.writer.lock().await;
+            writer.write_all(&request.encode()).await?;
+            if let Some((buf, range)) = payload {
+                writer.write_all(&buf.as_slice()[range]).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if sent.await.is_err() {
+            self.alive.store(false, Ordering::Release);
+            self.pending.lock().expect("pending lock").remove(&request.id);
+            return Err(ReplicaError::ConnectionLost { addr: self.addr.clone() });
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, reply).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ReplicaError::ConnectionLost { addr: self.addr.clone() }),
+            Err(_) => {
+                self.pending.lock().expect("pending lock").remove(&request.id);
+                Err(ReplicaError::Timeout { addr: self.addr.clone(), timeout_ms: REQUEST_TIMEOUT.as_millis() as u64 })
+            }
+        }
+    }
+}
+
+/// Reads replies until the connection fails, then fails every request still waiting.
+async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, alive: Arc<AtomicBool>) {
+    let failure = loop {
+        let mut header = [0u8; RESPONSE_HEADER_BYTES];
+        if reader.read_exact(&mut header).await.is_err() {
+            break ReplicaError::ConnectionLost { addr: addr.clone() };
+        }
+        let header = match ResponseHeader::parse(&header) {
+            Ok(header) => header,
+            Err(source) => break ReplicaError::Protocol { addr: addr.clone(), source },
+        };
+        let mut payload = AlignedBuf::zeroed(header.payload_len as usize);
+        if reader.read_exact(payload.as_mut_slice()).await.is_err() {
+            break ReplicaError::ConnectionLost { addr: addr.clone() };
+        }
+        let reply = match header.status {
+            Status::Ok => Reply { status: Status::Ok, epoch: 0, data: (!payload.is_empty()).then_some(payload), message: String::new() },
+            status => {
+                let message = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                Reply { status, epoch: header.epoch, data: None, message }
+            }
+        };
+        // A reply for a request that timed out meanwhile has no one waiting: drop it.
+        if let Some(done) = pending.lock().expect("pending lock").remove(&header.id) {
+            let _ = done.send(Ok(reply));
+        }
+    };
+    alive.store(false, Ordering::Release);
+    tracing::debug!(%addr, error = %failure, "data connection to peer ended");
+    for (_, done) in pending.lock().expect("pending lock").drain() {
+        let _ = done.send(Err(ReplicaError::ConnectionLost { addr: addr.clone() }));
+    }
+}
