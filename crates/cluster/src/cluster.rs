@@ -6,7 +6,7 @@ use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
 use crate::types::{PeerReply, PeerRpc, RaftNode, RemoteRefusal, TypeConfig};
 use model::{
-    ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport,
+    ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, DiskReport, Node, NodeId, NodeReport,
     OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
 };
 use openraft::error::{ClientWriteError, RaftError};
@@ -48,7 +48,7 @@ struct Inner {
     state: watch::Receiver<Arc<ClusterState>>,
     transport: Arc<dyn PeerTransport>,
     seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
-    local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+    local_report: Box<dyn Fn() -> Vec<DiskReport> + Send + Sync>,
 }
 
 impl Cluster {
@@ -57,7 +57,7 @@ impl Cluster {
     pub async fn start(
         config: ClusterConfig,
         transport: Arc<dyn PeerTransport>,
-        local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+        local_report: Box<dyn Fn() -> Vec<DiskReport> + Send + Sync>,
     ) -> Result<Self, ClusterError> {
         let id = load_or_create_node_id(&config.data_dir)?;
         let db_path = config.data_dir.join("cluster.redb");
@@ -81,6 +81,10 @@ impl Cluster {
         let inner = Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report });
         tokio::spawn(ping_loop(Arc::downgrade(&inner)));
         Ok(Cluster { inner })
+    }
+
+    fn local_report(&self) -> NodeReport {
+        NodeReport { node: self.node_id(), disks: (self.inner.local_report)() }
     }
 
     pub fn node(&self) -> &Node {
@@ -188,7 +192,7 @@ impl Cluster {
                 ClusterError::Command(c) => RemoteRefusal::Command(c),
                 other => RemoteRefusal::Other(other.to_string()),
             })),
-            PeerRpc::Ping => PeerReply::Ping((self.inner.local_report)()),
+            PeerRpc::Ping => PeerReply::Ping(self.local_report()),
         }
     }
 
@@ -295,7 +299,7 @@ impl Cluster {
         let metrics = self.inner.raft.metrics().borrow().clone();
         let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
         let mut reports: HashMap<NodeId, NodeReport> = HashMap::new();
-        reports.insert(self.node_id(), (self.inner.local_report)());
+        reports.insert(self.node_id(), self.local_report());
         for (node, (at, report)) in self.inner.seen.lock().expect("seen lock").iter() {
             if at.elapsed() < DOWN_AFTER {
                 reports.insert(*node, report.clone());

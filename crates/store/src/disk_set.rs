@@ -1,7 +1,7 @@
 //! The disks of this node, as opened at start or added since, and those that failed to open.
 
 use crate::disk::LocalDisk;
-use model::{DiskHealth, DiskId, DiskReport, NodeId, NodeReport};
+use model::{DiskHealth, DiskId, DiskReport};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
@@ -40,11 +40,12 @@ impl DiskSet {
         self.failed.read().expect("failed lock").contains_key(&disk)
     }
 
-    pub fn report(&self, node: NodeId) -> NodeReport {
+    /// Health and usage of every disk, for this node's pings and status.
+    pub fn reports(&self) -> Vec<DiskReport> {
         let mut disks: Vec<DiskReport> = self.all().iter().map(|d| d.report()).collect();
         for (disk, reason) in self.failed.read().expect("failed lock").iter() {
             disks.push(DiskReport { disk: *disk, health: DiskHealth::Failed(reason.clone()), extents_used: 0, extents_total: 0 });
         }
-        NodeReport { node, disks }
+        disks
     }
 }

@@ -1,0 +1,126 @@
+//! The typed API client every `converge` command other than `serve` uses.
+
+use crate::v1;
+use bytes::Bytes;
+use futures_util::Stream;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("Cannot reach converge at {server}: is `converge serve` running there? (set --server or CONVERGE_SERVER)")]
+    Unreachable { server: String, #[source] source: reqwest::Error },
+    #[error("{message}")]
+    Api { status: StatusCode, message: String },
+    #[error("Talking to {server}")]
+    Http { server: String, #[source] source: reqwest::Error },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    server: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `server` is `http://host:port` (a bare `host:port` is accepted too).
+    pub fn new(server: &str) -> Self {
+        let server = if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{server}") };
+        Client { server, http: reqwest::Client::new() }
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response = request.send().await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Unreachable { server: self.server.clone(), source }
+            } else {
+                ClientError::Http { server: self.server.clone(), source }
+            }
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let message = match response.json::<v1::ErrorBody>().await {
+            Ok(body) => body.error,
+            Err(_) => format!("the server answered {status}"),
+        };
+        Err(ClientError::Api { status, message })
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>) -> Result<T, ClientError> {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = self.send(request).await?;
+        response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
+    }
+
+    pub async fn status(&self) -> Result<v1::ClusterStatus, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/cluster", None).await
+    }
+
+    pub async fn init(&self) -> Result<v1::InitResponse, ClientError> {
+        self.call::<(), _>(Method::POST, "/v1/cluster/init", None).await
+    }
+
+    pub async fn join(&self, request: &v1::JoinRequest) -> Result<v1::JoinResponse, ClientError> {
+        self.call(Method::POST, "/v1/cluster/join", Some(request)).await
+    }
+
+    pub async fn add_disk(&self, request: &v1::AddDisk) -> Result<v1::DiskInfo, ClientError> {
+        self.call(Method::POST, "/v1/disks", Some(request)).await
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<v1::VolumeInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/volumes", None).await
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<v1::VolumeInfo, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/volumes/{name}"), None).await
+    }
+
+    pub async fn create_volume(&self, request: &v1::CreateVolume) -> Result<v1::VolumeInfo, ClientError> {
+        self.call(Method::POST, "/v1/volumes", Some(request)).await
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/volumes/{name}")))).await.map(drop)
+    }
+
+    /// Streams `body` into the volume from offset 0.
+    pub async fn import<S>(&self, name: &str, body: S) -> Result<v1::ImportResult, ClientError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let request = self.http.put(self.url(&format!("/v1/volumes/{name}/data"))).body(reqwest::Body::wrap_stream(body));
+        let response = self.send(request).await?;
+        response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
+    }
+
+    /// The volume's bytes as a stream, and its length.
+    pub async fn export(&self, name: &str) -> Result<(u64, impl Stream<Item = Result<Bytes, reqwest::Error>>), ClientError> {
+        let response = self.send(self.http.get(self.url(&format!("/v1/volumes/{name}/data")))).await?;
+        let len = response.content_length().unwrap_or(0);
+        Ok((len, response.bytes_stream()))
+    }
+}

@@ -1,0 +1,17 @@
+//! converge's REST API: the axum routes, the node services each handler calls once, the
+//! typed client every CLI command uses, and the HTTP transport between nodes.
+//!
+//! Handlers parse, make one call and map the error to a status; what a call does lives in
+//! `NodeServices`.
+
+pub mod client;
+mod error;
+mod routes;
+mod services;
+mod transport;
+pub mod v1;
+
+pub use error::ApiError;
+pub use routes::router;
+pub use services::NodeServices;
+pub use transport::HttpTransport;

@@ -1,0 +1,71 @@
+//! The HTTP routes. Each handler parses, makes one call, and maps the error.
+
+use crate::error::ApiError;
+use crate::services::NodeServices;
+use crate::v1;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cluster::{PeerReply, PeerRpc};
+
+pub fn router(services: NodeServices) -> Router {
+    Router::new()
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/cluster/join", post(cluster_join))
+        .route("/v1/disks", post(add_disk))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/data", get(export_volume).put(import_volume))
+        .route("/internal/peer", post(peer))
+        .with_state(services)
+}
+
+async fn cluster_status(State(node): State<NodeServices>) -> Json<v1::ClusterStatus> {
+    Json(node.cluster().status().await)
+}
+
+async fn cluster_init(State(node): State<NodeServices>) -> Result<Json<v1::InitResponse>, ApiError> {
+    Ok(Json(node.init().await?))
+}
+
+async fn cluster_join(State(node): State<NodeServices>, Json(request): Json<v1::JoinRequest>) -> Result<Json<v1::JoinResponse>, ApiError> {
+    Ok(Json(node.join(request).await?))
+}
+
+async fn add_disk(State(node): State<NodeServices>, Json(request): Json<v1::AddDisk>) -> Result<Json<v1::DiskInfo>, ApiError> {
+    Ok(Json(node.add_disk(request).await?))
+}
+
+async fn list_volumes(State(node): State<NodeServices>) -> Json<Vec<v1::VolumeInfo>> {
+    Json(node.volumes())
+}
+
+async fn create_volume(State(node): State<NodeServices>, Json(request): Json<v1::CreateVolume>) -> Result<(StatusCode, Json<v1::VolumeInfo>), ApiError> {
+    Ok((StatusCode::CREATED, Json(node.create_volume(request).await?)))
+}
+
+async fn show_volume(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<Json<v1::VolumeInfo>, ApiError> {
+    Ok(Json(node.volume(&name)?))
+}
+
+async fn delete_volume(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    node.delete_volume(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn import_volume(State(node): State<NodeServices>, Path(name): Path<String>, body: Body) -> Result<Json<v1::ImportResult>, ApiError> {
+    Ok(Json(node.import(&name, body.into_data_stream()).await?))
+}
+
+async fn export_volume(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (size, stream) = node.export(&name)?;
+    Ok(([(header::CONTENT_LENGTH, size.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())], Body::from_stream(stream)).into_response())
+}
+
+async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
+    Json(node.cluster().handle_peer(rpc).await)
+}

@@ -1,0 +1,227 @@
+//! What this node does for each API call: the cluster, its local disks and the block
+//! engine, composed.
+
+use crate::error::ApiError;
+use crate::v1;
+use bytes::Bytes;
+use cluster::{Cluster, ClusterError};
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use model::{Disk, DiskId, EXTENT_SIZE_BYTES, REPLICAS_MAX, SECTOR_SIZE_BYTES};
+use std::path::Path;
+use std::sync::Arc;
+use store::{AlignedBuf, DiskIdentity, DiskSet, LocalDisk};
+use volume::{Engine, VolumeError};
+
+/// Import and export move a volume in chunks of this size; a chunk never spans extents.
+pub const TRANSFER_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks an import writes, or an export reads ahead, at once.
+pub const TRANSFER_IN_FLIGHT_MAX: usize = 8;
+const _: () = assert!(EXTENT_SIZE_BYTES % TRANSFER_CHUNK_BYTES as u64 == 0);
+
+#[derive(Clone)]
+pub struct NodeServices {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Cluster,
+    disks: Arc<DiskSet>,
+    engine: Engine,
+}
+
+impl NodeServices {
+    pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine) -> Self {
+        NodeServices { inner: Arc::new(Inner { cluster, disks, engine }) }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.inner.cluster
+    }
+
+    pub async fn init(&self) -> Result<v1::InitResponse, ApiError> {
+        let token = self.inner.cluster.init().await?;
+        let cluster_id = self.inner.cluster.state().cluster.as_ref().map(|c| c.id.to_string()).unwrap_or_default();
+        Ok(v1::InitResponse { cluster_id, token })
+    }
+
+    pub async fn join(&self, request: v1::JoinRequest) -> Result<v1::JoinResponse, ApiError> {
+        let id = self.inner.cluster.join(&request.peer, &request.token).await?;
+        Ok(v1::JoinResponse { cluster_id: id.to_string(), node: self.inner.cluster.node_id() })
+    }
+
+    /// Formats a device (or creates a file standing in for one) and adds it to the cluster.
+    pub async fn add_disk(&self, request: v1::AddDisk) -> Result<v1::DiskInfo, ApiError> {
+        let state = self.inner.cluster.state();
+        let cluster = state.cluster.as_ref().ok_or(ClusterError::NotInitialized)?;
+        let path = Path::new(&request.path);
+        if !path.is_absolute() {
+            return Err(ApiError::bad_request(format!("disk path {:?} must be absolute", request.path)));
+        }
+        if request.size_bytes.is_some_and(|s| s % SECTOR_SIZE_BYTES != 0) {
+            return Err(ApiError::bad_request("disk size must be a multiple of 512 bytes"));
+        }
+        let existed = path.exists();
+        let identity = DiskIdentity { disk: DiskId(random_id()?), node: self.inner.cluster.node_id(), cluster: cluster.id };
+        let disk = LocalDisk::create(path, request.size_bytes, identity).await?;
+        let sb = *disk.superblock();
+        let record = Disk { id: sb.disk, node: sb.node, path: request.path.clone(), size_bytes: sb.size_bytes, extent_slots: sb.extent_slots };
+        if let Err(e) = self.inner.cluster.add_disk(record).await {
+            drop(disk);
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+        self.inner.disks.insert(disk);
+        Ok(v1::DiskInfo {
+            id: sb.disk,
+            node: sb.node,
+            path: request.path,
+            size_bytes: sb.size_bytes,
+            capacity_bytes: sb.extent_slots * EXTENT_SIZE_BYTES,
+        })
+    }
+
+    /// Opens every disk the cluster says this node has and that is not open yet; a disk
+    /// that cannot be opened is reported as failed with the reason.
+    pub async fn open_disks(&self) {
+        let state = self.inner.cluster.state();
+        for disk in state.disks_of(self.inner.cluster.node_id()) {
+            if self.inner.disks.contains(disk.id) || self.inner.disks.is_failed(disk.id) {
+                continue;
+            }
+            match LocalDisk::open(Path::new(&disk.path), disk.id).await {
+                Ok(opened) => {
+                    tracing::info!(disk = %disk.id, path = %disk.path, "opened disk");
+                    self.inner.disks.insert(opened);
+                }
+                Err(e) => {
+                    let reason = crate::error::chain(&e);
+                    tracing::error!(disk = %disk.id, path = %disk.path, error = %reason, "disk cannot be opened");
+                    self.inner.disks.mark_failed(disk.id, reason);
+                }
+            }
+        }
+    }
+
+    pub fn volumes(&self) -> Vec<v1::VolumeInfo> {
+        let state = self.inner.cluster.state();
+        state.volumes.values().map(|v| volume_info(&state, v)).collect()
+    }
+
+    pub fn volume(&self, name: &str) -> Result<v1::VolumeInfo, ApiError> {
+        let volume = self.inner.cluster.volume(name)?;
+        Ok(volume_info(&self.inner.cluster.state(), &volume))
+    }
+
+    pub async fn create_volume(&self, request: v1::CreateVolume) -> Result<v1::VolumeInfo, ApiError> {
+        if request.replicas == 0 || request.replicas > REPLICAS_MAX {
+            return Err(ApiError::bad_request(format!("--replicas must be 1, 2 or 3, not {}", request.replicas)));
+        }
+        if request.name.is_empty() || request.name.len() > 128 || !request.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ApiError::bad_request("volume names use letters, digits, '-', '_' and '.', up to 128 characters"));
+        }
+        let volume = self.inner.cluster.create_volume(&request.name, request.size_bytes, request.replicas).await?;
+        Ok(volume_info(&self.inner.cluster.state(), &volume))
+    }
+
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        Ok(self.inner.cluster.delete_volume(name).await?)
+    }
+
+    /// Writes a stream into the volume from offset 0, as its new owner. Zero chunks are
+    /// written as zero ranges, so an imported sparse image stays thin.
+    pub async fn import<S, E>(&self, name: &str, mut body: S) -> Result<v1::ImportResult, ApiError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let volume = self.inner.cluster.volume(name)?;
+        let owner_epoch = self.inner.cluster.acquire_volume(volume.id).await?;
+        let writer = self.inner.engine.writer(volume.id, owner_epoch);
+        let mut in_flight = FuturesUnordered::new();
+        let mut chunk = AlignedBuf::zeroed(TRANSFER_CHUNK_BYTES);
+        let mut filled = 0usize;
+        let mut offset = 0u64;
+        loop {
+            let bytes = match body.next().await {
+                Some(Ok(bytes)) => bytes,
+                Some(Err(e)) => return Err(ApiError::bad_request(format!("the upload broke off after {offset} bytes: {e}"))),
+                None => break,
+            };
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = rest.len().min(TRANSFER_CHUNK_BYTES - filled);
+                chunk.as_mut_slice()[filled..filled + n].copy_from_slice(&rest[..n]);
+                filled += n;
+                rest = &rest[n..];
+                if filled == TRANSFER_CHUNK_BYTES {
+                    let full = std::mem::replace(&mut chunk, AlignedBuf::zeroed(TRANSFER_CHUNK_BYTES));
+                    in_flight.push(write_chunk(&writer, offset, full, filled));
+                    offset += filled as u64;
+                    filled = 0;
+                    if in_flight.len() >= TRANSFER_IN_FLIGHT_MAX {
+                        in_flight.next().await.expect("a write is in flight")?;
+                    }
+                }
+            }
+        }
+        if filled > 0 {
+            // The tail is padded with zeros to a whole sector.
+            let padded = filled.next_multiple_of(SECTOR_SIZE_BYTES as usize);
+            in_flight.push(write_chunk(&writer, offset, chunk, padded));
+            offset += filled as u64;
+        }
+        while let Some(result) = in_flight.next().await {
+            result?;
+        }
+        Ok(v1::ImportResult { bytes: offset, owner_epoch })
+    }
+
+    /// The volume's size and a stream of its bytes, read ahead a few chunks.
+    pub fn export(&self, name: &str) -> Result<(u64, impl Stream<Item = Result<Bytes, VolumeError>> + Send + 'static), ApiError> {
+        let volume = self.inner.cluster.volume(name)?;
+        let engine = self.inner.engine.clone();
+        let zeros = Bytes::from(vec![0u8; TRANSFER_CHUNK_BYTES]);
+        let size = volume.size_bytes;
+        let chunks = futures_util::stream::iter((0..size).step_by(TRANSFER_CHUNK_BYTES)).map(move |offset| {
+            let (engine, zeros) = (engine.clone(), zeros.clone());
+            let len = (size - offset).min(TRANSFER_CHUNK_BYTES as u64);
+            async move {
+                Ok(match engine.read(volume.id, offset, len).await? {
+                    Some(data) => Bytes::from_owner(data),
+                    None => zeros.slice(..len as usize),
+                })
+            }
+        });
+        Ok((size, chunks.buffered(TRANSFER_IN_FLIGHT_MAX)))
+    }
+}
+
+async fn write_chunk(writer: &volume::VolumeWriter, offset: u64, chunk: AlignedBuf, len: usize) -> Result<(), ApiError> {
+    if chunk.as_slice()[..len].iter().all(|&b| b == 0) {
+        writer.zero(offset, len as u64).await?;
+    } else {
+        writer.write(offset, Arc::new(chunk), 0..len).await?;
+    }
+    Ok(())
+}
+
+fn volume_info(state: &model::ClusterState, volume: &model::Volume) -> v1::VolumeInfo {
+    let pool = state.pools.get(&volume.pool);
+    v1::VolumeInfo {
+        id: volume.id,
+        name: volume.name.clone(),
+        size_bytes: volume.size_bytes,
+        pool: volume.pool,
+        pool_name: pool.map(|p| p.name.clone()).unwrap_or_default(),
+        replicas: pool.map(|p| p.replicas).unwrap_or_default(),
+        owner: volume.owner,
+        owner_epoch: volume.owner_epoch,
+    }
+}
+
+fn random_id() -> Result<u64, ApiError> {
+    let n = getrandom::u64().map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("no randomness: {e}")))?;
+    Ok(n % (1 << 40) + 1)
+}

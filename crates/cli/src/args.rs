@@ -1,0 +1,104 @@
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "converge", version, about = "Hypervisor-converged infrastructure: a cluster of servers running VMs on replicated storage pooled from their own disks")]
+pub struct Cli {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The node to talk to.
+    #[arg(long, env = "CONVERGE_SERVER", default_value = "http://127.0.0.1:7700", global = true)]
+    pub server: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Serve(ServeArgs),
+    /// Create, join and inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Give disks to converge.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Replicated virtual disks.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where this node keeps its identity and its copy of the cluster state.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address for the API and cluster traffic; other nodes reach this node here.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: String,
+    /// Address of the data path (replica traffic) [default: the --listen host, port + 1].
+    #[arg(long)]
+    pub data_listen: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create a cluster with this node as its first member; prints the join token.
+    Init,
+    /// Join this node to an existing cluster.
+    Join {
+        /// `host:port` of any member.
+        #[arg(long)]
+        peer: String,
+        /// The token `cluster init` printed.
+        #[arg(long)]
+        token: String,
+    },
+    /// Nodes, disks, capacity and health.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Give a raw device (or a file standing in for one) to this node, whole.
+    Add {
+        path: PathBuf,
+        /// Create a file of this size at PATH (for example 20G) if it does not exist.
+        #[arg(long)]
+        size: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a thin-provisioned replicated volume.
+    Create {
+        name: String,
+        /// Size, for example 20G.
+        #[arg(long)]
+        size: String,
+        /// Copies of every byte, on different nodes.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+    },
+    List,
+    Show { name: String },
+    Delete { name: String },
+    /// Copy a raw or qcow2 image into a volume (created to fit if it does not exist).
+    Import {
+        name: String,
+        file: PathBuf,
+        /// Replicas for a volume this creates.
+        #[arg(long, default_value_t = 2)]
+        replicas: u8,
+    },
+    /// Copy a volume's bytes into a raw file.
+    Export { name: String, file: PathBuf },
+}
