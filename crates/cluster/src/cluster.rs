@@ -237,6 +237,9 @@ impl Cluster {
     /// Creates a volume in the pool for `replicas`, creating and placing that pool first if
     /// this is its first volume.
     pub async fn create_volume(&self, name: &str, size_bytes: u64, replicas: u8) -> Result<Volume, ClusterError> {
+        if self.state().cluster.is_none() {
+            return Err(ClusterError::NotInitialized);
+        }
         let pool_name = policy::pool_name(replicas);
         if self.state().pool_by_name(&pool_name).is_none() {
             let pgs = policy::place_pool(&self.state(), replicas, PG_COUNT_DEFAULT)?;

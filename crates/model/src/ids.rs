@@ -54,10 +54,23 @@ id_type!(
     PgEpoch(u64), "pg-epoch-"
 );
 
-/// The identity of a cluster: every disk formatted for it carries this id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+/// The identity of a cluster: every disk formatted for it carries this id. Serialised as
+/// 32 hex digits, since JSON numbers do not hold 128 bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClusterId(pub u128);
+
+impl Serialize for ClusterId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        u128::from_str_radix(&text, 16).map(ClusterId).map_err(serde::de::Error::custom)
+    }
+}
 
 impl fmt::Display for ClusterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,5 +81,18 @@ impl fmt::Display for ClusterId {
 impl OwnerEpoch {
     pub fn next(self) -> Self {
         OwnerEpoch(self.0 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_id_serialises_as_hex_text_without_losing_bits() {
+        let id = ClusterId(u128::MAX - 1);
+        let text = serde_json::to_string(&id).unwrap();
+        assert_eq!(text, "\"fffffffffffffffffffffffffffffffe\"");
+        assert_eq!(serde_json::from_str::<ClusterId>(&text).unwrap(), id);
     }
 }
