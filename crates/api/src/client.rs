@@ -10,11 +10,19 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("Cannot reach converge at {server}: is `converge serve` running there? (set --server or CONVERGE_SERVER)")]
-    Unreachable { server: String, #[source] source: reqwest::Error },
+    Unreachable {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
     #[error("Talking to {server}")]
-    Http { server: String, #[source] source: reqwest::Error },
+    Http {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 impl ClientError {
@@ -35,7 +43,8 @@ pub struct Client {
 impl Client {
     /// `server` is `http://host:port` (a bare `host:port` is accepted too).
     pub fn new(server: &str) -> Self {
-        let server = if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{server}") };
+        let server =
+            if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{server}") };
         Client { server, http: reqwest::Client::new() }
     }
 
@@ -66,7 +75,12 @@ impl Client {
         Err(ClientError::Api { status, message })
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>) -> Result<T, ClientError> {
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
         let mut request = self.http.request(method, self.url(path));
         if let Some(body) = body {
             request = request.json(body);
@@ -112,13 +126,17 @@ impl Client {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
-        let request = self.http.put(self.url(&format!("/v1/volumes/{name}/data"))).body(reqwest::Body::wrap_stream(body));
+        let request =
+            self.http.put(self.url(&format!("/v1/volumes/{name}/data"))).body(reqwest::Body::wrap_stream(body));
         let response = self.send(request).await?;
         response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
     }
 
     /// The volume's bytes as a stream, and its length.
-    pub async fn export(&self, name: &str) -> Result<(u64, impl Stream<Item = Result<Bytes, reqwest::Error>>), ClientError> {
+    pub async fn export(
+        &self,
+        name: &str,
+    ) -> Result<(u64, impl Stream<Item = Result<Bytes, reqwest::Error>>), ClientError> {
         let response = self.send(self.http.get(self.url(&format!("/v1/volumes/{name}/data")))).await?;
         let len = response.content_length().unwrap_or(0);
         Ok((len, response.bytes_stream()))

@@ -32,11 +32,17 @@ async fn cluster_init(State(node): State<NodeServices>) -> Result<Json<v1::InitR
     Ok(Json(node.init().await?))
 }
 
-async fn cluster_join(State(node): State<NodeServices>, Json(request): Json<v1::JoinRequest>) -> Result<Json<v1::JoinResponse>, ApiError> {
+async fn cluster_join(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::JoinRequest>,
+) -> Result<Json<v1::JoinResponse>, ApiError> {
     Ok(Json(node.join(request).await?))
 }
 
-async fn add_disk(State(node): State<NodeServices>, Json(request): Json<v1::AddDisk>) -> Result<Json<v1::DiskInfo>, ApiError> {
+async fn add_disk(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::AddDisk>,
+) -> Result<Json<v1::DiskInfo>, ApiError> {
     Ok(Json(node.add_disk(request).await?))
 }
 
@@ -44,11 +50,17 @@ async fn list_volumes(State(node): State<NodeServices>) -> Json<Vec<v1::VolumeIn
     Json(node.volumes())
 }
 
-async fn create_volume(State(node): State<NodeServices>, Json(request): Json<v1::CreateVolume>) -> Result<(StatusCode, Json<v1::VolumeInfo>), ApiError> {
+async fn create_volume(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::CreateVolume>,
+) -> Result<(StatusCode, Json<v1::VolumeInfo>), ApiError> {
     Ok((StatusCode::CREATED, Json(node.create_volume(request).await?)))
 }
 
-async fn show_volume(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<Json<v1::VolumeInfo>, ApiError> {
+async fn show_volume(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+) -> Result<Json<v1::VolumeInfo>, ApiError> {
     Ok(Json(node.volume(&name)?))
 }
 
@@ -57,13 +69,21 @@ async fn delete_volume(State(node): State<NodeServices>, Path(name): Path<String
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn import_volume(State(node): State<NodeServices>, Path(name): Path<String>, body: Body) -> Result<Json<v1::ImportResult>, ApiError> {
+async fn import_volume(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<v1::ImportResult>, ApiError> {
     Ok(Json(node.import(&name, body.into_data_stream()).await?))
 }
 
 async fn export_volume(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let (size, stream) = node.export(&name)?;
-    Ok(([(header::CONTENT_LENGTH, size.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_LENGTH, size.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {

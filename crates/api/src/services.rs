@@ -16,7 +16,7 @@ use volume::{Engine, VolumeError};
 pub const TRANSFER_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks an import writes, or an export reads ahead, at once.
 pub const TRANSFER_IN_FLIGHT_MAX: usize = 8;
-const _: () = assert!(EXTENT_SIZE_BYTES % TRANSFER_CHUNK_BYTES as u64 == 0);
+const _: () = assert!(EXTENT_SIZE_BYTES.is_multiple_of(TRANSFER_CHUNK_BYTES as u64));
 
 #[derive(Clone)]
 pub struct NodeServices {
@@ -61,10 +61,17 @@ impl NodeServices {
             return Err(ApiError::bad_request("disk size must be a multiple of 512 bytes"));
         }
         let existed = path.exists();
-        let identity = DiskIdentity { disk: DiskId(random_id()?), node: self.inner.cluster.node_id(), cluster: cluster.id };
+        let identity =
+            DiskIdentity { disk: DiskId(random_id()?), node: self.inner.cluster.node_id(), cluster: cluster.id };
         let disk = LocalDisk::create(path, request.size_bytes, identity).await?;
         let sb = *disk.superblock();
-        let record = Disk { id: sb.disk, node: sb.node, path: request.path.clone(), size_bytes: sb.size_bytes, extent_slots: sb.extent_slots };
+        let record = Disk {
+            id: sb.disk,
+            node: sb.node,
+            path: request.path.clone(),
+            size_bytes: sb.size_bytes,
+            extent_slots: sb.extent_slots,
+        };
         if let Err(e) = self.inner.cluster.add_disk(record).await {
             drop(disk);
             if !existed {
@@ -118,8 +125,13 @@ impl NodeServices {
         if request.replicas == 0 || request.replicas > REPLICAS_MAX {
             return Err(ApiError::bad_request(format!("--replicas must be 1, 2 or 3, not {}", request.replicas)));
         }
-        if request.name.is_empty() || request.name.len() > 128 || !request.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(ApiError::bad_request("volume names use letters, digits, '-', '_' and '.', up to 128 characters"));
+        if request.name.is_empty()
+            || request.name.len() > 128
+            || !request.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ApiError::bad_request(
+                "volume names use letters, digits, '-', '_' and '.', up to 128 characters",
+            ));
         }
         let volume = self.inner.cluster.create_volume(&request.name, request.size_bytes, request.replicas).await?;
         Ok(volume_info(&self.inner.cluster.state(), &volume))
@@ -146,7 +158,9 @@ impl NodeServices {
         loop {
             let bytes = match body.next().await {
                 Some(Ok(bytes)) => bytes,
-                Some(Err(e)) => return Err(ApiError::bad_request(format!("the upload broke off after {offset} bytes: {e}"))),
+                Some(Err(e)) => {
+                    return Err(ApiError::bad_request(format!("the upload broke off after {offset} bytes: {e}")))
+                }
                 None => break,
             };
             let mut rest = &bytes[..];
@@ -179,7 +193,10 @@ impl NodeServices {
     }
 
     /// The volume's size and a stream of its bytes, read ahead a few chunks.
-    pub fn export(&self, name: &str) -> Result<(u64, impl Stream<Item = Result<Bytes, VolumeError>> + Send + 'static), ApiError> {
+    pub fn export(
+        &self,
+        name: &str,
+    ) -> Result<(u64, impl Stream<Item = Result<Bytes, VolumeError>> + Send + 'static), ApiError> {
         let volume = self.inner.cluster.volume(name)?;
         let engine = self.inner.engine.clone();
         let zeros = Bytes::from(vec![0u8; TRANSFER_CHUNK_BYTES]);
@@ -198,7 +215,12 @@ impl NodeServices {
     }
 }
 
-async fn write_chunk(writer: &volume::VolumeWriter, offset: u64, chunk: AlignedBuf, len: usize) -> Result<(), ApiError> {
+async fn write_chunk(
+    writer: &volume::VolumeWriter,
+    offset: u64,
+    chunk: AlignedBuf,
+    len: usize,
+) -> Result<(), ApiError> {
     if chunk.as_slice()[..len].iter().all(|&b| b == 0) {
         writer.zero(offset, len as u64).await?;
     } else {
@@ -222,6 +244,7 @@ fn volume_info(state: &model::ClusterState, volume: &model::Volume) -> v1::Volum
 }
 
 fn random_id() -> Result<u64, ApiError> {
-    let n = getrandom::u64().map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("no randomness: {e}")))?;
+    let n = getrandom::u64()
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("no randomness: {e}")))?;
     Ok(n % (1 << 40) + 1)
 }

@@ -27,23 +27,25 @@ impl Default for HttpTransport {
 }
 
 impl PeerTransport for HttpTransport {
-    fn call(&self, api_addr: &str, rpc: PeerRpc, timeout: Duration) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
+    fn call(
+        &self,
+        api_addr: &str,
+        rpc: PeerRpc,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
         let http = self.http.clone();
         let addr = api_addr.to_string();
         Box::pin(async move {
-            let response = http
-                .post(format!("http://{addr}/internal/peer"))
-                .timeout(timeout)
-                .json(&rpc)
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.is_connect() || e.is_timeout() {
-                        TransportError::Unreachable { addr: addr.clone(), source: Box::new(e) }
-                    } else {
-                        TransportError::Failed { addr: addr.clone(), reason: e.to_string() }
-                    }
-                })?;
+            let response =
+                http.post(format!("http://{addr}/internal/peer")).timeout(timeout).json(&rpc).send().await.map_err(
+                    |e| {
+                        if e.is_connect() || e.is_timeout() {
+                            TransportError::Unreachable { addr: addr.clone(), source: Box::new(e) }
+                        } else {
+                            TransportError::Failed { addr: addr.clone(), reason: e.to_string() }
+                        }
+                    },
+                )?;
             if !response.status().is_success() {
                 return Err(TransportError::Failed { addr, reason: format!("HTTP {}", response.status()) });
             }

@@ -2,7 +2,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "converge", version, about = "Hypervisor-converged infrastructure: a cluster of servers running VMs on replicated storage pooled from their own disks")]
+#[command(
+    name = "converge",
+    version,
+    about = "Hypervisor-converged infrastructure: a cluster of servers running VMs on replicated storage pooled from their own disks"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub client: ClientArgs,
@@ -89,8 +93,12 @@ pub enum VolumeCommand {
         replicas: u8,
     },
     List,
-    Show { name: String },
-    Delete { name: String },
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
     /// Copy a raw or qcow2 image into a volume (created to fit if it does not exist).
     Import {
         name: String,
@@ -100,5 +108,8 @@ pub enum VolumeCommand {
         replicas: u8,
     },
     /// Copy a volume's bytes into a raw file.
-    Export { name: String, file: PathBuf },
+    Export {
+        name: String,
+        file: PathBuf,
+    },
 }

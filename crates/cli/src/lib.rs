@@ -44,7 +44,13 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
             let request = v1::AddDisk { path: absolute.display().to_string(), size_bytes };
             let disk = api.add_disk(&request).await?;
             out.print(&disk, || {
-                format!("Added {} at {} on {}: {} usable.", disk.id, disk.path, disk.node, model::format_size(disk.capacity_bytes))
+                format!(
+                    "Added {} at {} on {}: {} usable.",
+                    disk.id,
+                    disk.path,
+                    disk.node,
+                    model::format_size(disk.capacity_bytes)
+                )
             })
         }
         Command::Volume(command) => volume(&api, &out, command).await,
@@ -57,7 +63,12 @@ async fn volume(api: &Client, out: &Output, command: VolumeCommand) -> Result<()
             let size_bytes = parse_size(&size)?;
             let volume = api.create_volume(&v1::CreateVolume { name, size_bytes, replicas }).await?;
             out.print(&volume, || {
-                format!("Created volume {} ({}, {} replicas).", volume.name, model::format_size(volume.size_bytes), volume.replicas)
+                format!(
+                    "Created volume {} ({}, {} replicas).",
+                    volume.name,
+                    model::format_size(volume.size_bytes),
+                    volume.replicas
+                )
             })
         }
         VolumeCommand::List => {

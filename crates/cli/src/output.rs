@@ -28,7 +28,11 @@ pub fn cluster_status(status: &v1::ClusterStatus) -> String {
     for problem in &status.problems {
         let _ = writeln!(out, "  ! {problem}");
     }
-    let _ = writeln!(out, "\n{:<18} {:<6} {:<22} {:<6} {:>6} {:>12} {:>12}", "NODE", "STATE", "ADDRESS", "ROLE", "DISKS", "USED", "FREE");
+    let _ = writeln!(
+        out,
+        "\n{:<18} {:<6} {:<22} {:<6} {:>6} {:>12} {:>12}",
+        "NODE", "STATE", "ADDRESS", "ROLE", "DISKS", "USED", "FREE"
+    );
     for node in &status.nodes {
         let state = if node.up { "up" } else { "down" };
         let mut role = if node.voter { "voter" } else { "learner" }.to_string();
@@ -42,7 +46,17 @@ pub fn cluster_status(status: &v1::ClusterStatus) -> String {
             None => ("?".into(), "?".into()),
         };
         let me = if node.id == status.this_node { "*" } else { "" };
-        let _ = writeln!(out, "{:<18} {:<6} {:<22} {:<6} {:>6} {:>12} {:>12}", format!("{}{me}", node.id), state, node.api_addr, role, node.disks.len(), used, free);
+        let _ = writeln!(
+            out,
+            "{:<18} {:<6} {:<22} {:<6} {:>6} {:>12} {:>12}",
+            format!("{}{me}", node.id),
+            state,
+            node.api_addr,
+            role,
+            node.disks.len(),
+            used,
+            free
+        );
         for disk in &node.disks {
             let health = match &disk.health {
                 Some(model::DiskHealth::Ok) => "ok".to_string(),
@@ -59,7 +73,15 @@ pub fn volume_table(volumes: &[v1::VolumeInfo]) -> String {
     let mut out = format!("{:<24} {:>12} {:>8} {:<16} {:>6}", "NAME", "SIZE", "REPLICAS", "OWNER", "EPOCH");
     for v in volumes {
         let owner = v.owner.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
-        let _ = write!(out, "\n{:<24} {:>12} {:>8} {:<16} {:>6}", v.name, format_size(v.size_bytes), v.replicas, owner, v.owner_epoch.0);
+        let _ = write!(
+            out,
+            "\n{:<24} {:>12} {:>8} {:<16} {:>6}",
+            v.name,
+            format_size(v.size_bytes),
+            v.replicas,
+            owner,
+            v.owner_epoch.0
+        );
     }
     out
 }

@@ -96,7 +96,11 @@ pub async fn import(api: &Client, out: &Output, name: &str, file: &Path, replica
     let len = std::fs::metadata(&raw.path).with_context(|| format!("reading {}", raw.path.display()))?.len();
     match api.volume(name).await {
         Ok(volume) if volume.size_bytes < len => {
-            bail!("{} holds {len} bytes but volume {name} has only {}: use another volume", file.display(), volume.size_bytes)
+            bail!(
+                "{} holds {len} bytes but volume {name} has only {}: use another volume",
+                file.display(),
+                volume.size_bytes
+            )
         }
         Ok(_) => {}
         Err(e) if e.status() == Some(reqwest_not_found()) => {
@@ -123,7 +127,12 @@ pub async fn import(api: &Client, out: &Output, name: &str, file: &Path, replica
     if result.bytes != len {
         bail!("the server stored {} bytes of {len}", result.bytes);
     }
-    Ok(TransferReport { volume: name.into(), file: file.display().to_string(), bytes: len, seconds: started.elapsed().as_secs_f64() })
+    Ok(TransferReport {
+        volume: name.into(),
+        file: file.display().to_string(),
+        bytes: len,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 pub async fn export(api: &Client, out: &Output, name: &str, file: &Path) -> Result<TransferReport> {
@@ -134,7 +143,8 @@ pub async fn export(api: &Client, out: &Output, name: &str, file: &Path) -> Resu
     let mut received = 0u64;
     let result: Result<()> = async {
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.context("the export stream broke off (a replica may have failed; see the server's log)")?;
+            let chunk =
+                chunk.context("the export stream broke off (a replica may have failed; see the server's log)")?;
             target.write_all(&chunk).await.with_context(|| format!("writing {}", file.display()))?;
             received += chunk.len() as u64;
             bar.set_position(received);
@@ -152,7 +162,12 @@ pub async fn export(api: &Client, out: &Output, name: &str, file: &Path) -> Resu
         let _ = std::fs::remove_file(file);
         return Err(e);
     }
-    Ok(TransferReport { volume: name.into(), file: file.display().to_string(), bytes: len, seconds: started.elapsed().as_secs_f64() })
+    Ok(TransferReport {
+        volume: name.into(),
+        file: file.display().to_string(),
+        bytes: len,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn reqwest_not_found() -> reqwest::StatusCode {

@@ -174,7 +174,11 @@ impl Cluster {
     }
 
     async fn call(&self, addr: &str, rpc: PeerRpc, timeout: Duration) -> Result<PeerReply, ClusterError> {
-        self.inner.transport.call(addr, rpc, timeout).await.map_err(|source| ClusterError::Peer { addr: addr.into(), source })
+        self.inner
+            .transport
+            .call(addr, rpc, timeout)
+            .await
+            .map_err(|source| ClusterError::Peer { addr: addr.into(), source })
     }
 
     /// Serves a request from another node.
@@ -258,7 +262,10 @@ impl Cluster {
     }
 
     pub fn volume(&self, name: &str) -> Result<Volume, ClusterError> {
-        self.state().volume_by_name(name).cloned().ok_or_else(|| ClusterError::NotFound { what: "volume", name: name.into() })
+        self.state()
+            .volume_by_name(name)
+            .cloned()
+            .ok_or_else(|| ClusterError::NotFound { what: "volume", name: name.into() })
     }
 
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClusterError> {

@@ -21,11 +21,23 @@ pub enum ClusterError {
     #[error("{0}")]
     Refused(String),
     #[error("Talking to node {addr}")]
-    Peer { addr: String, #[source] source: TransportError },
+    Peer {
+        addr: String,
+        #[source]
+        source: TransportError,
+    },
     #[error("Opening the cluster database {path}")]
-    Database { path: String, #[source] source: redb::DatabaseError },
+    Database {
+        path: String,
+        #[source]
+        source: redb::DatabaseError,
+    },
     #[error("Reading or writing {path}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Raft failed: {0}")]
     Raft(String),
 }
@@ -49,10 +61,15 @@ impl ClusterError {
             ClusterError::NoLeader { .. } | ClusterError::Peer { .. } => Unavailable,
             ClusterError::NotFound { .. } => NotFound,
             ClusterError::Command(c) => match c {
-                CommandError::UnknownVolume(_) | CommandError::UnknownPool(_) | CommandError::UnknownDisk(_)
+                CommandError::UnknownVolume(_)
+                | CommandError::UnknownPool(_)
+                | CommandError::UnknownDisk(_)
                 | CommandError::UnknownNode(_) => NotFound,
-                CommandError::NotInitialized | CommandError::AlreadyInitialized | CommandError::DiskExists { .. }
-                | CommandError::PoolExists(_) | CommandError::VolumeExists(_) => Conflict,
+                CommandError::NotInitialized
+                | CommandError::AlreadyInitialized
+                | CommandError::DiskExists { .. }
+                | CommandError::PoolExists(_)
+                | CommandError::VolumeExists(_) => Conflict,
                 _ => Invalid,
             },
             ClusterError::Database { .. } | ClusterError::Io { .. } | ClusterError::Raft(_) => Internal,

@@ -6,21 +6,30 @@ use futures_util::future::BoxFuture;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Sends one request to the node at `api_addr` and waits for its reply.
 pub trait PeerTransport: Send + Sync + 'static {
-    fn call(&self, api_addr: &str, rpc: PeerRpc, timeout: Duration) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
+    fn call(
+        &self,
+        api_addr: &str,
+        rpc: PeerRpc,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("Node at {addr} is unreachable")]
-    Unreachable { addr: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Unreachable {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("Request to node at {addr} failed: {reason}")]
     Failed { addr: String, reason: String },
 }
@@ -45,7 +54,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 impl Connection {
-    async fn call<E: std::error::Error>(&self, rpc: PeerRpc, option: &RPCOption) -> Result<PeerReply, RPCError<u64, RaftNode, E>> {
+    async fn call<E: std::error::Error>(
+        &self,
+        rpc: PeerRpc,
+        option: &RPCOption,
+    ) -> Result<PeerReply, RPCError<u64, RaftNode, E>> {
         self.transport.call(&self.addr, rpc, option.hard_ttl()).await.map_err(|e| match e {
             TransportError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),

@@ -4,12 +4,15 @@
 //! same durable transaction as the position it was applied up to: after a crash it is
 //! exactly the state of some applied prefix of the log.
 
+// openraft's storage errors are large by its design; these functions return them as it does.
+#![allow(clippy::result_large_err)]
+
 use crate::types::{ApplyResult, RaftNode, TypeConfig};
 use model::{ClusterState, CommandOutcome};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -41,7 +44,9 @@ fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(StorageIOError::read(&e)),
     };
-    let Some(value) = table.get(key).map_err(|e| StorageIOError::read(&e))? else { return Ok(None) };
+    let Some(value) = table.get(key).map_err(|e| StorageIOError::read(&e))? else {
+        return Ok(None);
+    };
     serde_json::from_slice(value.value()).map(Some).map_err(|e| StorageIOError::read(&e))
 }
 
@@ -72,8 +77,11 @@ impl LogStore {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(StorageIOError::read_logs(&e)),
         };
-        let Some((_, value)) = table.last().map_err(|e| StorageIOError::read_logs(&e))? else { return Ok(None) };
-        let entry: Entry<TypeConfig> = serde_json::from_slice(value.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+        let Some((_, value)) = table.last().map_err(|e| StorageIOError::read_logs(&e))? else {
+            return Ok(None);
+        };
+        let entry: Entry<TypeConfig> =
+            serde_json::from_slice(value.value()).map_err(|e| StorageIOError::read_logs(&e))?;
         Ok(Some(entry.log_id))
     }
 
@@ -208,9 +216,7 @@ impl StateMachineStore {
     }
 
     fn persist_and_publish(&self, machine: &Machine) -> Result<(), StorageIOError<u64>> {
-        write_meta(&self.db, KEY_MACHINE, machine).map_err(|_| {
-            StorageIOError::write_state_machine(&std::io::Error::other("writing the state machine to redb"))
-        })?;
+        write_meta(&self.db, KEY_MACHINE, machine)?;
         self.published.send_replace(Arc::new(machine.state.clone()));
         Ok(())
     }
@@ -275,8 +281,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let mut incoming: Machine = serde_json::from_slice(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let mut incoming: Machine =
+            serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
         let mut machine = self.machine.lock().await;

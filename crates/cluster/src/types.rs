@@ -3,8 +3,8 @@
 use model::{ClusterCommand, ClusterId, CommandError, CommandOutcome, Node, NodeReport};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
@@ -38,7 +38,10 @@ pub enum PeerRpc {
     /// A command a follower forwards to the leader.
     Propose(ClusterCommand),
     /// A new node asks to become a member.
-    Join { token: String, node: Node },
+    Join {
+        token: String,
+        node: Node,
+    },
     Ping,
 }
 

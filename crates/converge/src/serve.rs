@@ -32,11 +32,14 @@ impl Topology for ClusterTopology {
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let api_listener = TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let api_listener =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let data_addr = match args.data_listen {
         Some(addr) => addr,
         None => {
@@ -48,7 +51,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let disks = Arc::new(DiskSet::default());
     let reports = disks.clone();
-    let config = ClusterConfig { data_dir: args.data_dir.clone(), api_addr: args.listen.clone(), data_addr: data_addr.clone() };
+    let config =
+        ClusterConfig { data_dir: args.data_dir.clone(), api_addr: args.listen.clone(), data_addr: data_addr.clone() };
     let cluster = Cluster::start(config, Arc::new(HttpTransport::new()), Box::new(move || reports.reports())).await?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone()));
@@ -80,7 +84,8 @@ async fn follow_state(services: NodeServices, disks: Arc<DiskSet>) {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler installs");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler installs");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

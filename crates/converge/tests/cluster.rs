@@ -58,7 +58,9 @@ impl NodeProcess {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        run(&self.addr, args).unwrap_or_else(|e| panic!("converge {args:?} on {} failed: {e}\nnode log:\n{}", self.addr, self.log_text()))
+        run(&self.addr, args).unwrap_or_else(|e| {
+            panic!("converge {args:?} on {} failed: {e}\nnode log:\n{}", self.addr, self.log_text())
+        })
     }
 }
 
@@ -73,7 +75,8 @@ impl Drop for NodeProcess {
 
 /// Runs a client command against `addr`; stdout on success, stderr on failure.
 fn run(addr: &str, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(BIN).args(["--server", &format!("http://{addr}")]).args(args).output().expect("converge runs");
+    let output =
+        Command::new(BIN).args(["--server", &format!("http://{addr}")]).args(args).output().expect("converge runs");
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {

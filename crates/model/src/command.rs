@@ -8,16 +8,33 @@ use serde::{Deserialize, Serialize};
 /// A change to the cluster state, proposed through Raft.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClusterCommand {
-    InitCluster { id: ClusterId, join_secret: String },
+    InitCluster {
+        id: ClusterId,
+        join_secret: String,
+    },
     /// Adds a node, or updates the addresses of a known one.
     AddNode(Node),
     AddDisk(Disk),
     /// `pgs[i]` lists the disks of placement group `i` (computed by `policy`).
-    CreatePool { name: String, replicas: u8, min_size: u8, pgs: Vec<Vec<DiskId>> },
-    CreateVolume { name: String, pool: PoolId, size_bytes: u64 },
-    DeleteVolume { volume: VolumeId },
+    CreatePool {
+        name: String,
+        replicas: u8,
+        min_size: u8,
+        pgs: Vec<Vec<DiskId>>,
+    },
+    CreateVolume {
+        name: String,
+        pool: PoolId,
+        size_bytes: u64,
+    },
+    DeleteVolume {
+        volume: VolumeId,
+    },
     /// Makes `node` the volume's only writer, with the next owner epoch.
-    AcquireVolume { volume: VolumeId, node: NodeId },
+    AcquireVolume {
+        volume: VolumeId,
+        node: NodeId,
+    },
 }
 
 /// What an applied command produced.
@@ -81,9 +98,7 @@ impl ClusterState {
             ClusterCommand::CreatePool { name, replicas, min_size, pgs } => {
                 self.create_pool(name, *replicas, *min_size, pgs)
             }
-            ClusterCommand::CreateVolume { name, pool, size_bytes } => {
-                self.create_volume(name, *pool, *size_bytes)
-            }
+            ClusterCommand::CreateVolume { name, pool, size_bytes } => self.create_volume(name, *pool, *size_bytes),
             ClusterCommand::DeleteVolume { volume } => {
                 self.volumes.remove(volume).ok_or(CommandError::UnknownVolume(*volume))?;
                 Ok(CommandOutcome::Done)
@@ -104,10 +119,7 @@ impl ClusterState {
         if !self.nodes.contains_key(&disk.node) {
             return Err(CommandError::UnknownNode(disk.node));
         }
-        let clash = self
-            .disks
-            .values()
-            .find(|d| d.id == disk.id || (d.node == disk.node && d.path == disk.path));
+        let clash = self.disks.values().find(|d| d.id == disk.id || (d.node == disk.node && d.path == disk.path));
         if let Some(existing) = clash {
             return Err(CommandError::DiskExists {
                 disk: existing.id,
@@ -160,16 +172,11 @@ impl ClusterState {
         Ok(CommandOutcome::PoolCreated(id))
     }
 
-    fn create_volume(
-        &mut self,
-        name: &str,
-        pool: PoolId,
-        size_bytes: u64,
-    ) -> Result<CommandOutcome, CommandError> {
+    fn create_volume(&mut self, name: &str, pool: PoolId, size_bytes: u64) -> Result<CommandOutcome, CommandError> {
         if !self.pools.contains_key(&pool) {
             return Err(CommandError::UnknownPool(pool));
         }
-        if size_bytes == 0 || size_bytes % SECTOR_SIZE_BYTES != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_SIZE_BYTES) {
             return Err(CommandError::InvalidSize(size_bytes));
         }
         if self.volume_by_name(name).is_some() {
@@ -177,8 +184,7 @@ impl ClusterState {
         }
         let id = self.next_volume_id;
         self.next_volume_id = VolumeId(id.0 + 1);
-        let volume =
-            Volume { id, name: name.to_string(), pool, size_bytes, owner: None, owner_epoch: OwnerEpoch(0) };
+        let volume = Volume { id, name: name.to_string(), pool, size_bytes, owner: None, owner_epoch: OwnerEpoch(0) };
         self.volumes.insert(id, volume);
         Ok(CommandOutcome::VolumeCreated(id))
     }

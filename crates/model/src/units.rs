@@ -11,7 +11,7 @@ pub const PG_COUNT_DEFAULT: u32 = 128;
 /// Copies of each extent a pool may keep.
 pub const REPLICAS_MAX: u8 = 3;
 
-const _: () = assert!(EXTENT_SIZE_BYTES % SECTOR_SIZE_BYTES == 0);
+const _: () = assert!(EXTENT_SIZE_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
 const _: () = assert!(EXTENT_SIZE_BYTES.is_power_of_two());
 
 /// The extent holding byte `offset_bytes` of a volume, and the offset within that extent.
@@ -48,10 +48,7 @@ pub enum SizeError {
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let trimmed = text.trim();
     let upper = trimmed.to_ascii_uppercase();
-    let without_b = upper
-        .strip_suffix("IB")
-        .or_else(|| upper.strip_suffix('B'))
-        .unwrap_or(&upper);
+    let without_b = upper.strip_suffix("IB").or_else(|| upper.strip_suffix('B')).unwrap_or(&upper);
     let (digits, shift) = match without_b.chars().last() {
         Some('K') => (&without_b[..without_b.len() - 1], 10),
         Some('M') => (&without_b[..without_b.len() - 1], 20),
@@ -59,13 +56,8 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         Some('T') => (&without_b[..without_b.len() - 1], 40),
         _ => (without_b, 0),
     };
-    let number: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| SizeError::Malformed(text.to_string()))?;
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| SizeError::Overflow(text.to_string()))
+    let number: u64 = digits.trim().parse().map_err(|_| SizeError::Malformed(text.to_string()))?;
+    number.checked_mul(1u64 << shift).ok_or_else(|| SizeError::Overflow(text.to_string()))
 }
 
 /// Formats a byte count for people: `4.0 MiB`, `20.0 GiB`.
@@ -114,8 +106,7 @@ mod tests {
         // Changing the hash would move every extent: these values are part of the format.
         let pgs: Vec<u32> = (0..4).map(|e| pg_of(VolumeId(1), ExtentIndex(e), 128).0).collect();
         assert_eq!(pgs, [30, 30, 107, 3]);
-        let spread: std::collections::BTreeSet<_> =
-            (0..64).map(|e| pg_of(VolumeId(7), ExtentIndex(e), 128)).collect();
+        let spread: std::collections::BTreeSet<_> = (0..64).map(|e| pg_of(VolumeId(7), ExtentIndex(e), 128)).collect();
         assert!(spread.len() > 32, "64 consecutive extents land on {} PGs", spread.len());
     }
 }

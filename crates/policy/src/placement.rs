@@ -53,10 +53,8 @@ pub fn rebalance(
     if nodes.len() < usize::from(replicas) {
         return Err(PlacementError::NotEnoughNodes { replicas, nodes: nodes.len() });
     }
-    let mut pgs: Vec<Vec<DiskId>> = current
-        .iter()
-        .map(|pg| pg.iter().copied().filter(|d| by_id.contains_key(d)).collect())
-        .collect();
+    let mut pgs: Vec<Vec<DiskId>> =
+        current.iter().map(|pg| pg.iter().copied().filter(|d| by_id.contains_key(d)).collect()).collect();
     let mut load: BTreeMap<DiskId, u64> = by_id.keys().map(|&d| (d, 0)).collect();
     for disk in pgs.iter().flatten() {
         *load.get_mut(disk).expect("kept disks are candidates") += 1;
@@ -85,7 +83,12 @@ pub fn rebalance(
 }
 
 /// May `disk` join `pg`, given `leaving` is about to leave it?
-fn allowed(pg: &[DiskId], disk: &CandidateDisk, by_id: &BTreeMap<DiskId, CandidateDisk>, leaving: Option<DiskId>) -> bool {
+fn allowed(
+    pg: &[DiskId],
+    disk: &CandidateDisk,
+    by_id: &BTreeMap<DiskId, CandidateDisk>,
+    leaving: Option<DiskId>,
+) -> bool {
     pg.iter().filter(|&&d| Some(d) != leaving).all(|d| *d != disk.disk && by_id[d].node != disk.node)
 }
 
@@ -95,7 +98,11 @@ fn fill_cmp(la: u64, a: &CandidateDisk, lb: u64, b: &CandidateDisk) -> std::cmp:
 }
 
 /// Moves one replica from a fuller disk to an emptier one if that evens the spread.
-fn move_one(pgs: &mut [Vec<DiskId>], load: &mut BTreeMap<DiskId, u64>, by_id: &BTreeMap<DiskId, CandidateDisk>) -> bool {
+fn move_one(
+    pgs: &mut [Vec<DiskId>],
+    load: &mut BTreeMap<DiskId, u64>,
+    by_id: &BTreeMap<DiskId, CandidateDisk>,
+) -> bool {
     let mut order: Vec<&CandidateDisk> = by_id.values().collect();
     order.sort_by(|a, b| fill_cmp(load[&a.disk], a, load[&b.disk], b).then(a.disk.cmp(&b.disk)));
     for over in order.iter().rev() {
@@ -105,9 +112,7 @@ fn move_one(pgs: &mut [Vec<DiskId>], load: &mut BTreeMap<DiskId, u64>, by_id: &B
             if !improves {
                 break;
             }
-            let found = pgs
-                .iter()
-                .position(|pg| pg.contains(&over.disk) && allowed(pg, under, by_id, Some(over.disk)));
+            let found = pgs.iter().position(|pg| pg.contains(&over.disk) && allowed(pg, under, by_id, Some(over.disk)));
             if let Some(index) = found {
                 let slot = pgs[index].iter().position(|d| *d == over.disk).expect("pg holds over");
                 pgs[index][slot] = under.disk;

@@ -8,13 +8,12 @@
 use crate::buf::AlignedBuf;
 use crate::error::StoreError;
 use crate::format::{
-    decode_table, Superblock, TableEntry, ENTRIES_PER_TABLE_BLOCK, SUPERBLOCK_BYTES,
-    TABLE_BLOCK_BYTES, TABLE_ENTRY_BYTES, TABLE_OFFSET_BYTES,
+    decode_table, Superblock, TableEntry, ENTRIES_PER_TABLE_BLOCK, SUPERBLOCK_BYTES, TABLE_BLOCK_BYTES,
+    TABLE_ENTRY_BYTES, TABLE_OFFSET_BYTES,
 };
 use crate::ring::{Op, Ring};
 use model::{
-    ClusterId, DiskHealth, DiskId, DiskReport, ExtentIndex, NodeId, VolumeId, EXTENT_SIZE_BYTES,
-    SECTOR_SIZE_BYTES,
+    ClusterId, DiskHealth, DiskId, DiskReport, ExtentIndex, NodeId, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -26,7 +25,7 @@ use std::sync::{Arc, RwLock};
 
 /// Largest single IO the store issues when it writes zeros itself.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
-const _: () = assert!(EXTENT_SIZE_BYTES % ZERO_CHUNK_BYTES as u64 == 0);
+const _: () = assert!(EXTENT_SIZE_BYTES.is_multiple_of(ZERO_CHUNK_BYTES as u64));
 
 /// Who a disk belongs to; written into its superblock when it is formatted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +58,11 @@ impl LocalDisk {
         let created = match (path.exists(), size_bytes) {
             (false, None) => return Err(StoreError::NotFound { path: path.into() }),
             (false, Some(size)) => {
-                OpenOptions::new().write(true).create_new(true).open(path).and_then(|f| f.set_len(size))
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(size))
                     .map_err(|source| io_error(path, "creating the disk file", 0, source))?;
                 true
             }
@@ -72,7 +75,12 @@ impl LocalDisk {
         result
     }
 
-    async fn format(path: &Path, size_bytes: Option<u64>, identity: DiskIdentity, created: bool) -> Result<Self, StoreError> {
+    async fn format(
+        path: &Path,
+        size_bytes: Option<u64>,
+        identity: DiskIdentity,
+        created: bool,
+    ) -> Result<Self, StoreError> {
         let (ring, device_bytes) = open_ring(path)?;
         if let Some(requested_bytes) = size_bytes.filter(|&s| s != device_bytes) {
             return Err(StoreError::SizeMismatch { path: path.into(), actual_bytes: device_bytes, requested_bytes });
@@ -169,8 +177,14 @@ impl LocalDisk {
         self.index.read().expect("index lock").get(&(volume, extent)).copied()
     }
 
-    fn check_range(&self, volume: VolumeId, extent: ExtentIndex, offset_bytes: u64, len_bytes: u64) -> Result<(), StoreError> {
-        let aligned = offset_bytes % SECTOR_SIZE_BYTES == 0 && len_bytes % SECTOR_SIZE_BYTES == 0;
+    fn check_range(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(), StoreError> {
+        let aligned = offset_bytes.is_multiple_of(SECTOR_SIZE_BYTES) && len_bytes.is_multiple_of(SECTOR_SIZE_BYTES);
         let inside = offset_bytes.checked_add(len_bytes).is_some_and(|end| end <= EXTENT_SIZE_BYTES);
         if aligned && inside && len_bytes > 0 {
             Ok(())
@@ -191,7 +205,10 @@ impl LocalDisk {
     ) -> Result<(), StoreError> {
         let len_bytes = range.len() as u64;
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
-        assert!(range.end <= buf.len() && range.start as u64 % SECTOR_SIZE_BYTES == 0, "caller passed a bad buffer range");
+        assert!(
+            range.end <= buf.len() && (range.start as u64).is_multiple_of(SECTOR_SIZE_BYTES),
+            "caller passed a bad buffer range"
+        );
         let slot = match self.slot_of(volume, extent) {
             Some(slot) => slot,
             None => self.allocate(volume, extent).await?,
@@ -210,16 +227,26 @@ impl LocalDisk {
         len_bytes: u64,
     ) -> Result<Option<AlignedBuf>, StoreError> {
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
-        let Some(slot) = self.slot_of(volume, extent) else { return Ok(None) };
+        let Some(slot) = self.slot_of(volume, extent) else {
+            return Ok(None);
+        };
         let at = self.sb.slot_offset(slot) + offset_bytes;
         read_at(&self.ring, &self.path, at, len_bytes as usize).await.map(Some)
     }
 
     /// Makes a range read as zeros and gives its space back: a whole extent is freed, part
     /// of one is zeroed in place. Serves both discard and write-zeroes.
-    pub async fn zero(&self, volume: VolumeId, extent: ExtentIndex, offset_bytes: u64, len_bytes: u64) -> Result<(), StoreError> {
+    pub async fn zero(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(), StoreError> {
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
-        let Some(slot) = self.slot_of(volume, extent) else { return Ok(()) };
+        let Some(slot) = self.slot_of(volume, extent) else {
+            return Ok(());
+        };
         if offset_bytes == 0 && len_bytes == EXTENT_SIZE_BYTES {
             return self.free(volume, extent).await;
         }
@@ -229,7 +256,9 @@ impl LocalDisk {
     /// Frees an extent: its slot is free once the table says so, and zeroed when reused.
     pub async fn free(&self, volume: VolumeId, extent: ExtentIndex) -> Result<(), StoreError> {
         let mut alloc = self.alloc.lock().await;
-        let Some(slot) = self.slot_of(volume, extent) else { return Ok(()) };
+        let Some(slot) = self.slot_of(volume, extent) else {
+            return Ok(());
+        };
         self.write_entry(&mut alloc, slot, TableEntry::Free).await?;
         self.index.write().expect("index lock").remove(&(volume, extent));
         alloc.free.insert(slot);
@@ -336,7 +365,13 @@ async fn read_at(ring: &Ring, path: &Path, offset: u64, len: usize) -> Result<Al
     Ok(buf)
 }
 
-async fn write_at(ring: &Ring, path: &Path, offset: u64, buf: Arc<AlignedBuf>, range: Option<Range<usize>>) -> Result<(), StoreError> {
+async fn write_at(
+    ring: &Ring,
+    path: &Path,
+    offset: u64,
+    buf: Arc<AlignedBuf>,
+    range: Option<Range<usize>>,
+) -> Result<(), StoreError> {
     let range = range.unwrap_or(0..buf.len());
     let mut done = 0usize;
     while done < range.len() {

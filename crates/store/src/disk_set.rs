@@ -44,7 +44,12 @@ impl DiskSet {
     pub fn reports(&self) -> Vec<DiskReport> {
         let mut disks: Vec<DiskReport> = self.all().iter().map(|d| d.report()).collect();
         for (disk, reason) in self.failed.read().expect("failed lock").iter() {
-            disks.push(DiskReport { disk: *disk, health: DiskHealth::Failed(reason.clone()), extents_used: 0, extents_total: 0 });
+            disks.push(DiskReport {
+                disk: *disk,
+                health: DiskHealth::Failed(reason.clone()),
+                extents_used: 0,
+                extents_total: 0,
+            });
         }
         disks
     }

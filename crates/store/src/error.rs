@@ -6,10 +6,16 @@ use std::path::PathBuf;
 pub enum StoreError {
     #[error("{path} does not exist: give a block device, or --size to create a file standing in for one")]
     NotFound { path: PathBuf },
-    #[error("{path} exists with {actual_bytes} bytes, not the {requested_bytes} asked for: omit --size to use it as it is")]
+    #[error(
+        "{path} exists with {actual_bytes} bytes, not the {requested_bytes} asked for: omit --size to use it as it is"
+    )]
     SizeMismatch { path: PathBuf, actual_bytes: u64, requested_bytes: u64 },
     #[error("{path} cannot be used as a converge disk: {reason}")]
-    Format { path: PathBuf, #[source] reason: FormatError },
+    Format {
+        path: PathBuf,
+        #[source]
+        reason: FormatError,
+    },
     #[error("{path} already holds converge disk {disk} of cluster {cluster}; converge will not overwrite it")]
     AlreadyFormatted { path: PathBuf, disk: DiskId, cluster: ClusterId },
     #[error("{path} holds disk {found}, but disk {expected} was expected there")]
@@ -19,7 +25,13 @@ pub enum StoreError {
     #[error("Request on disk {disk} for extent {extent} of {volume} at {offset_bytes}+{len_bytes} is not sector-aligned or crosses the extent's end")]
     BadRange { disk: DiskId, volume: VolumeId, extent: ExtentIndex, offset_bytes: u64, len_bytes: u64 },
     #[error("{op} on {path} at offset {offset_bytes}")]
-    Io { path: PathBuf, op: &'static str, offset_bytes: u64, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        offset_bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a caller can do about a `StoreError`.

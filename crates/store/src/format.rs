@@ -22,8 +22,8 @@ pub const TABLE_BLOCK_BYTES: u64 = 4096;
 pub const ENTRIES_PER_TABLE_BLOCK: u64 = TABLE_BLOCK_BYTES / TABLE_ENTRY_BYTES;
 pub const DATA_ALIGN_BYTES: u64 = 1 << 20;
 
-const _: () = assert!(TABLE_BLOCK_BYTES % TABLE_ENTRY_BYTES == 0);
-const _: () = assert!(EXTENT_SIZE_BYTES % DATA_ALIGN_BYTES == 0);
+const _: () = assert!(TABLE_BLOCK_BYTES.is_multiple_of(TABLE_ENTRY_BYTES));
+const _: () = assert!(EXTENT_SIZE_BYTES.is_multiple_of(DATA_ALIGN_BYTES));
 
 const ENTRY_USED: u32 = 1;
 const ENTRY_FREED: u32 = 2;
@@ -139,10 +139,7 @@ impl Superblock {
                 sb.size_bytes
             )));
         }
-        let data_end = sb
-            .extent_slots
-            .checked_mul(EXTENT_SIZE_BYTES)
-            .and_then(|b| b.checked_add(sb.data_offset_bytes));
+        let data_end = sb.extent_slots.checked_mul(EXTENT_SIZE_BYTES).and_then(|b| b.checked_add(sb.data_offset_bytes));
         let table_end = TABLE_OFFSET_BYTES + sb.extent_slots.div_ceil(ENTRIES_PER_TABLE_BLOCK) * TABLE_BLOCK_BYTES;
         match data_end {
             Some(end) if end <= sb.size_bytes && table_end <= sb.data_offset_bytes && sb.extent_slots > 0 => Ok(sb),
@@ -193,10 +190,9 @@ impl TableEntry {
         }
         match u32_at(bytes, 16) {
             ENTRY_FREED => Ok(TableEntry::Free),
-            ENTRY_USED => Ok(TableEntry::Used {
-                volume: VolumeId(u64_at(bytes, 0)),
-                extent: ExtentIndex(u64_at(bytes, 8)),
-            }),
+            ENTRY_USED => {
+                Ok(TableEntry::Used { volume: VolumeId(u64_at(bytes, 0)), extent: ExtentIndex(u64_at(bytes, 8)) })
+            }
             state => Err(FormatError::EntryState { slot, state }),
         }
     }

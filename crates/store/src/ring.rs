@@ -72,7 +72,9 @@ impl Ring {
             result: Err(io::Error::new(io::ErrorKind::BrokenPipe, "the disk's IO thread has stopped")),
             buf: None,
         };
-        let Some(requests) = &self.requests else { return gone() };
+        let Some(requests) = &self.requests else {
+            return gone();
+        };
         if requests.send(Request { op, done }).is_err() {
             return gone();
         }
@@ -177,9 +179,8 @@ impl RingThread {
     }
 
     fn arm_wake(&mut self) {
-        let entry = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
-            .build()
-            .user_data(WAKE);
+        let entry =
+            opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8).build().user_data(WAKE);
         // SAFETY: `wake_buf` is boxed, owned by `self`, and `run` does not return while
         // this read is armed, so the memory outlives the read.
         unsafe { self.ring.submission().push(&entry) }.expect("the ring has room for the wake read");
@@ -188,7 +189,9 @@ impl RingThread {
 
     fn start_backlog(&mut self) {
         while !self.backlog.is_empty() {
-            let Some(slot) = self.free_slots.pop() else { return };
+            let Some(slot) = self.free_slots.pop() else {
+                return;
+            };
             let mut request = self.backlog.pop_front().expect("backlog is not empty");
             let fd = types::Fd(self.file.as_raw_fd());
             let entry = match &mut request.op {
@@ -220,11 +223,7 @@ impl RingThread {
     fn complete(&mut self, slot: usize, result: i32) {
         let request = self.slots[slot].take().expect("a completion for a slot in flight");
         self.free_slots.push(slot);
-        let result = if result < 0 {
-            Err(io::Error::from_raw_os_error(-result))
-        } else {
-            Ok(result as u32)
-        };
+        let result = if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as u32) };
         let buf = match request.op {
             Op::Read { buf, .. } => Some(buf),
             _ => None,

@@ -27,13 +27,20 @@ pub struct PeerPool {
 
 impl PeerPool {
     /// Sends `request` (with `payload` for a write) to the replica server at `addr`.
-    pub async fn call(&self, addr: &str, request: Request, payload: Option<(&AlignedBuf, Range<usize>)>) -> Result<Reply, ReplicaError> {
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: Request,
+        payload: Option<(&AlignedBuf, Range<usize>)>,
+    ) -> Result<Reply, ReplicaError> {
         let connection = self.connection(addr).await?;
         connection.call(request, payload).await
     }
 
     async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ReplicaError> {
-        if let Some(c) = self.connections.lock().expect("pool lock").get(addr).filter(|c| c.alive.load(Ordering::Acquire)) {
+        if let Some(c) =
+            self.connections.lock().expect("pool lock").get(addr).filter(|c| c.alive.load(Ordering::Acquire))
+        {
             return Ok(c.clone());
         }
         let connection = Arc::new(Connection::connect(addr).await?);
@@ -62,10 +69,20 @@ impl Connection {
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
-        Ok(Connection { addr: addr.to_string(), writer: tokio::sync::Mutex::new(writer), pending, next_id: AtomicU64::new(1), alive })
+        Ok(Connection {
+            addr: addr.to_string(),
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+        })
     }
 
-    async fn call(&self, mut request: Request, payload: Option<(&AlignedBuf, Range<usize>)>) -> Result<Reply, ReplicaError> {
+    async fn call(
+        &self,
+        mut request: Request,
+        payload: Option<(&AlignedBuf, Range<usize>)>,
+    ) -> Result<Reply, ReplicaError> {
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(request.id, done);
@@ -109,7 +126,12 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
             break ReplicaError::ConnectionLost { addr: addr.clone() };
         }
         let reply = match header.status {
-            Status::Ok => Reply { status: Status::Ok, epoch: 0, data: (!payload.is_empty()).then_some(payload), message: String::new() },
+            Status::Ok => Reply {
+                status: Status::Ok,
+                epoch: 0,
+                data: (!payload.is_empty()).then_some(payload),
+                message: String::new(),
+            },
             status => {
                 let message = String::from_utf8_lossy(payload.as_slice()).into_owned();
                 Reply { status, epoch: header.epoch, data: None, message }

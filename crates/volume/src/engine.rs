@@ -69,7 +69,7 @@ impl Engine {
     fn volume(&self, id: VolumeId, offset_bytes: u64, len_bytes: u64) -> Result<Volume, VolumeError> {
         let state = self.inner.topology.state();
         let volume = state.volumes.get(&id).cloned().ok_or(VolumeError::UnknownVolume(id))?;
-        let aligned = offset_bytes % SECTOR_SIZE_BYTES == 0 && len_bytes % SECTOR_SIZE_BYTES == 0;
+        let aligned = offset_bytes.is_multiple_of(SECTOR_SIZE_BYTES) && len_bytes.is_multiple_of(SECTOR_SIZE_BYTES);
         let inside = offset_bytes.checked_add(len_bytes).is_some_and(|end| end <= volume.size_bytes);
         if !aligned || !inside || len_bytes == 0 {
             return Err(VolumeError::OutOfRange { volume: id, offset_bytes, len_bytes, size_bytes: volume.size_bytes });
@@ -80,7 +80,12 @@ impl Engine {
     /// Reads `len_bytes` at `offset_bytes`, which must lie within one extent. `None` means the
     /// range was never written and reads as zeros. Prefers the local replica, then replicas
     /// on nodes that are up; tries the next replica when one fails.
-    pub async fn read(&self, id: VolumeId, offset_bytes: u64, len_bytes: u64) -> Result<Option<AlignedBuf>, VolumeError> {
+    pub async fn read(
+        &self,
+        id: VolumeId,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Option<AlignedBuf>, VolumeError> {
         let volume = self.volume(id, offset_bytes, len_bytes)?;
         let [piece] = &pieces(offset_bytes, len_bytes)[..] else {
             return Err(VolumeError::OutOfRange { volume: id, offset_bytes, len_bytes, size_bytes: volume.size_bytes });
@@ -113,10 +118,21 @@ impl Engine {
             }
         }
         let (replica, source) = last.expect("a PG has at least one replica");
-        Err(VolumeError::NoReplicaReadable { volume: id, extent: piece.extent, disk: replica.disk, node: replica.node, source })
+        Err(VolumeError::NoReplicaReadable {
+            volume: id,
+            extent: piece.extent,
+            disk: replica.disk,
+            node: replica.node,
+            source,
+        })
     }
 
-    async fn send(&self, replica: &Replica, request: Request, payload: Option<(&Arc<AlignedBuf>, Range<usize>)>) -> Result<Reply, ReplicaError> {
+    async fn send(
+        &self,
+        replica: &Replica,
+        request: Request,
+        payload: Option<(&Arc<AlignedBuf>, Range<usize>)>,
+    ) -> Result<Reply, ReplicaError> {
         if replica.node == self.inner.topology.this_node() {
             let payload = payload.map(|(buf, range)| (buf.clone(), range));
             Ok(self.inner.replica.handle(request, payload).await)
@@ -127,7 +143,14 @@ impl Engine {
     }
 
     /// Applies one write or zero piece on every replica in parallel.
-    async fn fan_out(&self, volume: &Volume, epoch: OwnerEpoch, op: Op, piece: &Piece, payload: Option<&Arc<AlignedBuf>>) -> Result<(), VolumeError> {
+    async fn fan_out(
+        &self,
+        volume: &Volume,
+        epoch: OwnerEpoch,
+        op: Op,
+        piece: &Piece,
+        payload: Option<&Arc<AlignedBuf>>,
+    ) -> Result<(), VolumeError> {
         let set = replicas_of(&self.inner.topology.state(), volume, piece.extent)?;
         let request = Request {
             op,
@@ -151,7 +174,13 @@ impl Engine {
                     return Err(VolumeError::Fenced { volume: volume.id, sent: epoch, current: OwnerEpoch(current) });
                 }
                 Err(source) => {
-                    return Err(VolumeError::Replica { volume: volume.id, extent: piece.extent, disk: replica.disk, node: replica.node, source });
+                    return Err(VolumeError::Replica {
+                        volume: volume.id,
+                        extent: piece.extent,
+                        disk: replica.disk,
+                        node: replica.node,
+                        source,
+                    });
                 }
             }
         }
@@ -256,4 +285,3 @@ impl VolumeWriter {
         admitted
     }
 }
-

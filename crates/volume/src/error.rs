@@ -7,27 +7,51 @@ pub enum ReplicaError {
     #[error("it answered {status:?}: {message}")]
     Refused { status: Status, epoch: u64, message: String },
     #[error("cannot connect to {addr}")]
-    Connect { addr: String, #[source] source: std::io::Error },
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the connection to {addr} was lost")]
     ConnectionLost { addr: String },
     #[error("no answer from {addr} within {timeout_ms} ms")]
     Timeout { addr: String, timeout_ms: u64 },
     #[error("{addr} broke the protocol")]
-    Protocol { addr: String, #[source] source: WireError },
+    Protocol {
+        addr: String,
+        #[source]
+        source: WireError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("Volume {0} does not exist (deleted?)")]
     UnknownVolume(VolumeId),
-    #[error("IO at {offset_bytes}+{len_bytes} is outside volume {volume} of {size_bytes} bytes, or not sector-aligned")]
+    #[error(
+        "IO at {offset_bytes}+{len_bytes} is outside volume {volume} of {size_bytes} bytes, or not sector-aligned"
+    )]
     OutOfRange { volume: VolumeId, offset_bytes: u64, len_bytes: u64, size_bytes: u64 },
     #[error("Volume {volume} has moved to a newer owner (epoch {current} > {sent}); this node may no longer write it")]
     Fenced { volume: VolumeId, sent: OwnerEpoch, current: OwnerEpoch },
     #[error("Replica of {extent} of {volume} on {disk} ({node}) failed")]
-    Replica { volume: VolumeId, extent: ExtentIndex, disk: DiskId, node: NodeId, #[source] source: ReplicaError },
+    Replica {
+        volume: VolumeId,
+        extent: ExtentIndex,
+        disk: DiskId,
+        node: NodeId,
+        #[source]
+        source: ReplicaError,
+    },
     #[error("No replica of {extent} of {volume} could be read; last error from {disk} ({node})")]
-    NoReplicaReadable { volume: VolumeId, extent: ExtentIndex, disk: DiskId, node: NodeId, #[source] source: ReplicaError },
+    NoReplicaReadable {
+        volume: VolumeId,
+        extent: ExtentIndex,
+        disk: DiskId,
+        node: NodeId,
+        #[source]
+        source: ReplicaError,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

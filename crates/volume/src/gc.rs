@@ -13,7 +13,9 @@ pub async fn collect_garbage(disks: &DiskSet, state: &ClusterState) -> usize {
             if volume < state.next_volume_id && !state.volumes.contains_key(&volume) {
                 match disk.free(volume, extent).await {
                     Ok(()) => freed += 1,
-                    Err(e) => tracing::warn!(disk = %disk.id(), %volume, %extent, error = %e, "freeing a deleted volume's extent failed"),
+                    Err(e) => {
+                        tracing::warn!(disk = %disk.id(), %volume, %extent, error = %e, "freeing a deleted volume's extent failed")
+                    }
                 }
             }
         }

@@ -19,6 +19,6 @@ pub use engine::{Engine, VolumeWriter, WRITES_IN_FLIGHT_MAX};
 pub use error::{ReplicaError, VolumeError, VolumeErrorKind};
 pub use gc::collect_garbage;
 pub use overlap::{OverlapQueue, WriteId};
-pub use replica::{Reply, ReplicaService};
+pub use replica::{ReplicaService, Reply};
 pub use server::serve;
 pub use topology::{replicas_of, Replica, ReplicaSet, Topology};

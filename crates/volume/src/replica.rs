@@ -61,7 +61,8 @@ impl ReplicaService {
         };
         let volume = &state.volumes[&request.volume];
         if fenced && request.owner_epoch < volume.owner_epoch {
-            let message = format!("{} is owned with {} now; {} is stale", volume.id, volume.owner_epoch, request.owner_epoch);
+            let message =
+                format!("{} is owned with {} now; {} is stale", volume.id, volume.owner_epoch, request.owner_epoch);
             return Reply::refuse(Status::StaleOwnerEpoch, volume.owner_epoch.0, message);
         }
         let Some(pool) = state.pools.get(&volume.pool) else {
@@ -69,7 +70,11 @@ impl ReplicaService {
         };
         let (pg, placement) = pool.pg_for(volume.id, request.extent);
         if pg != request.pg {
-            return Reply::refuse(Status::Invalid, 0, format!("{} of {} is in {pg}, not {}", request.extent, volume.id, request.pg));
+            return Reply::refuse(
+                Status::Invalid,
+                0,
+                format!("{} of {} is in {pg}, not {}", request.extent, volume.id, request.pg),
+            );
         }
         if placement.epoch != request.pg_epoch {
             let message = format!("{pg} is at {}, not {}", placement.epoch, request.pg_epoch);

@@ -43,7 +43,8 @@ async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> st
                 Some(data) => data.as_slice(),
                 None => reply.message.as_bytes(),
             };
-            let header = ResponseHeader { status: reply.status, id, epoch: reply.epoch, payload_len: payload.len() as u32 };
+            let header =
+                ResponseHeader { status: reply.status, id, epoch: reply.epoch, payload_len: payload.len() as u32 };
             writer.write_all(&header.encode()).await?;
             writer.write_all(payload).await?;
             if outgoing.is_empty() {

@@ -101,7 +101,7 @@ impl Request {
         let len = u32_at(bytes, 36);
         let sector = SECTOR_SIZE_BYTES as u32;
         let inside = u64::from(offset) + u64::from(len) <= EXTENT_SIZE_BYTES;
-        if len == 0 || offset % sector != 0 || len % sector != 0 || !inside {
+        if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || !inside {
             return Err(WireError::BadRange { offset, len });
         }
         Ok(Request {
@@ -239,7 +239,10 @@ mod tests {
     fn request_crossing_the_extent_end_is_refused() {
         let mut bytes = write_request().encode();
         bytes[32..36].copy_from_slice(&((EXTENT_SIZE_BYTES as u32) - 4096).to_le_bytes());
-        assert_eq!(Request::parse(&bytes), Err(WireError::BadRange { offset: (EXTENT_SIZE_BYTES as u32) - 4096, len: 8192 }));
+        assert_eq!(
+            Request::parse(&bytes),
+            Err(WireError::BadRange { offset: (EXTENT_SIZE_BYTES as u32) - 4096, len: 8192 })
+        );
     }
 
     #[test]
@@ -254,7 +257,8 @@ mod tests {
 
     #[test]
     fn response_with_oversized_message_is_refused() {
-        let header = ResponseHeader { status: Status::DeviceError, id: 1, epoch: 0, payload_len: MESSAGE_MAX_BYTES + 1 };
+        let header =
+            ResponseHeader { status: Status::DeviceError, id: 1, epoch: 0, payload_len: MESSAGE_MAX_BYTES + 1 };
         assert_eq!(ResponseHeader::parse(&header.encode()), Err(WireError::PayloadTooLarge(MESSAGE_MAX_BYTES + 1)));
     }
 

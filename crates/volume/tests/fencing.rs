@@ -45,12 +45,16 @@ fn cluster(port: u16) -> ClusterState {
     for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
         let data_addr = format!("127.0.0.{ip}:{port}");
         apply(&mut state, ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));
-        let disk = Disk { id: DiskId(node_disk(node)), node, path: String::new(), size_bytes: 64 << 20, extent_slots: 15 };
+        let disk =
+            Disk { id: DiskId(node_disk(node)), node, path: String::new(), size_bytes: 64 << 20, extent_slots: 15 };
         apply(&mut state, ClusterCommand::AddDisk(disk));
     }
     let pgs = vec![vec![DiskId(10), DiskId(20)]; 4];
     apply(&mut state, ClusterCommand::CreatePool { name: "replicated-2".into(), replicas: 2, min_size: 2, pgs });
-    apply(&mut state, ClusterCommand::CreateVolume { name: "v".into(), pool: PoolId(0), size_bytes: 4 * EXTENT_SIZE_BYTES });
+    apply(
+        &mut state,
+        ClusterCommand::CreateVolume { name: "v".into(), pool: PoolId(0), size_bytes: 4 * EXTENT_SIZE_BYTES },
+    );
     state
 }
 
@@ -106,7 +110,10 @@ async fn write_reaches_both_replicas_and_a_stale_owner_changes_nothing() {
     let stale = writer_a.write(EXTENT_SIZE_BYTES, pattern(2), 0..8192).await;
     let read_on_b = b.engine.read(VOLUME, EXTENT_SIZE_BYTES, 8192).await.unwrap().expect("allocated");
 
-    assert!(matches!(stale, Err(VolumeError::Fenced { sent, current, .. }) if sent == epoch_a && current == epoch_b), "{stale:?}");
+    assert!(
+        matches!(stale, Err(VolumeError::Fenced { sent, current, .. }) if sent == epoch_a && current == epoch_b),
+        "{stale:?}"
+    );
     assert_eq!(read_on_b.as_slice(), first.as_slice(), "B sees A's acknowledged write, not the stale one");
     for disks in [&a.disks, &b.disks] {
         let disk = disks.all().pop().unwrap();
