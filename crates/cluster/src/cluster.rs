@@ -352,7 +352,9 @@ impl Cluster {
                 }
             })
             .collect();
-        if metrics.current_leader.is_none() {
+        // A leader this node cannot reach is as good as none until the others elect anew.
+        let leader = metrics.current_leader.map(NodeId).filter(|l| reports.contains_key(l));
+        if leader.is_none() {
             problems.push("no Raft leader: a majority of nodes must be up".into());
         }
         if state.cluster.is_none() {
@@ -361,7 +363,7 @@ impl Cluster {
         ClusterStatus {
             cluster_id: state.cluster.as_ref().map(|c| c.id),
             this_node: self.node_id(),
-            leader: metrics.current_leader.map(NodeId),
+            leader,
             healthy: problems.is_empty(),
             problems,
             nodes,

@@ -188,3 +188,22 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit() {
     assert!(too_few_nodes.as_ref().unwrap_err().contains("different nodes"), "{too_few_nodes:?}");
     assert!(missing.contains("No volume named \"nope\""), "{missing}");
 }
+
+#[test]
+fn qcow2_image_imports_as_its_raw_contents_on_a_single_replica_volume() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let node = NodeProcess::start(dir.path(), 9, 18730);
+    node.cli(&["cluster", "init"]);
+    node.cli(&["disk", "add", dir.path().join("disk").to_str().unwrap(), "--size", "256M"]);
+    let raw = dir.path().join("image.raw");
+    let qcow2 = dir.path().join("image.qcow2");
+    let expected = random_file(&raw, 8 << 20, 42);
+    let converted = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status();
+    assert!(converted.expect("qemu-img runs (scripts/setup.sh installs qemu-utils)").success());
+
+    node.cli(&["volume", "import", "image", qcow2.to_str().unwrap(), "--replicas", "1"]);
+    let output = dir.path().join("output.raw");
+    node.cli(&["volume", "export", "image", output.to_str().unwrap()]);
+
+    assert_eq!(sha256(&output), expected);
+}

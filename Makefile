@@ -1,0 +1,31 @@
+# converge: the two commands are `make demo` and `make test`.
+CARGO ?= cargo
+
+.PHONY: setup build test check demo demo-stop bench clean
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bin converge
+
+# The read-only gate: formatting, lints.
+check:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: setup check
+	$(CARGO) test --workspace
+
+demo: build
+	@scripts/demo.sh
+
+demo-stop:
+	@scripts/demo.sh stop
+
+bench: build
+	@scripts/bench-import.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf demo
