@@ -15,7 +15,7 @@ check:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test: setup check
-	$(CARGO) test --workspace
+	scripts/test.sh
 
 demo: build
 	@scripts/demo.sh

@@ -198,7 +198,8 @@ fn qcow2_image_imports_as_its_raw_contents_on_a_single_replica_volume() {
     let raw = dir.path().join("image.raw");
     let qcow2 = dir.path().join("image.qcow2");
     let expected = random_file(&raw, 8 << 20, 42);
-    let converted = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status();
+    let converted =
+        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status();
     assert!(converted.expect("qemu-img runs (scripts/setup.sh installs qemu-utils)").success());
 
     node.cli(&["volume", "import", "image", qcow2.to_str().unwrap(), "--replicas", "1"]);
