@@ -64,7 +64,8 @@ impl ClusterError {
                 CommandError::UnknownVolume(_)
                 | CommandError::UnknownPool(_)
                 | CommandError::UnknownDisk(_)
-                | CommandError::UnknownNode(_) => NotFound,
+                | CommandError::UnknownNode(_)
+                | CommandError::UnknownVm(_) => NotFound,
                 CommandError::NotInitialized
                 | CommandError::AlreadyInitialized
                 | CommandError::DiskExists { .. }

@@ -3,6 +3,7 @@
 use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PoolId, VolumeId};
 use crate::state::{ClusterInfo, ClusterState, Disk, Node, Pg, Pool, Volume};
 use crate::units::{REPLICAS_MAX, SECTOR_SIZE_BYTES};
+use crate::vm::{Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX, VM_MEMORY_MIN_BYTES};
 use serde::{Deserialize, Serialize};
 
 /// A change to the cluster state, proposed through Raft.
@@ -35,6 +36,28 @@ pub enum ClusterCommand {
         volume: VolumeId,
         node: NodeId,
     },
+    CreateVm {
+        spec: VmSpec,
+    },
+    /// Deletes a stopped VM (its volumes are deleted by their own commands).
+    DeleteVm {
+        vm: VmId,
+    },
+    /// Runs the VM on `node`. A VM running elsewhere moves only with `force`.
+    StartVm {
+        vm: VmId,
+        node: NodeId,
+        force: bool,
+    },
+    StopVm {
+        vm: VmId,
+    },
+    /// What `node` observes of a VM it runs or ran.
+    ReportVm {
+        vm: VmId,
+        node: NodeId,
+        state: VmRunState,
+    },
 }
 
 /// What an applied command produced.
@@ -44,6 +67,7 @@ pub enum CommandOutcome {
     PoolCreated(PoolId),
     VolumeCreated(VolumeId),
     VolumeAcquired(OwnerEpoch),
+    VmCreated(VmId),
 }
 
 /// Why a command was refused. A refused command leaves the state unchanged.
@@ -73,6 +97,18 @@ pub enum CommandError {
     InvalidSize(u64),
     #[error("Replication factor {0} is outside 1..=3")]
     InvalidReplicas(u8),
+    #[error("A VM named {0:?} exists already: pick another name or delete it first")]
+    VmExists(String),
+    #[error("VM {0} does not exist")]
+    UnknownVm(VmId),
+    #[error("VM spec is invalid: {0}")]
+    InvalidVm(String),
+    #[error("Volume {volume} is already used by VM {vm}")]
+    VolumeInUse { volume: VolumeId, vm: String },
+    #[error("VM {vm} is running on {node}: stop it first, or start it with --force to move it")]
+    VmRunningElsewhere { vm: String, node: NodeId },
+    #[error("VM {0} is not stopped: stop it before deleting it")]
+    VmNotStopped(String),
 }
 
 impl ClusterState {
@@ -100,7 +136,49 @@ impl ClusterState {
             }
             ClusterCommand::CreateVolume { name, pool, size_bytes } => self.create_volume(name, *pool, *size_bytes),
             ClusterCommand::DeleteVolume { volume } => {
+                if let Some(vm) = self.vm_using(*volume) {
+                    return Err(CommandError::VolumeInUse { volume: *volume, vm: vm.spec.name.clone() });
+                }
                 self.volumes.remove(volume).ok_or(CommandError::UnknownVolume(*volume))?;
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::CreateVm { spec } => self.create_vm(spec),
+            ClusterCommand::DeleteVm { vm } => {
+                let found = self.vms.get(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                let stopped = matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
+                if found.desired != VmDesired::Stopped || !stopped {
+                    return Err(CommandError::VmNotStopped(found.spec.name.clone()));
+                }
+                self.vms.remove(vm);
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::StartVm { vm, node, force } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(CommandError::UnknownNode(*node));
+                }
+                let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                if let VmDesired::Running { node: current } = found.desired {
+                    if current != *node && !force {
+                        return Err(CommandError::VmRunningElsewhere { vm: found.spec.name.clone(), node: current });
+                    }
+                }
+                found.desired = VmDesired::Running { node: *node };
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::StopVm { vm } => {
+                let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                found.desired = VmDesired::Stopped;
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::ReportVm { vm, node, state } => {
+                let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                // A node that no longer runs the VM may not overwrite what the node that
+                // does run it reported.
+                let other_running = found.observed.node.is_some_and(|n| n != *node)
+                    && !matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
+                if !other_running {
+                    found.observed = VmObserved { node: Some(*node), state: state.clone() };
+                }
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::AcquireVolume { volume, node } => {
@@ -113,6 +191,47 @@ impl ClusterState {
                 Ok(CommandOutcome::VolumeAcquired(v.owner_epoch))
             }
         }
+    }
+
+    fn create_vm(&mut self, spec: &VmSpec) -> Result<CommandOutcome, CommandError> {
+        let invalid = |reason: String| Err(CommandError::InvalidVm(reason));
+        if self.vm_by_name(&spec.name).is_some() {
+            return Err(CommandError::VmExists(spec.name.clone()));
+        }
+        if spec.cpus == 0 || spec.cpus > VM_CPUS_MAX {
+            return invalid(format!("{} vCPUs is outside 1..={VM_CPUS_MAX}", spec.cpus));
+        }
+        if spec.memory_bytes < VM_MEMORY_MIN_BYTES || spec.memory_bytes % (1 << 20) != 0 {
+            return invalid(format!("memory must be whole MiB and at least {} MiB", VM_MEMORY_MIN_BYTES >> 20));
+        }
+        if spec.disks.len() > VM_DISKS_MAX {
+            return invalid(format!("{} disks is more than {VM_DISKS_MAX}", spec.disks.len()));
+        }
+        if spec.disks.is_empty() && spec.boot == crate::vm::Boot::Disk {
+            return invalid("a VM that boots from disk needs a disk".into());
+        }
+        let candidate = Vm {
+            id: self.next_vm_id,
+            spec: spec.clone(),
+            desired: VmDesired::Stopped,
+            observed: VmObserved { node: None, state: VmRunState::Stopped },
+        };
+        let volumes = candidate.volumes();
+        for (i, volume) in volumes.iter().enumerate() {
+            if !self.volumes.contains_key(volume) {
+                return Err(CommandError::UnknownVolume(*volume));
+            }
+            if let Some(vm) = self.vm_using(*volume) {
+                return Err(CommandError::VolumeInUse { volume: *volume, vm: vm.spec.name.clone() });
+            }
+            if volumes[..i].contains(volume) {
+                return invalid(format!("{volume} is listed twice"));
+            }
+        }
+        self.next_vm_id = VmId(candidate.id.0 + 1);
+        let id = candidate.id;
+        self.vms.insert(id, candidate);
+        Ok(CommandOutcome::VmCreated(id))
     }
 
     fn add_disk(&mut self, disk: &Disk) -> Result<CommandOutcome, CommandError> {
@@ -301,6 +420,66 @@ mod tests {
         let mut state = two_node_cluster();
         let again = state.apply(&disk(10, NODE_B));
         assert!(matches!(again, Err(CommandError::DiskExists { disk: DiskId(10), .. })), "{again:?}");
+    }
+
+    fn vm_with_disk(state: &mut ClusterState, name: &str) -> VmId {
+        let created = state.apply(&ClusterCommand::CreateVolume { name: format!("{name}-disk"), pool: PoolId(0), size_bytes: 1 << 30 });
+        let Ok(CommandOutcome::VolumeCreated(volume)) = created else { panic!("{created:?}") };
+        let spec = VmSpec { name: name.into(), cpus: 1, memory_bytes: 256 << 20, disks: vec![volume], boot: crate::vm::Boot::Disk };
+        let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
+        vm
+    }
+
+    #[test]
+    fn a_running_vm_moves_to_another_node_only_with_force() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+
+        let refused = state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: false });
+        let forced = state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: true });
+
+        assert!(matches!(refused, Err(CommandError::VmRunningElsewhere { node: NODE_A, .. })), "{refused:?}");
+        assert_eq!(forced, Ok(CommandOutcome::Done));
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+    }
+
+    #[test]
+    fn a_volume_serves_one_vm_and_cannot_be_deleted_under_it() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let disk = state.vms[&vm].spec.disks[0];
+        let spec = VmSpec { name: "thief".into(), cpus: 1, memory_bytes: 256 << 20, disks: vec![disk], boot: crate::vm::Boot::Disk };
+
+        let second_vm = state.apply(&ClusterCommand::CreateVm { spec });
+        let delete = state.apply(&ClusterCommand::DeleteVolume { volume: disk });
+
+        assert!(matches!(second_vm, Err(CommandError::VolumeInUse { .. })), "{second_vm:?}");
+        assert!(matches!(delete, Err(CommandError::VolumeInUse { .. })), "{delete:?}");
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_stale_stopped_report_does_not_hide_the_vm_running_elsewhere() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 42 };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_B, state: running.clone() }).unwrap();
+
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+
+        assert_eq!(state.vms[&vm].observed, VmObserved { node: Some(NODE_B), state: running });
+    }
+
+    #[test]
+    fn a_vm_is_deleted_only_when_stopped() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+
+        assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Err(CommandError::VmNotStopped("web".into())));
+        state.apply(&ClusterCommand::StopVm { vm }).unwrap();
+        assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Ok(CommandOutcome::Done));
     }
 
     #[test]

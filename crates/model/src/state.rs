@@ -2,6 +2,7 @@
 
 use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 use crate::units::{pg_of, EXTENT_SIZE_BYTES};
+use crate::vm::{Vm, VmId};
 use crate::ExtentIndex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -15,9 +16,13 @@ pub struct ClusterState {
     pub disks: BTreeMap<DiskId, Disk>,
     pub pools: BTreeMap<PoolId, Pool>,
     pub volumes: BTreeMap<VolumeId, Volume>,
+    #[serde(default)]
+    pub vms: BTreeMap<VmId, Vm>,
     /// Volume ids are never reused, so a replica can tell a deleted volume's extents.
     pub next_volume_id: VolumeId,
     pub next_pool_id: PoolId,
+    #[serde(default)]
+    pub next_vm_id: VmId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +105,15 @@ impl ClusterState {
         self.volumes.values().find(|v| v.name == name)
     }
 
+    pub fn vm_by_name(&self, name: &str) -> Option<&Vm> {
+        self.vms.values().find(|v| v.spec.name == name)
+    }
+
+    /// The VM using `volume`, if any.
+    pub fn vm_using(&self, volume: VolumeId) -> Option<&Vm> {
+        self.vms.values().find(|vm| vm.volumes().contains(&volume))
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
         self.pools.values().find(|p| p.name == name)
     }
@@ -130,6 +144,13 @@ impl ClusterState {
             assert!(volume.id < self.next_volume_id);
             let same_name = self.volumes.values().filter(|v| v.name == volume.name).count();
             assert_eq!(same_name, 1, "volume name {} is not unique", volume.name);
+        }
+        for vm in self.vms.values() {
+            assert!(vm.id < self.next_vm_id);
+            for volume in vm.volumes() {
+                assert!(self.volumes.contains_key(&volume), "{} uses missing {volume}", vm.id);
+                assert_eq!(self.vm_using(volume).map(|v| v.id), Some(vm.id), "{volume} shared by two VMs");
+            }
         }
     }
 }

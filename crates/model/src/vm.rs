@@ -1,0 +1,103 @@
+//! Virtual machines in the cluster state: what to run (spec), where and whether (desired),
+//! and what the node running it last reported (observed).
+
+use crate::ids::{NodeId, VolumeId};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A VM; assigned by the cluster state, never reused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VmId(pub u64);
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vm-{}", self.0)
+    }
+}
+
+/// Largest vCPU count a VM may ask for.
+pub const VM_CPUS_MAX: u16 = 64;
+/// Smallest guest memory converge starts a VM with.
+pub const VM_MEMORY_MIN_BYTES: u64 = 64 << 20;
+/// Disks one VM may have.
+pub const VM_DISKS_MAX: usize = 8;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub cpus: u16,
+    pub memory_bytes: u64,
+    /// The VM's disks, in order: the first is `/dev/vda` in a Linux guest.
+    pub disks: Vec<VolumeId>,
+    pub boot: Boot,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Boot {
+    /// BIOS boot from the first disk.
+    Disk,
+    /// Direct kernel boot; the kernel and initrd are kept in volumes of their own, so any
+    /// node can start the VM.
+    Kernel { kernel: BootFile, initrd: Option<BootFile>, cmdline: String },
+}
+
+/// A file kept in a volume: the volume and the file's exact length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFile {
+    pub volume: VolumeId,
+    pub len_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmDesired {
+    Stopped,
+    /// Running on `node`.
+    Running { node: NodeId },
+}
+
+/// How a VM's guest is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum VmRunState {
+    Stopped,
+    Starting,
+    Running { accel: Accel, pid: u32 },
+    Stopping,
+    /// The node could not start or keep the VM running; the reason says why.
+    Failed { reason: String },
+}
+
+/// What a node last reported about a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmObserved {
+    pub node: Option<NodeId>,
+    pub state: VmRunState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: VmId,
+    pub spec: VmSpec,
+    pub desired: VmDesired,
+    pub observed: VmObserved,
+}
+
+impl Vm {
+    /// Volumes the VM owns: its disks and its boot files.
+    pub fn volumes(&self) -> Vec<VolumeId> {
+        let mut volumes = self.spec.disks.clone();
+        if let Boot::Kernel { kernel, initrd, .. } = &self.spec.boot {
+            volumes.push(kernel.volume);
+            volumes.extend(initrd.map(|i| i.volume));
+        }
+        volumes
+    }
+}
