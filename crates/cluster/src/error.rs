@@ -70,8 +70,15 @@ impl ClusterError {
                 | CommandError::AlreadyInitialized
                 | CommandError::DiskExists { .. }
                 | CommandError::PoolExists(_)
-                | CommandError::VolumeExists(_) => Conflict,
-                _ => Invalid,
+                | CommandError::VolumeExists(_)
+                | CommandError::VmExists(_)
+                | CommandError::VolumeInUse { .. }
+                | CommandError::VmRunningElsewhere { .. }
+                | CommandError::VmNotStopped(_) => Conflict,
+                CommandError::InvalidPlacement { .. }
+                | CommandError::InvalidSize(_)
+                | CommandError::InvalidReplicas(_)
+                | CommandError::InvalidVm(_) => Invalid,
             },
             ClusterError::Database { .. } | ClusterError::Io { .. } | ClusterError::Raft(_) => Internal,
         }
