@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-const WORKSPACE_CRATES: [&str; 8] = ["model", "policy", "store", "cluster", "volume", "api", "cli", "converge"];
+const WORKSPACE_CRATES: [&str; 10] =
+    ["model", "policy", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli", "converge"];
 
 fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
     BTreeMap::from([
@@ -13,9 +14,11 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("store", vec!["model"]),
         ("cluster", vec!["model", "policy"]),
         ("volume", vec!["model", "store"]),
-        ("api", vec!["model", "store", "cluster", "volume"]),
+        ("vhost-blk", vec!["model", "store", "volume"]),
+        ("hypervisor", vec!["model"]),
+        ("api", vec!["model", "store", "cluster", "volume", "hypervisor"]),
         ("cli", vec!["model", "api"]),
-        ("converge", vec!["model", "store", "cluster", "volume", "api", "cli"]),
+        ("converge", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
     ])
 }
 

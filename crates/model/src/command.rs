@@ -49,8 +49,10 @@ pub enum ClusterCommand {
         node: NodeId,
         force: bool,
     },
+    /// Stops the VM: asks the guest to shut down, or ends it at once with `force`.
     StopVm {
         vm: VmId,
+        force: bool,
     },
     /// What `node` observes of a VM it runs or ran.
     ReportVm {
@@ -163,11 +165,13 @@ impl ClusterState {
                     }
                 }
                 found.desired = VmDesired::Running { node: *node };
+                found.force_stop = false;
                 Ok(CommandOutcome::Done)
             }
-            ClusterCommand::StopVm { vm } => {
+            ClusterCommand::StopVm { vm, force } => {
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
                 found.desired = VmDesired::Stopped;
+                found.force_stop = *force;
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::ReportVm { vm, node, state } => {
@@ -214,6 +218,7 @@ impl ClusterState {
             id: self.next_vm_id,
             spec: spec.clone(),
             desired: VmDesired::Stopped,
+            force_stop: false,
             observed: VmObserved { node: None, state: VmRunState::Stopped },
         };
         let volumes = candidate.volumes();
@@ -478,7 +483,7 @@ mod tests {
         state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
 
         assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Err(CommandError::VmNotStopped("web".into())));
-        state.apply(&ClusterCommand::StopVm { vm }).unwrap();
+        state.apply(&ClusterCommand::StopVm { vm, force: false }).unwrap();
         assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Ok(CommandOutcome::Done));
     }
 

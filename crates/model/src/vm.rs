@@ -87,6 +87,9 @@ pub struct Vm {
     pub id: VmId,
     pub spec: VmSpec,
     pub desired: VmDesired,
+    /// Set by a forced stop: the guest is not asked to shut down, it is ended.
+    #[serde(default)]
+    pub force_stop: bool,
     pub observed: VmObserved,
 }
 

@@ -1,0 +1,106 @@
+//! The QEMU command line for a VM: a pure function of its spec and the node's paths.
+
+use model::{Accel, VmSpec};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Where a VM's runtime files live on the node running it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmPaths {
+    pub qmp_socket: PathBuf,
+    pub console_socket: PathBuf,
+    pub console_log: PathBuf,
+    /// One vhost-user socket per disk, in the spec's order.
+    pub disk_sockets: Vec<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+}
+
+/// Queues per disk: one per vCPU, up to this many.
+pub const DISK_QUEUES_MAX: u16 = 4;
+
+pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<OsString> {
+    assert_eq!(paths.disk_sockets.len(), spec.disks.len(), "one socket per disk");
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+    let memory_mib = spec.memory_bytes >> 20;
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none"]);
+    // Guest RAM is a shared memfd: the vhost-user backend maps it and serves the
+    // virtqueues straight from it.
+    push(&["-object", &format!("memory-backend-memfd,id=ram,size={memory_mib}M,share=on")]);
+    match accel {
+        Accel::Kvm => push(&["-machine", "q35,memory-backend=ram", "-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-machine", "q35,memory-backend=ram", "-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&["-m", &format!("{memory_mib}M"), "-smp", &spec.cpus.to_string()]);
+    let queues = spec.cpus.clamp(1, DISK_QUEUES_MAX);
+    for (index, socket) in paths.disk_sockets.iter().enumerate() {
+        push(&["-chardev", &format!("socket,id=disk{index},path={}", socket.display())]);
+        let boot = if index == 0 { ",bootindex=1" } else { "" };
+        push(&["-device", &format!("vhost-user-blk-pci,chardev=disk{index},num-queues={queues}{boot}")]);
+    }
+    if let (Some(kernel), model::Boot::Kernel { cmdline, .. }) = (&paths.kernel, &spec.boot) {
+        push(&["-kernel", &kernel.display().to_string(), "-append", cmdline]);
+        if let Some(initrd) = &paths.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+    }
+    let console = format!(
+        "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+        paths.console_socket.display(),
+        paths.console_log.display()
+    );
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.qmp_socket.display())]);
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{Boot, BootFile, VolumeId};
+
+    fn spec(cpus: u16, disks: usize, boot: Boot) -> VmSpec {
+        VmSpec { name: "web".into(), cpus, memory_bytes: 512 << 20, disks: (0..disks as u64).map(VolumeId).collect(), boot }
+    }
+
+    fn paths(disks: usize, kernel: bool) -> VmPaths {
+        VmPaths {
+            qmp_socket: "/run/vm/qmp.sock".into(),
+            console_socket: "/run/vm/console.sock".into(),
+            console_log: "/run/vm/console.log".into(),
+            disk_sockets: (0..disks).map(|i| PathBuf::from(format!("/run/vm/disk{i}.sock"))).collect(),
+            kernel: kernel.then(|| "/run/vm/kernel".into()),
+            initrd: kernel.then(|| "/run/vm/initrd".into()),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn guest_ram_is_a_shared_memfd_for_the_vhost_user_backend() {
+        let line = joined(&qemu_args(&spec(2, 1, Boot::Disk), &paths(1, false), Accel::Tcg));
+        assert!(line.contains("-object memory-backend-memfd,id=ram,size=512M,share=on"), "{line}");
+        assert!(line.contains("-machine q35,memory-backend=ram -accel tcg"), "{line}");
+    }
+
+    #[test]
+    fn each_disk_is_a_vhost_user_blk_device_with_a_queue_per_vcpu() {
+        let line = joined(&qemu_args(&spec(2, 2, Boot::Disk), &paths(2, false), Accel::Kvm));
+        assert!(line.contains("-device vhost-user-blk-pci,chardev=disk0,num-queues=2,bootindex=1"), "{line}");
+        assert!(line.contains("-device vhost-user-blk-pci,chardev=disk1,num-queues=2 "), "{line}");
+        assert!(line.contains("-accel kvm -cpu host"), "{line}");
+    }
+
+    #[test]
+    fn kernel_boot_passes_kernel_initrd_and_cmdline() {
+        let file = BootFile { volume: VolumeId(9), len_bytes: 1 };
+        let boot = Boot::Kernel { kernel: file, initrd: Some(file), cmdline: "console=ttyS0 root=/dev/vda".into() };
+        let args = qemu_args(&spec(1, 1, boot), &paths(1, true), Accel::Tcg);
+        let line = joined(&args);
+        assert!(line.contains("-kernel /run/vm/kernel -append console=ttyS0 root=/dev/vda -initrd /run/vm/initrd"), "{line}");
+    }
+}
