@@ -141,4 +141,38 @@ impl Client {
         let len = response.content_length().unwrap_or(0);
         Ok((len, response.bytes_stream()))
     }
+
+    pub async fn vms(&self) -> Result<Vec<v1::VmInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/vms", None).await
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<v1::VmInfo, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/vms/{name}"), None).await
+    }
+
+    pub async fn create_vm(&self, request: &v1::CreateVm) -> Result<v1::VmInfo, ClientError> {
+        self.call(Method::POST, "/v1/vms", Some(request)).await
+    }
+
+    pub async fn start_vm(&self, name: &str, request: &v1::StartVm) -> Result<v1::VmInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/vms/{name}/start"), Some(request)).await
+    }
+
+    pub async fn stop_vm(&self, name: &str, request: &v1::StopVm) -> Result<v1::VmInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/vms/{name}/stop"), Some(request)).await
+    }
+
+    pub async fn delete_vm(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/vms/{name}")))).await.map(drop)
+    }
+
+    /// The VM's console output; with `follow`, until the VM stops.
+    pub async fn console(
+        &self,
+        name: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes, reqwest::Error>>, ClientError> {
+        let url = self.url(&format!("/v1/vms/{name}/console?follow={follow}"));
+        Ok(self.send(self.http.get(url)).await?.bytes_stream())
+    }
 }

@@ -10,8 +10,10 @@ mod routes;
 mod services;
 mod transport;
 pub mod v1;
+mod vms;
 
 pub use error::ApiError;
 pub use routes::router;
 pub use services::NodeServices;
 pub use transport::HttpTransport;
+pub use vms::boot_volume_bytes;

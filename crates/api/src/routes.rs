@@ -4,7 +4,7 @@ use crate::error::ApiError;
 use crate::services::NodeServices;
 use crate::v1;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,11 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/data", get(export_volume).put(import_volume))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/console", get(vm_console))
         .route("/internal/peer", post(peer))
         .with_state(services)
 }
@@ -88,4 +93,55 @@ async fn export_volume(State(node): State<NodeServices>, Path(name): Path<String
 
 async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
     Json(node.cluster().handle_peer(rpc).await)
+}
+
+async fn list_vms(State(node): State<NodeServices>) -> Json<Vec<v1::VmInfo>> {
+    Json(node.vms())
+}
+
+async fn create_vm(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::CreateVm>,
+) -> Result<(StatusCode, Json<v1::VmInfo>), ApiError> {
+    Ok((StatusCode::CREATED, Json(node.create_vm(request).await?)))
+}
+
+async fn show_vm(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.vm(&name)?))
+}
+
+async fn delete_vm(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    node.delete_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start_vm(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::StartVm>,
+) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.start_vm(&name, request).await?))
+}
+
+async fn stop_vm(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::StopVm>,
+) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.stop_vm(&name, request).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn vm_console(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Query(query): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let stream = node.console(&name, query.follow).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
 }

@@ -27,11 +27,27 @@ struct Inner {
     cluster: Cluster,
     disks: Arc<DiskSet>,
     engine: Engine,
+    /// Where the hypervisor keeps each VM's runtime files (console log among them).
+    vm_dir: std::path::PathBuf,
+    http: reqwest::Client,
 }
 
 impl NodeServices {
-    pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine) -> Self {
-        NodeServices { inner: Arc::new(Inner { cluster, disks, engine }) }
+    pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine, vm_dir: std::path::PathBuf) -> Self {
+        let http = reqwest::Client::new();
+        NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http }) }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn vm_dir(&self) -> &Path {
+        &self.inner.vm_dir
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.inner.http
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -125,14 +141,7 @@ impl NodeServices {
         if request.replicas == 0 || request.replicas > REPLICAS_MAX {
             return Err(ApiError::bad_request(format!("--replicas must be 1, 2 or 3, not {}", request.replicas)));
         }
-        if request.name.is_empty()
-            || request.name.len() > 128
-            || !request.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(ApiError::bad_request(
-                "volume names use letters, digits, '-', '_' and '.', up to 128 characters",
-            ));
-        }
+        check_name(&request.name)?;
         let volume = self.inner.cluster.create_volume(&request.name, request.size_bytes, request.replicas).await?;
         Ok(volume_info(&self.inner.cluster.state(), &volume))
     }
@@ -215,6 +224,19 @@ impl NodeServices {
     }
 }
 
+/// Names of volumes and VMs: letters, digits, '-', '_' and '.', up to 128 characters.
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
+    let valid =
+        !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{name:?} is not a valid name: use letters, digits, '-', '_' and '.', up to 128 characters"
+        )))
+    }
+}
+
 async fn write_chunk(
     writer: &volume::VolumeWriter,
     offset: u64,
@@ -229,7 +251,7 @@ async fn write_chunk(
     Ok(())
 }
 
-fn volume_info(state: &model::ClusterState, volume: &model::Volume) -> v1::VolumeInfo {
+pub(crate) fn volume_info(state: &model::ClusterState, volume: &model::Volume) -> v1::VolumeInfo {
     let pool = state.pools.get(&volume.pool);
     v1::VolumeInfo {
         id: volume.id,
@@ -243,7 +265,7 @@ fn volume_info(state: &model::ClusterState, volume: &model::Volume) -> v1::Volum
     }
 }
 
-fn random_id() -> Result<u64, ApiError> {
+pub(crate) fn random_id() -> Result<u64, ApiError> {
     let n = getrandom::u64()
         .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("no randomness: {e}")))?;
     Ok(n % (1 << 40) + 1)

@@ -70,3 +70,62 @@ pub struct ImportResult {
 pub struct ErrorBody {
     pub error: String,
 }
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskRequest {
+    pub size_bytes: u64,
+    pub replicas: u8,
+}
+
+/// A file already imported into a volume, for direct kernel boot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BootFileRef {
+    pub volume: String,
+    pub len_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum BootRequest {
+    Disk,
+    Kernel { kernel: BootFileRef, initrd: Option<BootFileRef>, cmdline: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateVm {
+    pub name: String,
+    pub cpus: u16,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskRequest>,
+    pub boot: BootRequest,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StartVm {
+    /// A node id (`node-12`) or address; the least loaded node that is up if absent.
+    pub node: Option<String>,
+    /// Move a VM that is running elsewhere.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StopVm {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: model::VmId,
+    pub name: String,
+    pub cpus: u16,
+    pub memory_bytes: u64,
+    /// Volume names of the disks, in order.
+    pub disks: Vec<String>,
+    pub boot: model::Boot,
+    pub desired: model::VmDesired,
+    /// The node that last reported on the VM, and what it reported.
+    pub node: Option<NodeId>,
+    pub state: model::VmRunState,
+}

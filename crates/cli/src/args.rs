@@ -37,6 +37,71 @@ pub enum Command {
     /// Replicated virtual disks.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Virtual machines whose disks are replicated volumes.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM and create its disks.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u16,
+        /// Guest memory, for example 512M.
+        #[arg(long, default_value = "512M")]
+        memory: String,
+        /// A disk: SIZE[,replicas=R], for example 10G or 10G,replicas=3. Repeat for more disks.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// A raw or qcow2 image copied onto the first disk (BIOS boot from it).
+        #[arg(long, conflicts_with = "kernel")]
+        image: Option<PathBuf>,
+        /// Boot this kernel directly (kept in a volume, so any node can start the VM).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+        cmdline: String,
+    },
+    /// Start a VM, on NODE or on the least loaded node.
+    Start {
+        name: String,
+        /// A node id (node-12) or address (127.0.0.3).
+        #[arg(long)]
+        node: Option<String>,
+        /// Move a VM that is running on another node.
+        #[arg(long)]
+        force: bool,
+        /// Return at once instead of waiting until it runs.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Shut a VM down (ACPI), or end it at once with --force.
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Follow a VM's serial console.
+    Console {
+        name: String,
+        /// Print what is there and return.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Delete a stopped VM and its disks.
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -4,8 +4,9 @@
 mod args;
 mod output;
 mod transfer;
+mod vm;
 
-pub use args::{Cli, ClientArgs, ClusterCommand, Command, DiskCommand, ServeArgs, VolumeCommand};
+pub use args::{Cli, ClientArgs, ClusterCommand, Command, DiskCommand, ServeArgs, VmCommand, VolumeCommand};
 
 use anyhow::{bail, Context, Result};
 use api::client::Client;
@@ -54,6 +55,7 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
             })
         }
         Command::Volume(command) => volume(&api, &out, command).await,
+        Command::Vm(command) => vm::run(&api, &out, command).await,
     }
 }
 

@@ -286,7 +286,7 @@ impl Cluster {
     }
 
     /// Waits until this node's applied state satisfies `pick`, for a committed change.
-    async fn wait_for<T>(&self, pick: impl Fn(&ClusterState) -> Option<T>) -> Result<T, ClusterError> {
+    pub(crate) async fn wait_for<T>(&self, pick: impl Fn(&ClusterState) -> Option<T>) -> Result<T, ClusterError> {
         let mut state = self.watch_state();
         let waited = tokio::time::timeout(LEADER_WAIT, async {
             loop {

@@ -10,6 +10,7 @@ mod network;
 mod status;
 mod storage;
 mod types;
+mod vms;
 
 pub use cluster::{Cluster, ClusterConfig};
 pub use error::{ClusterError, ClusterErrorKind};

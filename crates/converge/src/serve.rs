@@ -56,7 +56,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let cluster = Cluster::start(config, Arc::new(HttpTransport::new()), Box::new(move || reports.reports())).await?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone()));
-    let services = NodeServices::new(cluster.clone(), disks.clone(), Engine::new(replica.clone(), topology));
+    let vm_dir = args.data_dir.join("vms");
+    let services = NodeServices::new(cluster.clone(), disks.clone(), Engine::new(replica.clone(), topology), vm_dir);
 
     services.open_disks().await;
     tokio::spawn(follow_state(services.clone(), disks));

@@ -8,3 +8,8 @@ mod qemu_args;
 
 pub use plan::{plan, Action, LocalPhase};
 pub use qemu_args::{qemu_args, VmPaths, DISK_QUEUES_MAX};
+
+/// The serial console log of `vm` under the node's VM directory.
+pub fn console_log(vm_dir: &std::path::Path, vm: model::VmId) -> std::path::PathBuf {
+    vm_dir.join(vm.to_string()).join("console.log")
+}

@@ -16,7 +16,10 @@ pub enum LocalPhase {
 pub enum Action {
     Start(VmId),
     /// Stop a local VM; `force` ends it at once instead of asking the guest to shut down.
-    Stop { vm: VmId, force: bool },
+    Stop {
+        vm: VmId,
+        force: bool,
+    },
 }
 
 pub fn plan(state: &ClusterState, this: NodeId, local: &BTreeMap<VmId, LocalPhase>) -> Vec<Action> {

@@ -62,7 +62,13 @@ mod tests {
     use model::{Boot, BootFile, VolumeId};
 
     fn spec(cpus: u16, disks: usize, boot: Boot) -> VmSpec {
-        VmSpec { name: "web".into(), cpus, memory_bytes: 512 << 20, disks: (0..disks as u64).map(VolumeId).collect(), boot }
+        VmSpec {
+            name: "web".into(),
+            cpus,
+            memory_bytes: 512 << 20,
+            disks: (0..disks as u64).map(VolumeId).collect(),
+            boot,
+        }
     }
 
     fn paths(disks: usize, kernel: bool) -> VmPaths {
@@ -101,6 +107,9 @@ mod tests {
         let boot = Boot::Kernel { kernel: file, initrd: Some(file), cmdline: "console=ttyS0 root=/dev/vda".into() };
         let args = qemu_args(&spec(1, 1, boot), &paths(1, true), Accel::Tcg);
         let line = joined(&args);
-        assert!(line.contains("-kernel /run/vm/kernel -append console=ttyS0 root=/dev/vda -initrd /run/vm/initrd"), "{line}");
+        assert!(
+            line.contains("-kernel /run/vm/kernel -append console=ttyS0 root=/dev/vda -initrd /run/vm/initrd"),
+            "{line}"
+        );
     }
 }

@@ -428,9 +428,19 @@ mod tests {
     }
 
     fn vm_with_disk(state: &mut ClusterState, name: &str) -> VmId {
-        let created = state.apply(&ClusterCommand::CreateVolume { name: format!("{name}-disk"), pool: PoolId(0), size_bytes: 1 << 30 });
+        let created = state.apply(&ClusterCommand::CreateVolume {
+            name: format!("{name}-disk"),
+            pool: PoolId(0),
+            size_bytes: 1 << 30,
+        });
         let Ok(CommandOutcome::VolumeCreated(volume)) = created else { panic!("{created:?}") };
-        let spec = VmSpec { name: name.into(), cpus: 1, memory_bytes: 256 << 20, disks: vec![volume], boot: crate::vm::Boot::Disk };
+        let spec = VmSpec {
+            name: name.into(),
+            cpus: 1,
+            memory_bytes: 256 << 20,
+            disks: vec![volume],
+            boot: crate::vm::Boot::Disk,
+        };
         let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
         vm
     }
@@ -454,7 +464,13 @@ mod tests {
         let mut state = two_node_cluster();
         let vm = vm_with_disk(&mut state, "web");
         let disk = state.vms[&vm].spec.disks[0];
-        let spec = VmSpec { name: "thief".into(), cpus: 1, memory_bytes: 256 << 20, disks: vec![disk], boot: crate::vm::Boot::Disk };
+        let spec = VmSpec {
+            name: "thief".into(),
+            cpus: 1,
+            memory_bytes: 256 << 20,
+            disks: vec![disk],
+            boot: crate::vm::Boot::Disk,
+        };
 
         let second_vm = state.apply(&ClusterCommand::CreateVm { spec });
         let delete = state.apply(&ClusterCommand::DeleteVolume { volume: disk });

@@ -15,11 +15,11 @@ pub use command::{ClusterCommand, CommandError, CommandOutcome};
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 pub use report::{DiskHealth, DiskReport, NodeReport};
 pub use state::{ClusterInfo, ClusterState, Disk, Node, Pg, Pool, Volume};
-pub use vm::{
-    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX,
-    VM_MEMORY_MIN_BYTES,
-};
 pub use units::{
     extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT, REPLICAS_MAX,
     SECTOR_SIZE_BYTES,
+};
+pub use vm::{
+    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX,
+    VM_MEMORY_MIN_BYTES,
 };

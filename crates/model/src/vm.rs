@@ -53,7 +53,9 @@ pub struct BootFile {
 pub enum VmDesired {
     Stopped,
     /// Running on `node`.
-    Running { node: NodeId },
+    Running {
+        node: NodeId,
+    },
 }
 
 /// How a VM's guest is run.
@@ -69,10 +71,15 @@ pub enum Accel {
 pub enum VmRunState {
     Stopped,
     Starting,
-    Running { accel: Accel, pid: u32 },
+    Running {
+        accel: Accel,
+        pid: u32,
+    },
     Stopping,
     /// The node could not start or keep the VM running; the reason says why.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// What a node last reported about a VM.

@@ -3,5 +3,7 @@
 //! Nothing here does IO, reads a clock or draws a random number.
 
 mod placement;
+mod vm_placement;
 
 pub use placement::{place_pool, pool_name, rebalance, CandidateDisk, PlacementError};
+pub use vm_placement::choose_vm_node;

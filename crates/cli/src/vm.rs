@@ -1,0 +1,202 @@
+//! `converge vm ...`.
+
+use crate::args::VmCommand;
+use crate::output::Output;
+use crate::transfer;
+use anyhow::{bail, Context, Result};
+use api::client::Client;
+use api::v1;
+use futures_util::StreamExt;
+use model::{format_size, parse_size, VmDesired, VmRunState};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long `vm start` and `vm stop` wait for the VM by default (TCG guests are slow).
+const WAIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
+    match command {
+        VmCommand::Create { name, cpus, memory, disks, image, kernel, initrd, cmdline } => {
+            let memory_bytes = parse_size(&memory)?;
+            let disks = disks.iter().map(|d| disk_request(d)).collect::<Result<Vec<_>>>()?;
+            let replicas = disks.first().map(|d| d.replicas).unwrap_or(2);
+            let boot = match &kernel {
+                None => v1::BootRequest::Disk,
+                Some(kernel) => v1::BootRequest::Kernel {
+                    kernel: upload(api, out, &format!("{name}-kernel"), kernel, replicas).await?,
+                    initrd: match &initrd {
+                        Some(initrd) => Some(upload(api, out, &format!("{name}-initrd"), initrd, replicas).await?),
+                        None => None,
+                    },
+                    cmdline,
+                },
+            };
+            if let (Some(image), Some(first)) = (&image, disks.first()) {
+                let len = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?.len();
+                if len > first.size_bytes {
+                    bail!("{} ({len} bytes) does not fit the first disk ({} bytes)", image.display(), first.size_bytes);
+                }
+            }
+            let vm = api.create_vm(&v1::CreateVm { name: name.clone(), cpus, memory_bytes, disks, boot }).await?;
+            if let Some(image) = &image {
+                let disk = vm.disks.first().context("--image needs a --disk to copy it onto")?;
+                transfer::import(api, out, disk, image, replicas).await?;
+            }
+            out.print(&vm, || {
+                format!(
+                    "Created VM {name}: {} vCPU, {}, disks {}.",
+                    vm.cpus,
+                    format_size(vm.memory_bytes),
+                    vm.disks.join(", ")
+                )
+            })
+        }
+        VmCommand::Start { name, node, force, no_wait } => {
+            let vm = api.start_vm(&name, &v1::StartVm { node, force }).await?;
+            let target = match vm.desired {
+                VmDesired::Running { node } => node,
+                VmDesired::Stopped => bail!("VM {name} was stopped again meanwhile"),
+            };
+            let vm = if no_wait { vm } else { wait(api, out, &name, |vm| running_on(vm, target)).await? };
+            out.print(&vm, || format!("VM {name} {} on {target}.", describe(&vm.state)))
+        }
+        VmCommand::Stop { name, force, no_wait } => {
+            let vm = api.stop_vm(&name, &v1::StopVm { force }).await?;
+            let vm = if no_wait { vm } else { wait(api, out, &name, stopped).await? };
+            out.print(&vm, || format!("VM {name} {}.", describe(&vm.state)))
+        }
+        VmCommand::List => {
+            let vms = api.vms().await?;
+            out.print(&vms, || {
+                let mut text = format!("{:<20} {:>4} {:>10} {:<18} {:<24}", "NAME", "CPUS", "MEMORY", "NODE", "STATE");
+                for vm in &vms {
+                    let node = vm.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+                    let line = format!(
+                        "\n{:<20} {:>4} {:>10} {:<18} {:<24}",
+                        vm.name,
+                        vm.cpus,
+                        format_size(vm.memory_bytes),
+                        node,
+                        describe(&vm.state)
+                    );
+                    text.push_str(&line);
+                }
+                text
+            })
+        }
+        VmCommand::Show { name } => {
+            let vm = api.vm(&name).await?;
+            out.print(&vm, || details(&vm))
+        }
+        VmCommand::Console { name, no_follow } => {
+            let mut stream = api.console(&name, !no_follow).await?;
+            let mut stdout = std::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                stdout.write_all(&chunk.context("the console stream broke off")?)?;
+                stdout.flush()?;
+            }
+            Ok(())
+        }
+        VmCommand::Delete { name } => {
+            api.delete_vm(&name).await?;
+            out.print(&serde_json::json!({ "deleted": name }), || format!("Deleted VM {name} and its disks."))
+        }
+    }
+}
+
+/// Parses `SIZE[,replicas=R]`.
+fn disk_request(text: &str) -> Result<v1::DiskRequest> {
+    let mut parts = text.split(',');
+    let size_bytes = parse_size(parts.next().unwrap_or_default())?;
+    let mut replicas = 2;
+    for option in parts {
+        match option.split_once('=') {
+            Some(("replicas", r)) => replicas = r.parse().with_context(|| format!("replicas={r} is not a number"))?,
+            _ => bail!("unknown disk option {option:?} in --disk {text}: use SIZE[,replicas=R]"),
+        }
+    }
+    Ok(v1::DiskRequest { size_bytes, replicas })
+}
+
+/// Imports a boot file into a volume of its own.
+async fn upload(api: &Client, out: &Output, volume: &str, file: &Path, replicas: u8) -> Result<v1::BootFileRef> {
+    let report = transfer::import(api, out, volume, file, replicas).await?;
+    Ok(v1::BootFileRef { volume: volume.to_string(), len_bytes: report.bytes })
+}
+
+fn running_on(vm: &v1::VmInfo, node: model::NodeId) -> Option<Result<()>> {
+    match &vm.state {
+        VmRunState::Running { .. } if vm.node == Some(node) => Some(Ok(())),
+        VmRunState::Failed { reason } if vm.node == Some(node) => {
+            Some(Err(anyhow::anyhow!("VM failed to start: {reason}")))
+        }
+        _ => None,
+    }
+}
+
+fn stopped(vm: &v1::VmInfo) -> Option<Result<()>> {
+    matches!(vm.state, VmRunState::Stopped | VmRunState::Failed { .. }).then_some(Ok(()))
+}
+
+async fn wait(
+    api: &Client,
+    out: &Output,
+    name: &str,
+    done: impl Fn(&v1::VmInfo) -> Option<Result<()>>,
+) -> Result<v1::VmInfo> {
+    let started = Instant::now();
+    if !out.json {
+        eprint!("waiting for VM {name}...");
+    }
+    loop {
+        let vm = api.vm(name).await?;
+        if let Some(result) = done(&vm) {
+            if !out.json {
+                eprintln!(" {:.1} s", started.elapsed().as_secs_f64());
+            }
+            return result.map(|()| vm);
+        }
+        if started.elapsed() > WAIT_TIMEOUT {
+            bail!(
+                "VM {name} is still {} after {} s; see `converge vm show {name}`",
+                describe(&vm.state),
+                WAIT_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn describe(state: &VmRunState) -> String {
+    match state {
+        VmRunState::Stopped => "stopped".into(),
+        VmRunState::Starting => "starting".into(),
+        VmRunState::Running { accel, pid } => {
+            format!("running ({}, pid {pid})", serde_json::to_string(accel).unwrap_or_default().trim_matches('"'))
+        }
+        VmRunState::Stopping => "stopping".into(),
+        VmRunState::Failed { reason } => format!("failed: {reason}"),
+    }
+}
+
+fn details(vm: &v1::VmInfo) -> String {
+    let desired = match vm.desired {
+        VmDesired::Stopped => "stopped".to_string(),
+        VmDesired::Running { node } => format!("running on {node}"),
+    };
+    let boot = match &vm.boot {
+        model::Boot::Disk => "BIOS from the first disk".to_string(),
+        model::Boot::Kernel { cmdline, .. } => format!("kernel, cmdline {cmdline:?}"),
+    };
+    let node = vm.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    format!(
+        "name:    {}\nid:      {}\ncpus:    {}\nmemory:  {}\ndisks:   {}\nboot:    {boot}\ndesired: {desired}\nnode:    {node}\nstate:   {}",
+        vm.name,
+        vm.id,
+        vm.cpus,
+        format_size(vm.memory_bytes),
+        vm.disks.join(", "),
+        describe(&vm.state)
+    )
+}

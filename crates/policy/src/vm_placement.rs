@@ -1,0 +1,30 @@
+//! Where a VM starts when the admin does not say.
+
+use model::{ClusterState, NodeId, VmDesired};
+
+/// The up node with the fewest VMs desired running on it; ties go to the lowest id.
+pub fn choose_vm_node(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Option<NodeId> {
+    state.nodes.keys().copied().filter(|&n| is_up(n)).min_by_key(|&node| {
+        let load = state.vms.values().filter(|vm| vm.desired == VmDesired::Running { node }).count();
+        (load, node)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{ClusterCommand, ClusterId, Node};
+
+    #[test]
+    fn a_vm_goes_to_the_least_loaded_node_that_is_up() {
+        let mut state = ClusterState::default();
+        state.apply(&ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() }).unwrap();
+        for id in [1, 2, 3] {
+            let node = Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new() };
+            state.apply(&ClusterCommand::AddNode(node)).unwrap();
+        }
+
+        assert_eq!(choose_vm_node(&state, |n| n != NodeId(1)), Some(NodeId(2)));
+        assert_eq!(choose_vm_node(&state, |_| false), None);
+    }
+}
