@@ -1,0 +1,42 @@
+//! What the hypervisor needs from the rest of the node, as a trait the composition root
+//! implements: the cluster's VM state, reporting, and disks served as vhost-user sockets.
+
+use futures_util::future::BoxFuture;
+use model::{BootFile, ClusterState, NodeId, Vm, VmId, VmRunState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct HostError {
+    pub what: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl HostError {
+    pub fn new(what: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        HostError { what: what.into(), source: Some(Box::new(source)) }
+    }
+}
+
+/// A disk served to a VM; dropping it (after QEMU has gone) ends the service.
+pub trait AttachedDisk: Send + Sync {
+    fn socket(&self) -> &Path;
+}
+
+pub trait Host: Send + Sync + 'static {
+    fn this_node(&self) -> NodeId;
+    fn state(&self) -> Arc<ClusterState>;
+    fn watch(&self) -> watch::Receiver<Arc<ClusterState>>;
+    /// Records what this node observes of a VM.
+    fn report(&self, vm: VmId, state: VmRunState) -> BoxFuture<'_, Result<(), HostError>>;
+    /// The guest shut itself down: the VM's desired state follows, so it is not restarted.
+    fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>>;
+    /// Takes ownership of the VM's disks (new owner epochs, so any earlier owner is fenced)
+    /// and serves each on a vhost-user socket under `dir`, in the spec's order.
+    fn attach_disks<'a>(&'a self, vm: &'a Vm, dir: &'a Path) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>>;
+    /// Copies a boot file out of its volume to `to`.
+    fn fetch_boot_file<'a>(&'a self, file: BootFile, to: PathBuf) -> BoxFuture<'a, Result<(), HostError>>;
+}

@@ -1,0 +1,238 @@
+//! The node's reconcile loop and the life of each local VM: from the cluster's desired
+//! state to QEMU processes, and back to the cluster as reports.
+
+use crate::host::{AttachedDisk, Host, HostError};
+use crate::plan::{plan, Action, LocalPhase};
+use crate::qemu_args::{qemu_args, VmPaths};
+use crate::qmp::Qmp;
+use model::{Accel, Boot, Vm, VmId, VmRunState};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+/// How long a guest gets to shut down after the power button before QEMU is ended.
+pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Reconcile at least this often, even with no state change.
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct Hypervisor {
+    host: Arc<dyn Host>,
+    vm_dir: PathBuf,
+    qemu: String,
+    accel: Accel,
+    local: Mutex<BTreeMap<VmId, LocalVm>>,
+    changed: Notify,
+}
+
+struct LocalVm {
+    phase: LocalPhase,
+    stop: Option<oneshot::Sender<bool>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("Preparing {path}")]
+    Io { path: String, #[source] source: std::io::Error },
+    #[error("Starting {qemu} (install the qemu-system-x86 package)")]
+    Spawn { qemu: String, #[source] source: std::io::Error },
+    #[error(transparent)]
+    Qmp(#[from] crate::qmp::QmpError),
+}
+
+/// How a running VM ended.
+enum Ended {
+    /// We stopped it, as asked.
+    Stopped,
+    /// The guest powered itself off.
+    GuestShutdown,
+    /// QEMU died on its own.
+    Crashed(String),
+}
+
+impl Hypervisor {
+    pub fn new(host: Arc<dyn Host>, vm_dir: PathBuf, accel: Accel) -> Arc<Self> {
+        let qemu = std::env::var("CONVERGE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        Arc::new(Hypervisor { host, vm_dir, qemu, accel, local: Mutex::default(), changed: Notify::new() })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Runs the reconcile loop until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        let mut state = self.host.watch();
+        loop {
+            self.reconcile();
+            tokio::select! {
+                _ = state.changed() => {}
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            }
+        }
+    }
+
+    fn reconcile(self: &Arc<Self>) {
+        let state = self.host.state();
+        let mut local = self.local.lock().expect("local VMs lock");
+        let phases = local.iter().map(|(id, vm)| (*id, vm.phase)).collect();
+        for action in plan(&state, self.host.this_node(), &phases) {
+            match action {
+                Action::Start(id) => {
+                    let Some(vm) = state.vms.get(&id).cloned() else { continue };
+                    let (stop, stopped) = oneshot::channel();
+                    local.insert(id, LocalVm { phase: LocalPhase::Starting, stop: Some(stop) });
+                    tokio::spawn(self.clone().run_vm(vm, stopped));
+                }
+                Action::Stop { vm, force } => {
+                    if let Some(entry) = local.get_mut(&vm) {
+                        entry.phase = LocalPhase::Stopping;
+                        if let Some(stop) = entry.stop.take() {
+                            let _ = stop.send(force);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_phase(&self, vm: VmId, phase: LocalPhase) {
+        if let Some(entry) = self.local.lock().expect("local VMs lock").get_mut(&vm) {
+            if entry.phase != LocalPhase::Stopping {
+                entry.phase = phase;
+            }
+        }
+    }
+
+    async fn report(&self, vm: VmId, state: VmRunState) {
+        if let Err(e) = self.host.report(vm, state).await {
+            tracing::warn!(%vm, error = %e, "reporting VM state failed");
+        }
+    }
+
+    /// The whole life of one VM on this node: start, run until stopped or gone, clean up.
+    async fn run_vm(self: Arc<Self>, vm: Vm, stop: oneshot::Receiver<bool>) {
+        let id = vm.id;
+        self.report(id, VmRunState::Starting).await;
+        let result = self.start_and_wait(&vm, stop).await;
+        let state = match &result {
+            Ok(Ended::Stopped) | Ok(Ended::GuestShutdown) => VmRunState::Stopped,
+            Ok(Ended::Crashed(reason)) => VmRunState::Failed { reason: reason.clone() },
+            Err(e) => VmRunState::Failed { reason: chain(e) },
+        };
+        match &result {
+            Ok(Ended::GuestShutdown) => tracing::info!(vm = %vm.spec.name, "guest powered off"),
+            Ok(Ended::Stopped) => tracing::info!(vm = %vm.spec.name, "VM stopped"),
+            Ok(Ended::Crashed(reason)) => tracing::error!(vm = %vm.spec.name, %reason, "QEMU ended on its own"),
+            Err(e) => tracing::error!(vm = %vm.spec.name, error = %chain(e), "VM failed to start"),
+        }
+        if !matches!(result, Ok(Ended::Stopped)) {
+            // The guest (or QEMU, or the start) ended it: the desired state follows, so the
+            // VM is not started again behind the admin's back.
+            if let Err(e) = self.host.guest_stopped(id).await {
+                tracing::warn!(%id, error = %e, "recording the VM as stopped failed");
+            }
+        }
+        self.report(id, state).await;
+        self.local.lock().expect("local VMs lock").remove(&id);
+        self.changed.notify_one();
+    }
+
+    async fn start_and_wait(&self, vm: &Vm, mut stop: oneshot::Receiver<bool>) -> Result<Ended, StartError> {
+        let dir = self.vm_dir.join(vm.id.to_string());
+        let io = |path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| StartError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let paths = VmPaths {
+            qmp_socket: dir.join("qmp.sock"),
+            console_socket: dir.join("console.sock"),
+            console_log: crate::console_log(&self.vm_dir, vm.id),
+            disk_sockets: Vec::new(),
+            kernel: None,
+            initrd: None,
+        };
+        for stale in [&paths.qmp_socket, &paths.console_socket, &paths.console_log] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let mut paths = paths;
+        if let Boot::Kernel { kernel, initrd, .. } = &vm.spec.boot {
+            let kernel_path = dir.join("kernel");
+            self.host.fetch_boot_file(*kernel, kernel_path.clone()).await?;
+            paths.kernel = Some(kernel_path);
+            if let Some(initrd) = initrd {
+                let initrd_path = dir.join("initrd");
+                self.host.fetch_boot_file(*initrd, initrd_path.clone()).await?;
+                paths.initrd = Some(initrd_path);
+            }
+        }
+        // Disks last before QEMU: attaching fences any earlier owner.
+        let disks: Vec<Box<dyn AttachedDisk>> = self.host.attach_disks(vm, &dir).await?;
+        paths.disk_sockets = disks.iter().map(|d| d.socket().to_path_buf()).collect();
+        let log_path = dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+        let args = qemu_args(&vm.spec, &paths, self.accel);
+        let mut child = crate::process::spawn(&self.qemu, &args, log)
+            .map_err(|source| StartError::Spawn { qemu: self.qemu.clone(), source })?;
+        let pid = child.id().unwrap_or_default();
+        let qmp = match Qmp::connect(&paths.qmp_socket).await {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                let _ = child.kill().await;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Ok(Ended::Crashed(format!("{}; QEMU said: {}", chain(&e), log.trim())));
+            }
+        };
+        tracing::info!(vm = %vm.spec.name, pid, accel = ?self.accel, "VM running");
+        self.set_phase(vm.id, LocalPhase::Running);
+        self.report(vm.id, VmRunState::Running { accel: self.accel, pid }).await;
+
+        let ended = tokio::select! {
+            status = child.wait() => {
+                match status {
+                    Ok(s) if s.success() => Ended::GuestShutdown,
+                    Ok(s) => {
+                        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                        Ended::Crashed(format!("QEMU exited with {s}: {}", log.trim()))
+                    }
+                    Err(e) => Ended::Crashed(format!("waiting for QEMU failed: {e}")),
+                }
+            }
+            force = &mut stop => {
+                let force = force.unwrap_or(true);
+                if !force {
+                    if let Err(e) = qmp.powerdown().await {
+                        tracing::warn!(vm = %vm.spec.name, error = %e, "power button failed; ending QEMU");
+                    } else if tokio::time::timeout(POWERDOWN_TIMEOUT, child.wait()).await.is_err() {
+                        tracing::warn!(vm = %vm.spec.name, "guest ignored the power button; ending QEMU");
+                    }
+                }
+                qmp.quit().await;
+                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+                Ended::Stopped
+            }
+        };
+        drop(qmp);
+        // QEMU is gone: the disks can stop serving.
+        drop(disks);
+        Ok(ended)
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,387 @@
+//! `BlkDevice`: one VM disk as a vhost-user-blk backend. The guest's virtqueues live in
+//! its shared memory; each request is parsed once into a `BlkRequest`, executed by the
+//! volume engine on the tokio runtime, and completed from there.
+
+use crate::config::BlkConfig;
+use crate::guest::{copy_from_guest, copy_to_guest};
+use crate::request::{
+    BlkOp, BlkRequest, Descriptor, GuestBuf, HEADER_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use model::{extent_of, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use store::AlignedBuf;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use volume::{Engine, VolumeWriter};
+
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+type Vring = VringRwLock<GuestMemory>;
+
+/// Descriptors per virtqueue.
+pub const QUEUE_SIZE: usize = 256;
+/// Queues a device offers; QEMU uses up to this many (one per vCPU).
+pub const QUEUES_MAX: usize = 4;
+/// How long stopping a queue waits for its requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a device serves: a volume this node owns for writing.
+pub struct DiskTarget {
+    pub volume: VolumeId,
+    pub size_bytes: u64,
+    pub writer: Arc<VolumeWriter>,
+    pub engine: Engine,
+    /// Up to 20 bytes the guest sees as the disk's serial (GET_ID).
+    pub serial: String,
+}
+
+pub struct BlkDevice {
+    target: DiskTarget,
+    config: BlkConfig,
+    mem: GuestMemory,
+    runtime: tokio::runtime::Handle,
+    event_idx: AtomicBool,
+    exit: Vec<(EventConsumer, EventNotifier)>,
+    in_flight: Vec<Arc<InFlight>>,
+    writes: Arc<WriteOrder>,
+}
+
+impl BlkDevice {
+    pub fn new(target: DiskTarget, mem: GuestMemory, runtime: tokio::runtime::Handle) -> io::Result<Self> {
+        let exit = (0..QUEUES_MAX)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
+        let config = BlkConfig { capacity_sectors: target.size_bytes / SECTOR_SIZE_BYTES, num_queues: QUEUES_MAX as u16 };
+        Ok(BlkDevice {
+            target,
+            config,
+            mem,
+            runtime,
+            event_idx: AtomicBool::new(false),
+            exit,
+            in_flight: (0..QUEUES_MAX).map(|_| Arc::default()).collect(),
+            writes: Arc::default(),
+        })
+    }
+
+    /// Pops every available chain, checks it, and starts it on the runtime.
+    fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
+        for chain in chains {
+            let head = chain.head_index();
+            // Bounded by the queue size: a chain longer than that is not a valid chain.
+            let descriptors: Vec<Descriptor> = chain
+                .clone()
+                .take(QUEUE_SIZE)
+                .map(|d| Descriptor { addr: d.addr().0, len: d.len(), writable: d.is_write_only() })
+                .collect();
+            match self.parse(&descriptors, &mem) {
+                Ok(request) => self.submit(queue, vring.clone(), head, request),
+                Err(e) => {
+                    tracing::debug!(volume = %self.target.volume, head, error = %e, "refused a guest request");
+                    let status = e.status().zip(crate::request::status_of(&descriptors));
+                    complete(vring, &self.mem, head, status.map(|(s, buf)| (buf, s)), 0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn parse(&self, chain: &[Descriptor], mem: &GuestMemoryMmap) -> Result<BlkRequest, crate::request::RequestError> {
+        let mut header = [0u8; HEADER_BYTES as usize];
+        let head = chain.first().ok_or(crate::request::RequestError::NoStatus)?;
+        if head.len != HEADER_BYTES || mem.read_slice(&mut header, GuestAddress(head.addr)).is_err() {
+            // Still answer if the chain has a status byte.
+            return Err(match crate::request::status_of(chain) {
+                Some(_) => crate::request::RequestError::BadHeader,
+                None => crate::request::RequestError::NoStatus,
+            });
+        }
+        let mut read = |buf: GuestBuf| {
+            let mut bytes = vec![0u8; buf.len as usize];
+            mem.read_slice(&mut bytes, GuestAddress(buf.addr)).ok().map(|()| bytes)
+        };
+        BlkRequest::parse_with(chain, &header, self.config.capacity_sectors, &mut read)
+    }
+
+    fn submit(&self, queue: usize, vring: Vring, head: u16, request: BlkRequest) {
+        let in_flight = self.in_flight[queue].clone();
+        in_flight.begin();
+        let mem = self.mem.clone();
+        let writer = self.target.writer.clone();
+        let engine = self.target.engine.clone();
+        let volume = self.target.volume;
+        let serial = self.target.serial.clone();
+        let writes = self.writes.clone();
+        self.runtime.spawn(async move {
+            let (status, written) = match execute(&request.op, &mem, &writer, &engine, volume, &serial, &writes).await {
+                Ok(written) => (VIRTIO_BLK_S_OK, written),
+                Err(e) => {
+                    tracing::warn!(%volume, error = %e, "guest request failed");
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            };
+            complete(&vring, &mem, head, Some((request.status, status)), written);
+            in_flight.end();
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum IoError {
+    #[error("guest buffer outside guest memory")]
+    GuestMemory,
+    #[error(transparent)]
+    Volume(#[from] volume::VolumeError),
+}
+
+/// Runs one request; returns the bytes written into guest buffers (for the used length).
+async fn execute(
+    op: &BlkOp,
+    mem: &GuestMemory,
+    writer: &VolumeWriter,
+    engine: &Engine,
+    volume: VolumeId,
+    serial: &str,
+    writes: &WriteOrder,
+) -> Result<u32, IoError> {
+    match op {
+        BlkOp::Read { sector, bufs } => {
+            let offset = sector * SECTOR_SIZE_BYTES;
+            let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+            let mut done = 0u64;
+            while done < len {
+                let (_, within) = extent_of(offset + done);
+                let n = (EXTENT_SIZE_BYTES - within).min(len - done);
+                let data = engine.read(volume, offset + done, n).await?;
+                let zeros;
+                let bytes = match &data {
+                    Some(data) => data.as_slice(),
+                    None => {
+                        zeros = vec![0u8; n as usize];
+                        &zeros
+                    }
+                };
+                copy_to_guest(&mem.memory(), bufs, done, bytes).ok_or(IoError::GuestMemory)?;
+                done += n;
+            }
+            Ok(len as u32)
+        }
+        BlkOp::Write { sector, bufs } => {
+            let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+            let mut data = AlignedBuf::zeroed(len as usize);
+            copy_from_guest(&mem.memory(), bufs, data.as_mut_slice()).ok_or(IoError::GuestMemory)?;
+            let ticket = writes.begin();
+            let result = writer.write(sector * SECTOR_SIZE_BYTES, Arc::new(data), 0..len as usize).await;
+            writes.end(ticket);
+            result.map(|()| 0).map_err(IoError::from)
+        }
+        BlkOp::Zero { segments } => {
+            let ticket = writes.begin();
+            let mut result = Ok(0);
+            for segment in segments {
+                let zeroed = writer.zero(segment.sector * SECTOR_SIZE_BYTES, u64::from(segment.sectors) * SECTOR_SIZE_BYTES);
+                if let Err(e) = zeroed.await {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+            writes.end(ticket);
+            result
+        }
+        BlkOp::Flush => {
+            // Every acknowledged write is already durable on every replica; a FLUSH waits for
+            // the writes before it that are still in flight (DESIGN invariant 1).
+            writes.barrier().await;
+            Ok(0)
+        }
+        BlkOp::GetId { buf } => {
+            let mut id = [0u8; crate::request::ID_BYTES as usize];
+            let n = serial.len().min(id.len());
+            id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+            let len = buf.len as usize;
+            mem.memory().write_slice(&id[..len], GuestAddress(buf.addr)).map_err(|_| IoError::GuestMemory)?;
+            Ok(buf.len)
+        }
+    }
+}
+
+/// Writes the status byte and returns the chain to the guest, notifying it if it asked.
+/// Called from any thread; the vring lock makes add_used and the notification atomic.
+fn complete(vring: &Vring, mem: &GuestMemory, head: u16, status: Option<(GuestBuf, u8)>, written: u32) {
+    let mut used_len = written;
+    if let Some((buf, value)) = status {
+        match mem.memory().write_obj(value, GuestAddress(buf.addr)) {
+            Ok(()) => used_len += 1,
+            Err(e) => tracing::debug!(error = %e, "status byte outside guest memory"),
+        }
+    }
+    let mut state = vring.get_mut();
+    if let Err(e) = state.add_used(head, used_len) {
+        tracing::warn!(error = %e, "returning a chain to the guest failed");
+        return;
+    }
+    if !matches!(state.needs_notification(), Ok(false)) {
+        // No call eventfd yet, or QEMU is gone: nothing more to do.
+        let _ = state.signal_used_queue();
+    }
+}
+
+/// Requests in flight on one queue, so stopping the queue can wait for them.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    fn begin(&self) {
+        *self.count.lock().expect("in-flight lock") += 1;
+    }
+
+    fn end(&self) {
+        let mut count = self.count.lock().expect("in-flight lock");
+        *count -= 1;
+        if *count == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let count = self.count.lock().expect("in-flight lock");
+        let (count, _) = self.idle.wait_timeout_while(count, timeout, |c| *c > 0).expect("in-flight lock");
+        *count == 0
+    }
+}
+
+/// Orders FLUSH after the writes submitted before it.
+#[derive(Default)]
+pub struct WriteOrder {
+    state: Mutex<(u64, BTreeSet<u64>)>,
+    changed: tokio::sync::Notify,
+}
+
+impl WriteOrder {
+    pub fn begin(&self) -> u64 {
+        let mut state = self.state.lock().expect("write order lock");
+        let ticket = state.0;
+        state.0 += 1;
+        state.1.insert(ticket);
+        ticket
+    }
+
+    pub fn end(&self, ticket: u64) {
+        self.state.lock().expect("write order lock").1.remove(&ticket);
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once every write that began before this call has ended.
+    pub async fn barrier(&self) {
+        let upto = self.state.lock().expect("write order lock").0;
+        loop {
+            let changed = self.changed.notified();
+            let oldest = self.state.lock().expect("write order lock").1.first().copied();
+            if oldest.is_none_or(|t| t >= upto) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        QUEUES_MAX
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        // No VIRTIO_BLK_F_FLUSH: the device has no volatile cache, so the guest treats it as
+        // write-through and sends one request per durable write.
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // `self.mem` shares the daemon's atomic: it sees the new map already.
+        Ok(())
+    }
+
+    /// One worker thread per queue, so queues never wait on each other.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..QUEUES_MAX).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(in_flight) = self.in_flight.get(queue_index as usize) {
+            if !in_flight.wait_idle(DRAIN_TIMEOUT) {
+                tracing::warn!(volume = %self.target.volume, queue_index, "queue stopped with requests still in flight");
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other("unexpected epoll event set"));
+        }
+        // With one queue per thread, `device_event` indexes this thread's one vring and the
+        // queue number is the thread's.
+        let vring = vrings.get(usize::from(device_event)).ok_or_else(|| io::Error::other("unknown vring event"))?;
+        if self.event_idx.load(Ordering::Acquire) {
+            // With EVENT_IDX the guest kicks only when it passes our avail event: re-check
+            // after re-enabling, or a request that arrived meanwhile would wait forever.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(thread_id, vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    return Ok(());
+                }
+            }
+        }
+        self.process_queue(thread_id, vring)
+    }
+}
