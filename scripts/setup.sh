@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Installs what converge's build, tests and demo need on a fresh Debian machine.
+# Installs what converge's build, tests and demo need on a fresh Debian machine: QEMU, the
+# guest kernel and busybox for the test guest, and the tools that build it.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-command -v sha256sum >/dev/null || need+=(coreutils)
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-img || need+=(qemu-utils)
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list | grep -qx switch_root || need+=(busybox-static)
+ls /lib/modules 2>/dev/null | grep -q cloud-amd64 || need+=(linux-image-cloud-amd64)
+have cpio || need+=(cpio)
+have mkfs.ext4 || need+=(e2fsprogs)
+have depmod || need+=(kmod)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-command -v cargo >/dev/null || { echo "setup: cargo is missing; install a stable Rust toolchain (rustup)"; exit 1; }
+have cargo || { echo "setup: cargo is missing; install a stable Rust toolchain (rustup)"; exit 1; }
+"$(dirname "$0")/../guest/build.sh"
 echo "setup: ok"

@@ -6,6 +6,7 @@
 
 pub mod client;
 mod error;
+mod node_host;
 mod routes;
 mod services;
 mod transport;
@@ -13,6 +14,7 @@ pub mod v1;
 mod vms;
 
 pub use error::ApiError;
+pub use node_host::NodeHost;
 pub use routes::router;
 pub use services::NodeServices;
 pub use transport::HttpTransport;

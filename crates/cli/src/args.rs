@@ -55,8 +55,8 @@ pub enum VmCommand {
         /// A disk: SIZE[,replicas=R], for example 10G or 10G,replicas=3. Repeat for more disks.
         #[arg(long = "disk")]
         disks: Vec<String>,
-        /// A raw or qcow2 image copied onto the first disk (BIOS boot from it).
-        #[arg(long, conflicts_with = "kernel")]
+        /// A raw or qcow2 image copied onto the first disk (booted by BIOS unless --kernel is given).
+        #[arg(long)]
         image: Option<PathBuf>,
         /// Boot this kernel directly (kept in a volume, so any node can start the VM).
         #[arg(long)]

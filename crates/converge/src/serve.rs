@@ -57,12 +57,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone()));
     let vm_dir = args.data_dir.join("vms");
-    let services = NodeServices::new(cluster.clone(), disks.clone(), Engine::new(replica.clone(), topology), vm_dir);
+    let engine = Engine::new(replica.clone(), topology);
+    let services = NodeServices::new(cluster.clone(), disks.clone(), engine, vm_dir.clone());
+
+    let accel = hypervisor::detect_accel();
+    let host = Arc::new(api::NodeHost::new(services.clone(), tokio::runtime::Handle::current()));
+    let vms = hypervisor::Hypervisor::new(host, vm_dir, accel);
 
     services.open_disks().await;
     tokio::spawn(follow_state(services.clone(), disks));
     tokio::spawn(volume::serve(data_listener, replica));
-    tracing::info!(node = %cluster.node_id(), api = %args.listen, data = %data_addr, "converge node serving");
+    tokio::spawn(vms.run());
+    tracing::info!(node = %cluster.node_id(), api = %args.listen, data = %data_addr, ?accel, "converge node serving");
     axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal()).await?;
     cluster.shutdown().await;
     Ok(())

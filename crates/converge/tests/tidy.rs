@@ -16,7 +16,7 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("volume", vec!["model", "store"]),
         ("vhost-blk", vec!["model", "store", "volume"]),
         ("hypervisor", vec!["model"]),
-        ("api", vec!["model", "store", "cluster", "volume", "hypervisor"]),
+        ("api", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor"]),
         ("cli", vec!["model", "api"]),
         ("converge", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
     ])
@@ -64,7 +64,7 @@ fn every_crate_directory_is_known_to_the_tidy_check() {
 
 #[test]
 fn unsafe_code_lives_only_in_the_named_modules() {
-    let permitted = ["store/src/ring.rs", "store/src/buf.rs"];
+    let permitted = ["store/src/ring.rs", "store/src/buf.rs", "hypervisor/src/process.rs"];
     let mut offenders = Vec::new();
     for krate in WORKSPACE_CRATES {
         visit(&crates_dir().join(krate).join("src"), &mut |path, text| {

@@ -1,0 +1,110 @@
+//! The hypervisor's `Host` on this node: VM state and reports through the cluster, disks
+//! served by vhost-blk devices on the volume engine.
+
+use crate::services::NodeServices;
+use futures_util::future::BoxFuture;
+use hypervisor::{AttachedDisk, Host, HostError};
+use model::{BootFile, ClusterState, NodeId, Vm, VmId, VmRunState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use vhost_blk::{DiskServer, DiskTarget};
+
+pub struct NodeHost {
+    services: NodeServices,
+    runtime: tokio::runtime::Handle,
+}
+
+impl NodeHost {
+    pub fn new(services: NodeServices, runtime: tokio::runtime::Handle) -> Self {
+        NodeHost { services, runtime }
+    }
+}
+
+struct ServedDisk(DiskServer);
+
+impl AttachedDisk for ServedDisk {
+    fn socket(&self) -> &Path {
+        self.0.socket()
+    }
+}
+
+impl Host for NodeHost {
+    fn this_node(&self) -> NodeId {
+        self.services.cluster().node_id()
+    }
+
+    fn state(&self) -> Arc<ClusterState> {
+        self.services.cluster().state()
+    }
+
+    fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.services.cluster().watch_state()
+    }
+
+    fn report(&self, vm: VmId, state: VmRunState) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            self.services.cluster().report_vm(vm, state).await.map_err(|e| HostError::new(format!("reporting {vm}"), e))
+        })
+    }
+
+    fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            let command = model::ClusterCommand::StopVm { vm, force: false };
+            self.services.cluster().propose(command).await.map(drop).map_err(|e| HostError::new(format!("stopping {vm}"), e))
+        })
+    }
+
+    fn attach_disks<'a>(&'a self, vm: &'a Vm, dir: &'a Path) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>> {
+        Box::pin(async move {
+            let mut disks: Vec<Box<dyn AttachedDisk>> = Vec::new();
+            for (index, &volume) in vm.spec.disks.iter().enumerate() {
+                let cluster = self.services.cluster();
+                let epoch = cluster.acquire_volume(volume).await.map_err(|e| HostError::new(format!("acquiring {volume}"), e))?;
+                let info = cluster.state().volumes.get(&volume).cloned().ok_or_else(|| HostError {
+                    what: format!("{volume} of VM {} was deleted", vm.spec.name),
+                    source: None,
+                })?;
+                let engine = self.services.engine().clone();
+                let target = DiskTarget {
+                    volume,
+                    size_bytes: info.size_bytes,
+                    writer: Arc::new(engine.writer(volume, epoch)),
+                    engine,
+                    serial: info.name.clone(),
+                };
+                let socket = dir.join(format!("disk{index}.sock"));
+                let server = DiskServer::start(&socket, target, self.runtime.clone())
+                    .map_err(|e| HostError::new(format!("serving {} to VM {}", info.name, vm.spec.name), e))?;
+                disks.push(Box::new(ServedDisk(server)));
+            }
+            Ok(disks)
+        })
+    }
+
+    fn fetch_boot_file<'a>(&'a self, file: BootFile, to: PathBuf) -> BoxFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            let state = self.services.cluster().state();
+            let volume = state.volumes.get(&file.volume).ok_or_else(|| HostError {
+                what: format!("boot file volume {} is gone", file.volume),
+                source: None,
+            })?;
+            let fail = |e: &dyn std::fmt::Display| HostError { what: format!("copying {} to {}: {e}", volume.name, to.display()), source: None };
+            let (_, mut chunks) = self.services.export(&volume.name).map_err(|e| fail(&e.message))?;
+            let mut out = tokio::fs::File::create(&to).await.map_err(|e| fail(&e))?;
+            let mut left = file.len_bytes;
+            while left > 0 {
+                let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await else { break };
+                let chunk = chunk.map_err(|e| fail(&e))?;
+                let n = (chunk.len() as u64).min(left) as usize;
+                out.write_all(&chunk[..n]).await.map_err(|e| fail(&e))?;
+                left -= n as u64;
+            }
+            if left > 0 {
+                return Err(fail(&format!("{left} bytes short")));
+            }
+            out.flush().await.map_err(|e| fail(&e))
+        })
+    }
+}
