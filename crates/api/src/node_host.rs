@@ -52,16 +52,28 @@ impl Host for NodeHost {
     fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
             let command = model::ClusterCommand::StopVm { vm, force: false };
-            self.services.cluster().propose(command).await.map(drop).map_err(|e| HostError::new(format!("stopping {vm}"), e))
+            self.services
+                .cluster()
+                .propose(command)
+                .await
+                .map(drop)
+                .map_err(|e| HostError::new(format!("stopping {vm}"), e))
         })
     }
 
-    fn attach_disks<'a>(&'a self, vm: &'a Vm, dir: &'a Path) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>> {
+    fn attach_disks<'a>(
+        &'a self,
+        vm: &'a Vm,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>> {
         Box::pin(async move {
             let mut disks: Vec<Box<dyn AttachedDisk>> = Vec::new();
             for (index, &volume) in vm.spec.disks.iter().enumerate() {
                 let cluster = self.services.cluster();
-                let epoch = cluster.acquire_volume(volume).await.map_err(|e| HostError::new(format!("acquiring {volume}"), e))?;
+                let epoch = cluster
+                    .acquire_volume(volume)
+                    .await
+                    .map_err(|e| HostError::new(format!("acquiring {volume}"), e))?;
                 let info = cluster.state().volumes.get(&volume).cloned().ok_or_else(|| HostError {
                     what: format!("{volume} of VM {} was deleted", vm.spec.name),
                     source: None,
@@ -86,11 +98,14 @@ impl Host for NodeHost {
     fn fetch_boot_file<'a>(&'a self, file: BootFile, to: PathBuf) -> BoxFuture<'a, Result<(), HostError>> {
         Box::pin(async move {
             let state = self.services.cluster().state();
-            let volume = state.volumes.get(&file.volume).ok_or_else(|| HostError {
-                what: format!("boot file volume {} is gone", file.volume),
+            let volume = state
+                .volumes
+                .get(&file.volume)
+                .ok_or_else(|| HostError { what: format!("boot file volume {} is gone", file.volume), source: None })?;
+            let fail = |e: &dyn std::fmt::Display| HostError {
+                what: format!("copying {} to {}: {e}", volume.name, to.display()),
                 source: None,
-            })?;
-            let fail = |e: &dyn std::fmt::Display| HostError { what: format!("copying {} to {}: {e}", volume.name, to.display()), source: None };
+            };
             let (_, mut chunks) = self.services.export(&volume.name).map_err(|e| fail(&e.message))?;
             let mut out = tokio::fs::File::create(&to).await.map_err(|e| fail(&e))?;
             let mut left = file.len_bytes;

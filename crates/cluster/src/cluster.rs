@@ -138,12 +138,23 @@ impl Cluster {
         Ok(id)
     }
 
-    /// Proposes a command through the leader, wherever it is, and returns its outcome.
+    /// Proposes a command through the leader, wherever it is, and returns its outcome once
+    /// this node has applied it too: a caller reads its own writes on any node.
     pub async fn propose(&self, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
+        let (outcome, index) = self.propose_at(command).await?;
+        let wait = self.inner.raft.wait(Some(LEADER_WAIT));
+        wait.applied_index_at_least(Some(index), "read own write")
+            .await
+            .map_err(|_| ClusterError::NoLeader { waited_ms: LEADER_WAIT.as_millis() as u64 })?;
+        Ok(outcome)
+    }
+
+    /// Proposes through the leader; the outcome and the log index it was committed at.
+    async fn propose_at(&self, command: ClusterCommand) -> Result<(CommandOutcome, u64), ClusterError> {
         let started = Instant::now();
         loop {
             let attempt = match self.inner.raft.client_write(command.clone()).await {
-                Ok(response) => return Ok(response.data?),
+                Ok(response) => return Ok((response.data?, response.log_id.index)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => match forward.leader_node {
                     Some(leader) if forward.leader_id != Some(self.node_id().0) => {
                         self.forward(&leader.api_addr, command.clone()).await
@@ -164,9 +175,9 @@ impl Cluster {
         }
     }
 
-    async fn forward(&self, leader_addr: &str, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
+    async fn forward(&self, leader_addr: &str, command: ClusterCommand) -> Result<(CommandOutcome, u64), ClusterError> {
         match self.call(leader_addr, PeerRpc::Propose(command), FORWARD_TIMEOUT).await? {
-            PeerReply::Propose(Ok(outcome)) => Ok(outcome),
+            PeerReply::Propose(Ok(committed)) => Ok(committed),
             PeerReply::Propose(Err(RemoteRefusal::Command(e))) => Err(ClusterError::Command(e)),
             PeerReply::Propose(Err(RemoteRefusal::Other(_))) => Err(ClusterError::NoLeader { waited_ms: 0 }),
             other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
@@ -189,7 +200,9 @@ impl Cluster {
             PeerRpc::Vote(request) => PeerReply::Vote(raft.vote(request).await),
             PeerRpc::Snapshot(request) => PeerReply::Snapshot(raft.install_snapshot(request).await),
             PeerRpc::Propose(command) => PeerReply::Propose(match raft.client_write(command).await {
-                Ok(response) => response.data.map_err(RemoteRefusal::Command),
+                Ok(response) => {
+                    response.data.map(|outcome| (outcome, response.log_id.index)).map_err(RemoteRefusal::Command)
+                }
                 Err(e) => Err(RemoteRefusal::Other(e.to_string())),
             }),
             PeerRpc::Join { token, node } => PeerReply::Join(self.admit(token, node).await.map_err(|e| match e {

@@ -50,7 +50,8 @@ pub enum PeerReply {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
-    Propose(Result<CommandOutcome, RemoteRefusal>),
+    /// The outcome and the log index it was committed at.
+    Propose(Result<(CommandOutcome, u64), RemoteRefusal>),
     Join(Result<ClusterId, RemoteRefusal>),
     Ping(NodeReport),
 }

@@ -36,7 +36,11 @@ pub trait Host: Send + Sync + 'static {
     fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>>;
     /// Takes ownership of the VM's disks (new owner epochs, so any earlier owner is fenced)
     /// and serves each on a vhost-user socket under `dir`, in the spec's order.
-    fn attach_disks<'a>(&'a self, vm: &'a Vm, dir: &'a Path) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>>;
+    fn attach_disks<'a>(
+        &'a self,
+        vm: &'a Vm,
+        dir: &'a Path,
+    ) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>>;
     /// Copies a boot file out of its volume to `to`.
     fn fetch_boot_file<'a>(&'a self, file: BootFile, to: PathBuf) -> BoxFuture<'a, Result<(), HostError>>;
 }

@@ -20,9 +20,18 @@ pub struct Qmp {
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("QEMU's monitor at {path} did not open within {timeout_s} s")]
-    Connect { path: String, timeout_s: u64, #[source] source: std::io::Error },
+    Connect {
+        path: String,
+        timeout_s: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("QMP {command} failed")]
-    Command { command: &'static str, #[source] source: std::io::Error },
+    Command {
+        command: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Qmp {
@@ -32,7 +41,11 @@ impl Qmp {
             match QmpStreamTokio::open_uds(path).await {
                 Ok(negotiation) => break negotiation,
                 Err(e) if started.elapsed() > CONNECT_TIMEOUT => {
-                    return Err(QmpError::Connect { path: path.display().to_string(), timeout_s: CONNECT_TIMEOUT.as_secs(), source: e });
+                    return Err(QmpError::Connect {
+                        path: path.display().to_string(),
+                        timeout_s: CONNECT_TIMEOUT.as_secs(),
+                        source: e,
+                    });
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -55,7 +68,9 @@ impl Qmp {
     /// Presses the ACPI power button.
     pub async fn powerdown(&self) -> Result<(), QmpError> {
         let result = self.service.execute(qmp::system_powerdown {}).await;
-        result.map(drop).map_err(|e| QmpError::Command { command: "system_powerdown", source: std::io::Error::other(e) })
+        result
+            .map(drop)
+            .map_err(|e| QmpError::Command { command: "system_powerdown", source: std::io::Error::other(e) })
     }
 
     /// Ends QEMU at once. It may close the socket before it answers; that is success too.

@@ -36,9 +36,17 @@ enum StartError {
     #[error(transparent)]
     Host(#[from] HostError),
     #[error("Preparing {path}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Starting {qemu} (install the qemu-system-x86 package)")]
-    Spawn { qemu: String, #[source] source: std::io::Error },
+    Spawn {
+        qemu: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Qmp(#[from] crate::qmp::QmpError),
 }

@@ -18,7 +18,7 @@ impl BlkConfig {
         out[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         out[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
         out[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
-        // writeback (32) stays 0: the device is write-through, each write durable when done.
+                                                            // writeback (32) stays 0: the device is write-through, each write durable when done.
         out[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         out[36..40].copy_from_slice(&DISCARD_SECTORS_MAX.to_le_bytes()); // max_discard_sectors
         out[40..44].copy_from_slice(&DISCARD_SEG_MAX.to_le_bytes()); // max_discard_seg

@@ -4,9 +4,7 @@
 
 use crate::config::BlkConfig;
 use crate::guest::{copy_from_guest, copy_to_guest};
-use crate::request::{
-    BlkOp, BlkRequest, Descriptor, GuestBuf, HEADER_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-};
+use crate::request::{BlkOp, BlkRequest, Descriptor, GuestBuf, HEADER_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use model::{extent_of, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
 use std::collections::BTreeSet;
 use std::io;
@@ -63,7 +61,8 @@ impl BlkDevice {
         let exit = (0..QUEUES_MAX)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
-        let config = BlkConfig { capacity_sectors: target.size_bytes / SECTOR_SIZE_BYTES, num_queues: QUEUES_MAX as u16 };
+        let config =
+            BlkConfig { capacity_sectors: target.size_bytes / SECTOR_SIZE_BYTES, num_queues: QUEUES_MAX as u16 };
         Ok(BlkDevice {
             target,
             config,
@@ -193,7 +192,8 @@ async fn execute(
             let ticket = writes.begin();
             let mut result = Ok(0);
             for segment in segments {
-                let zeroed = writer.zero(segment.sector * SECTOR_SIZE_BYTES, u64::from(segment.sectors) * SECTOR_SIZE_BYTES);
+                let zeroed =
+                    writer.zero(segment.sector * SECTOR_SIZE_BYTES, u64::from(segment.sectors) * SECTOR_SIZE_BYTES);
                 if let Err(e) = zeroed.await {
                     result = Err(e.into());
                     break;
@@ -329,7 +329,9 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

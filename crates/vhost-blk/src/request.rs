@@ -62,12 +62,22 @@ pub struct Segment {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlkOp {
-    Read { sector: u64, bufs: Vec<GuestBuf> },
-    Write { sector: u64, bufs: Vec<GuestBuf> },
+    Read {
+        sector: u64,
+        bufs: Vec<GuestBuf>,
+    },
+    Write {
+        sector: u64,
+        bufs: Vec<GuestBuf>,
+    },
     Flush,
-    GetId { buf: GuestBuf },
+    GetId {
+        buf: GuestBuf,
+    },
     /// Discard and write-zeroes both make the ranges read as zeros.
-    Zero { segments: Vec<Segment> },
+    Zero {
+        segments: Vec<Segment>,
+    },
 }
 
 /// A checked request. `status` is where its one-byte result goes.
@@ -243,9 +253,16 @@ mod tests {
 
     #[test]
     fn a_read_of_two_buffers_parses() {
-        let parsed = BlkRequest::parse(&chain(&[d(0x2000, 4096, true), d(0x4000, 512, true)]), &header(VIRTIO_BLK_T_IN, 8), CAPACITY);
+        let parsed = BlkRequest::parse(
+            &chain(&[d(0x2000, 4096, true), d(0x4000, 512, true)]),
+            &header(VIRTIO_BLK_T_IN, 8),
+            CAPACITY,
+        );
         let bufs = vec![GuestBuf { addr: 0x2000, len: 4096 }, GuestBuf { addr: 0x4000, len: 512 }];
-        assert_eq!(parsed, Ok(BlkRequest { op: BlkOp::Read { sector: 8, bufs }, status: GuestBuf { addr: 0x9000, len: 1 } }));
+        assert_eq!(
+            parsed,
+            Ok(BlkRequest { op: BlkOp::Read { sector: 8, bufs }, status: GuestBuf { addr: 0x9000, len: 1 } })
+        );
     }
 
     #[test]
@@ -256,7 +273,8 @@ mod tests {
 
     #[test]
     fn a_read_past_the_end_is_refused() {
-        let parsed = BlkRequest::parse(&chain(&[d(0x2000, 1024, true)]), &header(VIRTIO_BLK_T_IN, CAPACITY - 1), CAPACITY);
+        let parsed =
+            BlkRequest::parse(&chain(&[d(0x2000, 1024, true)]), &header(VIRTIO_BLK_T_IN, CAPACITY - 1), CAPACITY);
         assert_eq!(parsed, Err(RequestError::OutOfRange { sector: CAPACITY - 1, sectors: 2, capacity: CAPACITY }));
     }
 
@@ -296,7 +314,8 @@ mod tests {
         raw.extend_from_slice(&8u32.to_le_bytes());
         raw.extend_from_slice(&FLAG_UNMAP.to_le_bytes());
         let c = chain(&[d(0x2000, 16, false)]);
-        let parsed = BlkRequest::parse_with(&c, &header(VIRTIO_BLK_T_WRITE_ZEROES, 0), CAPACITY, &mut |_| Some(raw.clone()));
+        let parsed =
+            BlkRequest::parse_with(&c, &header(VIRTIO_BLK_T_WRITE_ZEROES, 0), CAPACITY, &mut |_| Some(raw.clone()));
         assert_eq!(parsed.map(|r| r.op), Ok(BlkOp::Zero { segments: vec![Segment { sector: 16, sectors: 8 }] }));
     }
 

@@ -12,9 +12,17 @@ use vm_memory::GuestMemoryMmap;
 #[derive(Debug, thiserror::Error)]
 pub enum VhostError {
     #[error("Listening on vhost-user socket {path}")]
-    Listen { path: PathBuf, #[source] source: vhost::vhost_user::Error },
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
     #[error("Setting up the vhost-user device for {path}")]
-    Device { path: PathBuf, #[source] source: std::io::Error },
+    Device {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Starting the vhost-user daemon for {path}: {reason}")]
     Daemon { path: PathBuf, reason: String },
 }

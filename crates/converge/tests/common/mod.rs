@@ -1,0 +1,131 @@
+//! Helpers for tests that run real `converge serve` processes on loopback, driven by the
+//! `converge` CLI as a user would. Every process a test starts is killed by its pid when
+//! the test ends, pass or fail.
+#![allow(dead_code)]
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_converge");
+/// How long a node may take to answer after it starts.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct NodeProcess {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn start(dir: &Path, ip: u8, port: u16) -> Self {
+        let addr = format!("127.0.0.{ip}:{port}");
+        let data_dir = dir.join(format!("node-{ip}"));
+        let log = dir.join(format!("node-{ip}.log"));
+        let mut node = NodeProcess { child: None, addr, data_dir, log };
+        node.restart();
+        node
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.addr);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen", &self.addr])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("converge serve starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while run(&self.addr, &["cluster", "status"]).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start; log:\n{}", self.addr, self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        run(&self.addr, args).unwrap_or_else(|e| {
+            panic!("converge {args:?} on {} failed: {e}\nnode log:\n{}", self.addr, self.log_text())
+        })
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a client command against `addr`; stdout on success, stderr on failure.
+pub fn run(addr: &str, args: &[&str]) -> Result<String, String> {
+    let output =
+        Command::new(BIN).args(["--server", &format!("http://{addr}")]).args(args).output().expect("converge runs");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// Starts nodes on 127.0.0.{ips}, forms a cluster and gives each a 1 GiB file disk.
+pub fn cluster(dir: &Path, ips: [u8; 3], port: u16) -> Vec<NodeProcess> {
+    let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
+    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().expect("token").to_string();
+    for node in &nodes[1..] {
+        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+    }
+    for node in &nodes {
+        let disk = node.data_dir.with_extension("disk");
+        node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
+    }
+    nodes
+}
+
+/// Deterministic incompressible bytes (xorshift), so a failure reproduces.
+pub fn random_file(path: &Path, len: usize, seed: u64) -> String {
+    let mut state = seed;
+    let mut bytes = Vec::with_capacity(len);
+    while bytes.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    std::fs::write(path, &bytes).unwrap();
+    sha256(path)
+}
+
+pub fn sha256(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    format!("{:x}", Sha256::digest(&bytes))
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,139 @@
+//! End to end: a real Linux guest (Debian's cloud kernel, busybox) boots under QEMU with its
+//! root filesystem on a replicated volume served over vhost-user-blk, writes a known
+//! pattern with O_DIRECT, and its bytes are checked through another node; then the VM moves
+//! to another node with new owner epochs and finds all its data.
+
+mod common;
+
+use common::{cluster, json, run, wait_until, NodeProcess};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A TCG guest boots, runs and powers off in about 10 s here; this bounds a slow machine.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
+/// Blocks of the pattern the guest writes (4 KiB each): guest/rootfs-init.
+const PATTERN_BLOCKS: usize = 1024;
+
+/// Builds the test guest (idempotent) and returns its directory.
+fn guest() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/guest");
+    let status = Command::new(root.join("guest/build.sh")).arg(&out).status().expect("guest/build.sh runs");
+    assert!(status.success(), "guest/build.sh failed (scripts/setup.sh installs what it needs)");
+    out
+}
+
+/// Block b is its number as 8 hex digits, repeated over 4 KiB (as the guest's awk makes it).
+fn pattern() -> Vec<u8> {
+    (0..PATTERN_BLOCKS).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
+}
+
+fn vm_state(node: &NodeProcess, name: &str) -> serde_json::Value {
+    json(&node.cli(&["--json", "vm", "show", name]))
+}
+
+fn wait_for_guest_poweroff(node: &NodeProcess, name: &str) {
+    wait_until("the guest powers itself off", GUEST_TIMEOUT, || vm_state(node, name)["state"]["state"] == "stopped");
+}
+
+fn console(node: &NodeProcess, name: &str) -> String {
+    node.cli(&["vm", "console", name, "--no-follow"])
+}
+
+fn volume(node: &NodeProcess, name: &str) -> serde_json::Value {
+    json(&node.cli(&["--json", "volume", "show", name]))
+}
+
+#[test]
+fn guest_on_a_replicated_volume_writes_with_o_direct_and_keeps_its_data_on_another_node() {
+    let guest = guest();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let nodes = cluster(dir.path(), [31, 32, 33], 18900);
+    let path = |file: &str| guest.join(file).display().to_string();
+    nodes[0].cli(&[
+        "vm",
+        "create",
+        "tester",
+        "--memory",
+        "256M",
+        "--disk",
+        "64M",
+        "--disk",
+        "64M,replicas=2",
+        "--image",
+        &path("rootfs.img"),
+        "--kernel",
+        &path("vmlinuz"),
+        "--initrd",
+        &path("initramfs.cpio.gz"),
+        "--cmdline",
+        "console=ttyS0 panic=-1 quiet gmode=test",
+    ]);
+
+    nodes[0].cli(&["vm", "start", "tester", "--node", &nodes[0].addr]);
+    wait_for_guest_poweroff(&nodes[0], "tester");
+    let first_boot = console(&nodes[1], "tester");
+    let exported = dir.path().join("disk1.raw");
+    nodes[1].cli(&["volume", "export", "tester-disk1", exported.to_str().unwrap()]);
+    let epoch_on_a = volume(&nodes[0], "tester-disk1")["owner_epoch"].as_u64().unwrap();
+
+    assert!(first_boot.contains("GUEST: root filesystem on /dev/vda, boot number 1"), "{first_boot}");
+    assert!(first_boot.contains("GUEST: wrote pattern to /dev/vdb with O_DIRECT"), "{first_boot}");
+    assert!(first_boot.contains("GUEST: RESULT rc=0"), "{first_boot}");
+    let bytes = std::fs::read(&exported).unwrap();
+    assert!(bytes[..pattern().len()] == pattern()[..], "the exported disk holds the guest's pattern");
+    assert!(bytes[pattern().len()..].iter().all(|&b| b == 0), "and zeros after it");
+
+    nodes[2].cli(&["vm", "start", "tester", "--node", &nodes[1].addr]);
+    wait_for_guest_poweroff(&nodes[1], "tester");
+    let second_boot = console(&nodes[2], "tester");
+    let disk1 = volume(&nodes[2], "tester-disk1");
+
+    assert!(second_boot.contains("boot number 2"), "the root filesystem came along: {second_boot}");
+    assert!(second_boot.contains("GUEST: pattern already on /dev/vdb"), "{second_boot}");
+    assert!(second_boot.contains("GUEST: RESULT rc=0"), "{second_boot}");
+    assert!(disk1["owner_epoch"].as_u64().unwrap() > epoch_on_a, "the new owner fenced the old one: {disk1}");
+    assert_eq!(disk1["owner"], vm_state(&nodes[2], "tester")["node"]);
+}
+
+#[test]
+fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
+    let guest = guest();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let nodes = cluster(dir.path(), [34, 35, 36], 18910);
+    let path = |file: &str| guest.join(file).display().to_string();
+    nodes[0].cli(&[
+        "vm",
+        "create",
+        "idle",
+        "--memory",
+        "256M",
+        "--disk",
+        "64M",
+        "--image",
+        &path("rootfs.img"),
+        "--kernel",
+        &path("vmlinuz"),
+        "--initrd",
+        &path("initramfs.cpio.gz"),
+        "--cmdline",
+        "console=ttyS0 panic=-1 quiet",
+    ]);
+    nodes[0].cli(&["vm", "start", "idle", "--node", &nodes[1].addr]);
+    wait_until("the guest is up", GUEST_TIMEOUT, || console(&nodes[0], "idle").contains("GUEST: ready"));
+
+    let elsewhere = run(&nodes[0].addr, &["vm", "start", "idle", "--node", &nodes[2].addr]).unwrap_err();
+    let delete_running = run(&nodes[0].addr, &["vm", "delete", "idle"]).unwrap_err();
+    nodes[2].cli(&["vm", "stop", "idle"]);
+    let stopped = vm_state(&nodes[0], "idle");
+    let text = console(&nodes[0], "idle");
+    nodes[0].cli(&["vm", "delete", "idle"]);
+    let volumes = json(&nodes[0].cli(&["--json", "volume", "list"]));
+
+    assert!(elsewhere.contains("stop it first, or start it with --force"), "{elsewhere}");
+    assert!(delete_running.contains("stop it before deleting it"), "{delete_running}");
+    assert_eq!(stopped["state"]["state"], "stopped", "{stopped}");
+    assert!(text.contains("GUEST: power button pressed, shutting down"), "a graceful stop: {text}");
+    assert_eq!(volumes, serde_json::json!([]), "deleting the VM deleted its volumes");
+}
