@@ -1,7 +1,7 @@
 # converge: the two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: setup build test check demo demo-stop bench clean
+.PHONY: setup build test check fuzz demo demo-stop bench clean
 
 setup:
 	@scripts/setup.sh
@@ -14,7 +14,11 @@ check:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: setup check
+# Fuzz targets run for a bounded time first; the suite's summary line comes last.
+fuzz: setup
+	scripts/fuzz.sh
+
+test: setup check fuzz
 	scripts/test.sh
 
 demo: build

@@ -22,5 +22,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 have cargo || { echo "setup: cargo is missing; install a stable Rust toolchain (rustup)"; exit 1; }
+have cargo-fuzz || { echo "setup: installing cargo-fuzz"; cargo install cargo-fuzz --locked --quiet; }
 "$(dirname "$0")/../guest/build.sh"
 echo "setup: ok"
