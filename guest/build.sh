@@ -14,7 +14,7 @@ KVER=$(ls /lib/modules | grep cloud-amd64 | sort -V | tail -1)
 MD=/lib/modules/$KVER
 BUSYBOX=/bin/busybox
 [ -f "$MD/modules.dep" ] || depmod "$KVER"
-stamp="$KVER $(sha256sum "$here/initramfs-init" "$here/rootfs-init" "$0" | sha256sum | cut -c1-16)"
+stamp="$KVER $(cat "$here/initramfs-init" "$here/rootfs-init" "$here/build.sh" | sha256sum | cut -c1-16)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/rootfs.img" ]; then
     exit 0
 fi
