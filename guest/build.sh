@@ -9,6 +9,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:-$here/../target/guest}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# Tests build the guest in parallel: one builds, the others wait and find it built.
+exec 9>"$OUT/.lock"
+flock 9
 KVER=$(ls /lib/modules | grep cloud-amd64 | sort -V | tail -1)
 [ -n "$KVER" ] || { echo "no cloud-amd64 kernel in /lib/modules: run scripts/setup.sh" >&2; exit 1; }
 MD=/lib/modules/$KVER

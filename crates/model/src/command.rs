@@ -205,7 +205,7 @@ impl ClusterState {
         if spec.cpus == 0 || spec.cpus > VM_CPUS_MAX {
             return invalid(format!("{} vCPUs is outside 1..={VM_CPUS_MAX}", spec.cpus));
         }
-        if spec.memory_bytes < VM_MEMORY_MIN_BYTES || spec.memory_bytes % (1 << 20) != 0 {
+        if spec.memory_bytes < VM_MEMORY_MIN_BYTES || !spec.memory_bytes.is_multiple_of(1 << 20) {
             return invalid(format!("memory must be whole MiB and at least {} MiB", VM_MEMORY_MIN_BYTES >> 20));
         }
         if spec.disks.len() > VM_DISKS_MAX {

@@ -7,6 +7,41 @@ use std::ptr::NonNull;
 /// Alignment of every `AlignedBuf`: enough for O_DIRECT on any logical block size.
 pub const BUF_ALIGN_BYTES: usize = 4096;
 
+/// Memory an IO moves data out of or into: an `AlignedBuf`, or a range of a guest's RAM
+/// handed to the kernel without a copy.
+///
+/// # Safety
+/// `io_ptr()` must point to `io_len()` bytes that stay mapped, and are not freed or reused,
+/// for as long as the value lives; and only IO (the kernel, or the copies below) may write
+/// them while it does.
+pub unsafe trait IoMemory: Send + Sync + 'static {
+    fn io_ptr(&self) -> *mut u8;
+    fn io_len(&self) -> usize;
+}
+
+impl dyn IoMemory {
+    /// The bytes of `range`, for sending. Memory shared with a guest may change under the
+    /// reader: what is sent is then whatever the guest had there, as with a device's DMA.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        assert!(range.start <= range.end && range.end <= self.io_len(), "range past the IO memory");
+        // SAFETY: in bounds (checked above) of memory the trait keeps valid while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.io_ptr().add(range.start), range.len()) }
+    }
+
+    /// Copies `data` into the memory at `at`.
+    pub fn fill(&self, at: usize, data: &[u8]) {
+        assert!(at.checked_add(data.len()).is_some_and(|end| end <= self.io_len()), "copy past the IO memory");
+        // SAFETY: in bounds (checked above); the trait lets IO write this memory, and `data`
+        // is a distinct Rust allocation, so the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.io_ptr().add(at), data.len()) }
+    }
+
+    /// Whether `range` starts at an address direct IO can use.
+    pub fn aligned(&self, range: &std::ops::Range<usize>, align: usize) -> bool {
+        (self.io_ptr() as usize + range.start).is_multiple_of(align)
+    }
+}
+
 /// A heap buffer aligned to `BUF_ALIGN_BYTES`, zeroed when made. It owns its memory, so an
 /// IO that holds the buffer keeps the memory alive until the kernel is done with it.
 pub struct AlignedBuf {
@@ -58,10 +93,6 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -71,6 +102,18 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with the same layout, and freed only here.
         unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+// SAFETY: the allocation lives as long as the buffer; IO writes it only while it holds the
+// buffer (a read owns it, or it is shared through an `Arc` for IO alone).
+unsafe impl IoMemory for AlignedBuf {
+    fn io_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn io_len(&self) -> usize {
+        self.len
     }
 }
 
@@ -93,7 +136,7 @@ mod tests {
     #[test]
     fn buffers_are_aligned_for_direct_io_and_zeroed() {
         let buf = AlignedBuf::zeroed(512);
-        assert_eq!(buf.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
+        assert_eq!(buf.as_slice().as_ptr() as usize % BUF_ALIGN_BYTES, 0);
         assert!(buf.as_slice().iter().all(|&b| b == 0));
     }
 }

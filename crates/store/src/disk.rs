@@ -5,7 +5,7 @@
 //! whose entry never reached the disk is free after a restart; a slot whose entry did
 //! holds zeros or data, never another volume's bytes.
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, IoMemory};
 use crate::error::StoreError;
 use crate::format::{
     decode_table, Superblock, TableEntry, ENTRIES_PER_TABLE_BLOCK, SUPERBLOCK_BYTES, TABLE_BLOCK_BYTES,
@@ -194,21 +194,24 @@ impl LocalDisk {
     }
 
     /// Writes `buf[range]` at `offset_bytes` within the extent, allocating the extent on its
-    /// first write. Returns once the data is durable.
+    /// first write. Returns once the data is durable. The data goes to the device straight
+    /// from `buf` when its address suits direct IO, through an aligned copy otherwise.
     pub async fn write(
         &self,
         volume: VolumeId,
         extent: ExtentIndex,
         offset_bytes: u64,
-        buf: Arc<AlignedBuf>,
+        buf: Arc<dyn IoMemory>,
         range: Range<usize>,
     ) -> Result<(), StoreError> {
         let len_bytes = range.len() as u64;
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
-        assert!(
-            range.end <= buf.len() && (range.start as u64).is_multiple_of(SECTOR_SIZE_BYTES),
-            "caller passed a bad buffer range"
-        );
+        assert!(range.end <= buf.io_len(), "caller passed a bad buffer range");
+        let (buf, range): (Arc<dyn IoMemory>, Range<usize>) = if buf.aligned(&range, SECTOR_SIZE_BYTES as usize) {
+            (buf, range)
+        } else {
+            (Arc::new(AlignedBuf::copy_from(buf.bytes(range.clone()))), 0..range.len())
+        };
         let slot = match self.slot_of(volume, extent) {
             Some(slot) => slot,
             None => self.allocate(volume, extent).await?,
@@ -232,6 +235,46 @@ impl LocalDisk {
         };
         let at = self.sb.slot_offset(slot) + offset_bytes;
         read_at(&self.ring, &self.path, at, len_bytes as usize).await.map(Some)
+    }
+
+    /// Reads `range.len()` bytes at `offset_bytes` within the extent straight into
+    /// `target[range]` (through an aligned copy if its address does not suit direct IO).
+    /// `false` when the extent was never written: the target is left as it is.
+    pub async fn read_into(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        offset_bytes: u64,
+        target: Arc<dyn IoMemory>,
+        range: Range<usize>,
+    ) -> Result<bool, StoreError> {
+        let len_bytes = range.len() as u64;
+        self.check_range(volume, extent, offset_bytes, len_bytes)?;
+        assert!(range.end <= target.io_len(), "caller passed a bad target range");
+        let Some(slot) = self.slot_of(volume, extent) else { return Ok(false) };
+        let at = self.sb.slot_offset(slot) + offset_bytes;
+        if !target.aligned(&range, SECTOR_SIZE_BYTES as usize) {
+            let data = read_at(&self.ring, &self.path, at, range.len()).await?;
+            target.fill(range.start, data.as_slice());
+            return Ok(true);
+        }
+        let mut done = 0usize;
+        while done < range.len() {
+            let op = Op::ReadInto {
+                buf: target.clone(),
+                buf_offset: range.start + done,
+                len: (range.len() - done) as u32,
+                offset: at + done as u64,
+            };
+            let n =
+                self.ring.submit(op).await.result.map_err(|e| io_error(&self.path, "reading", at + done as u64, e))?;
+            if n == 0 {
+                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the device ended early");
+                return Err(io_error(&self.path, "reading", at + done as u64, eof));
+            }
+            done += n as usize;
+        }
+        Ok(true)
     }
 
     /// Makes a range read as zeros and gives its space back: a whole extent is freed, part
@@ -369,10 +412,10 @@ async fn write_at(
     ring: &Ring,
     path: &Path,
     offset: u64,
-    buf: Arc<AlignedBuf>,
+    buf: Arc<dyn IoMemory>,
     range: Option<Range<usize>>,
 ) -> Result<(), StoreError> {
-    let range = range.unwrap_or(0..buf.len());
+    let range = range.unwrap_or(0..buf.io_len());
     let mut done = 0usize;
     while done < range.len() {
         let op = Op::Write {

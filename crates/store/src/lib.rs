@@ -10,7 +10,7 @@ mod error;
 pub mod format;
 mod ring;
 
-pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
+pub use buf::{AlignedBuf, IoMemory, BUF_ALIGN_BYTES};
 pub use disk::{DiskIdentity, LocalDisk};
 pub use error::{StoreError, StoreErrorKind};
 pub use ring::RING_DEPTH;

@@ -5,7 +5,7 @@
 //! waiting does not free memory the kernel is still writing into.
 #![allow(unsafe_code)]
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, IoMemory};
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -23,10 +23,31 @@ const WAKE: u64 = u64::MAX;
 const _: () = assert!(RING_DEPTH < WAKE as usize);
 
 pub(crate) enum Op {
-    Read { buf: AlignedBuf, buf_offset: usize, len: u32, offset: u64 },
-    Write { buf: Arc<AlignedBuf>, buf_offset: usize, len: u32, offset: u64 },
+    Read {
+        buf: AlignedBuf,
+        buf_offset: usize,
+        len: u32,
+        offset: u64,
+    },
+    /// A read into memory the caller shares (a guest's, for zero-copy reads).
+    ReadInto {
+        buf: Arc<dyn IoMemory>,
+        buf_offset: usize,
+        len: u32,
+        offset: u64,
+    },
+    Write {
+        buf: Arc<dyn IoMemory>,
+        buf_offset: usize,
+        len: u32,
+        offset: u64,
+    },
     DataSync,
-    Fallocate { mode: i32, offset: u64, len: u64 },
+    Fallocate {
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 pub(crate) struct Completion {
@@ -201,10 +222,16 @@ impl RingThread {
                     let ptr = unsafe { buf.as_mut_ptr().add(*buf_offset) };
                     opcode::Read::new(fd, ptr, *len).offset(*offset).build()
                 }
+                Op::ReadInto { buf, buf_offset, len, offset } => {
+                    assert!(*buf_offset + *len as usize <= buf.io_len(), "read past its memory");
+                    // SAFETY: the range was checked against the memory just above.
+                    let ptr = unsafe { buf.io_ptr().add(*buf_offset) };
+                    opcode::Read::new(fd, ptr, *len).offset(*offset).build()
+                }
                 Op::Write { buf, buf_offset, len, offset } => {
-                    assert!(*buf_offset + *len as usize <= buf.len(), "write past its buffer");
-                    // SAFETY: the range was checked against the buffer just above.
-                    let ptr = unsafe { buf.as_ptr().add(*buf_offset) };
+                    assert!(*buf_offset + *len as usize <= buf.io_len(), "write past its memory");
+                    // SAFETY: the range was checked against the memory just above.
+                    let ptr = unsafe { buf.io_ptr().add(*buf_offset) };
                     opcode::Write::new(fd, ptr, *len).offset(*offset).build()
                 }
                 Op::DataSync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
@@ -212,7 +239,7 @@ impl RingThread {
                     opcode::Fallocate::new(fd, *len).offset(*offset).mode(*mode).build()
                 }
             };
-            // SAFETY: the buffers the entry points into are owned by `request`, which stays
+            // SAFETY: the memory the entry points into is held by `request`, which stays
             // in `slots` until its completion is reaped in `complete`.
             unsafe { self.ring.submission().push(&entry.user_data(slot as u64)) }
                 .expect("the ring has room for every slot");

@@ -200,3 +200,34 @@ async fn unaligned_or_out_of_extent_requests_are_refused() {
     assert_eq!(unaligned.kind(), StoreErrorKind::InvalidRequest);
     assert_eq!(past_end.kind(), StoreErrorKind::InvalidRequest);
 }
+
+#[tokio::test]
+async fn memory_unfit_for_direct_io_is_written_and_read_through_an_aligned_copy() {
+    let (_dir, path) = disk_path();
+    let disk = LocalDisk::create(&path, Some(64 << 20), identity()).await.unwrap();
+    // Starting 100 bytes into an aligned buffer: no sector alignment, so O_DIRECT would refuse it.
+    let source = pattern(4096 + 100, 4);
+    let target: Arc<AlignedBuf> = Arc::new(AlignedBuf::zeroed(4096 + 100));
+
+    disk.write(VOLUME, ExtentIndex(2), 0, source.clone(), 100..4196).await.expect("write");
+    let allocated = disk.read_into(VOLUME, ExtentIndex(2), 0, target.clone(), 100..4196).await.expect("read");
+
+    assert!(allocated);
+    assert_eq!(&target.as_slice()[100..], &source.as_slice()[100..]);
+}
+
+#[tokio::test]
+async fn reads_go_straight_into_the_callers_memory() {
+    let (_dir, path) = disk_path();
+    let disk = LocalDisk::create(&path, Some(64 << 20), identity()).await.unwrap();
+    let data = pattern(8192, 6);
+    write(&disk, 1, 0, &data).await.unwrap();
+    let target: Arc<AlignedBuf> = Arc::new(AlignedBuf::zeroed(8192));
+
+    let allocated = disk.read_into(VOLUME, ExtentIndex(1), 0, target.clone(), 0..8192).await.unwrap();
+    let unwritten = disk.read_into(VOLUME, ExtentIndex(9), 0, target.clone(), 0..4096).await.unwrap();
+
+    assert!(allocated);
+    assert!(!unwritten, "an extent never written is reported, not read");
+    assert_eq!(target.as_slice(), data.as_slice());
+}

@@ -4,6 +4,7 @@
 
 use crate::config::BlkConfig;
 use crate::guest::{copy_from_guest, copy_to_guest};
+use crate::guest_io::GuestRange;
 use crate::request::{BlkOp, BlkRequest, Descriptor, GuestBuf, HEADER_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use model::{extent_of, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
 use std::collections::BTreeSet;
@@ -159,34 +160,21 @@ async fn execute(
 ) -> Result<u32, IoError> {
     match op {
         BlkOp::Read { sector, bufs } => {
-            let offset = sector * SECTOR_SIZE_BYTES;
             let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
-            let mut done = 0u64;
-            while done < len {
-                let (_, within) = extent_of(offset + done);
-                let n = (EXTENT_SIZE_BYTES - within).min(len - done);
-                let data = engine.read(volume, offset + done, n).await?;
-                let zeros;
-                let bytes = match &data {
-                    Some(data) => data.as_slice(),
-                    None => {
-                        zeros = vec![0u8; n as usize];
-                        &zeros
-                    }
-                };
-                copy_to_guest(&mem.memory(), bufs, done, bytes).ok_or(IoError::GuestMemory)?;
-                done += n;
+            match guest_ranges(mem, bufs) {
+                Some(ranges) => read_direct(engine, volume, sector * SECTOR_SIZE_BYTES, bufs, ranges).await?,
+                None => read_copied(mem, engine, volume, sector * SECTOR_SIZE_BYTES, bufs).await?,
             }
             Ok(len as u32)
         }
         BlkOp::Write { sector, bufs } => {
-            let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
-            let mut data = AlignedBuf::zeroed(len as usize);
-            copy_from_guest(&mem.memory(), bufs, data.as_mut_slice()).ok_or(IoError::GuestMemory)?;
             let ticket = writes.begin();
-            let result = writer.write(sector * SECTOR_SIZE_BYTES, Arc::new(data), 0..len as usize).await;
+            let result = match guest_ranges(mem, bufs) {
+                Some(ranges) => write_direct(writer, sector * SECTOR_SIZE_BYTES, ranges).await,
+                None => write_copied(mem, writer, sector * SECTOR_SIZE_BYTES, bufs).await,
+            };
             writes.end(ticket);
-            result.map(|()| 0).map_err(IoError::from)
+            result.map(|()| 0)
         }
         BlkOp::Zero { segments } => {
             let ticket = writes.begin();
@@ -217,6 +205,98 @@ async fn execute(
             Ok(buf.len)
         }
     }
+}
+
+/// The request's buffers as guest memory the engine can do IO on directly, when every one
+/// is whole sectors long and inside one region of guest memory (the usual case).
+fn guest_ranges(mem: &GuestMemory, bufs: &[GuestBuf]) -> Option<Vec<(GuestBuf, Arc<GuestRange>)>> {
+    if bufs.iter().any(|b| u64::from(b.len) % SECTOR_SIZE_BYTES != 0) {
+        return None;
+    }
+    let map = mem.memory().into_inner();
+    bufs.iter().map(|&b| GuestRange::new(map.clone(), b).map(|r| (b, Arc::new(r)))).collect()
+}
+
+/// Each buffer is written straight from guest memory to every replica, all at once.
+async fn write_direct(
+    writer: &VolumeWriter,
+    offset: u64,
+    ranges: Vec<(GuestBuf, Arc<GuestRange>)>,
+) -> Result<(), IoError> {
+    let mut at = offset;
+    let mut writes = Vec::with_capacity(ranges.len());
+    for (buf, range) in ranges {
+        let len = buf.len as usize;
+        writes.push(writer.write(at, range as Arc<dyn store::IoMemory>, 0..len));
+        at += len as u64;
+    }
+    for result in futures_util::future::join_all(writes).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// Each buffer is read straight into guest memory, split where it crosses an extent.
+async fn read_direct(
+    engine: &Engine,
+    volume: VolumeId,
+    offset: u64,
+    bufs: &[GuestBuf],
+    ranges: Vec<(GuestBuf, Arc<GuestRange>)>,
+) -> Result<(), IoError> {
+    let mut reads = Vec::new();
+    let mut at = offset;
+    for ((_, range), buf) in ranges.into_iter().zip(bufs) {
+        let mut done = 0u64;
+        while done < u64::from(buf.len) {
+            let (_, within) = extent_of(at + done);
+            let n = (EXTENT_SIZE_BYTES - within).min(u64::from(buf.len) - done);
+            let target: Arc<dyn store::IoMemory> = range.clone();
+            reads.push(engine.read_into(volume, at + done, target, done as usize..(done + n) as usize));
+            done += n;
+        }
+        at += u64::from(buf.len);
+    }
+    for result in futures_util::future::join_all(reads).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// The bounds-checked path with one copy, for buffers that are not whole sectors.
+async fn read_copied(
+    mem: &GuestMemory,
+    engine: &Engine,
+    volume: VolumeId,
+    offset: u64,
+    bufs: &[GuestBuf],
+) -> Result<(), IoError> {
+    let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+    let mut done = 0u64;
+    while done < len {
+        let (_, within) = extent_of(offset + done);
+        let n = (EXTENT_SIZE_BYTES - within).min(len - done);
+        let data = engine.read(volume, offset + done, n).await?;
+        let zeros;
+        let bytes = match &data {
+            Some(data) => data.as_slice(),
+            None => {
+                zeros = vec![0u8; n as usize];
+                &zeros
+            }
+        };
+        copy_to_guest(&mem.memory(), bufs, done, bytes).ok_or(IoError::GuestMemory)?;
+        done += n;
+    }
+    Ok(())
+}
+
+async fn write_copied(mem: &GuestMemory, writer: &VolumeWriter, offset: u64, bufs: &[GuestBuf]) -> Result<(), IoError> {
+    let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+    let mut data = AlignedBuf::zeroed(len as usize);
+    copy_from_guest(&mem.memory(), bufs, data.as_mut_slice()).ok_or(IoError::GuestMemory)?;
+    writer.write(offset, Arc::new(data), 0..len as usize).await?;
+    Ok(())
 }
 
 /// Writes the status byte and returns the chain to the guest, notifying it if it asked.

@@ -8,6 +8,7 @@
 mod config;
 mod device;
 mod guest;
+mod guest_io;
 pub mod request;
 mod server;
 

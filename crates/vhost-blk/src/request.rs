@@ -35,7 +35,7 @@ pub const DISCARD_SECTORS_MAX: u32 = (1 << 30) / SECTOR_SIZE_BYTES as u32;
 /// WRITE_ZEROES segment flag: the device may unmap (we always free or zero).
 const FLAG_UNMAP: u32 = 1;
 
-const _: () = assert!(REQUEST_DATA_MAX_BYTES % SECTOR_SIZE_BYTES == 0);
+const _: () = assert!(REQUEST_DATA_MAX_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
 
 /// One descriptor as the guest gave it: an address in guest memory, a length, and whether
 /// the device may write it.
@@ -165,7 +165,7 @@ impl BlkRequest {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let bufs = bufs(kind == VIRTIO_BLK_T_IN)?;
                 let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
-                if len == 0 || len % SECTOR_SIZE_BYTES != 0 || len > REQUEST_DATA_MAX_BYTES {
+                if len == 0 || !len.is_multiple_of(SECTOR_SIZE_BYTES) || len > REQUEST_DATA_MAX_BYTES {
                     return Err(RequestError::BadLength(len));
                 }
                 check_range(sector, len / SECTOR_SIZE_BYTES, capacity_sectors)?;
@@ -346,7 +346,7 @@ mod tests {
                     BlkOp::Read { sector, bufs } | BlkOp::Write { sector, bufs } => {
                         let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
                         prop_assert!(sector + len / SECTOR_SIZE_BYTES <= CAPACITY);
-                        prop_assert!(len > 0 && len % SECTOR_SIZE_BYTES == 0);
+                        prop_assert!(len > 0 && len.is_multiple_of(SECTOR_SIZE_BYTES));
                     }
                     _ => {}
                 }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use store::AlignedBuf;
+use store::{AlignedBuf, IoMemory};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -31,7 +31,7 @@ impl PeerPool {
         &self,
         addr: &str,
         request: Request,
-        payload: Option<(&AlignedBuf, Range<usize>)>,
+        payload: Option<(&dyn IoMemory, Range<usize>)>,
     ) -> Result<Reply, ReplicaError> {
         let connection = self.connection(addr).await?;
         connection.call(request, payload).await
@@ -81,7 +81,7 @@ impl Connection {
     async fn call(
         &self,
         mut request: Request,
-        payload: Option<(&AlignedBuf, Range<usize>)>,
+        payload: Option<(&dyn IoMemory, Range<usize>)>,
     ) -> Result<Reply, ReplicaError> {
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
@@ -90,7 +90,8 @@ impl Connection {
             let mut writer = self.writer.lock().await;
             writer.write_all(&request.encode()).await?;
             if let Some((buf, range)) = payload {
-                writer.write_all(&buf.as_slice()[range]).await?;
+                // Straight from the caller's memory (a guest's, for a guest write) to the socket.
+                writer.write_all(buf.bytes(range)).await?;
             }
             Ok::<_, std::io::Error>(())
         };

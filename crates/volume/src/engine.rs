@@ -5,14 +5,14 @@
 use crate::client::PeerPool;
 use crate::error::{ReplicaError, VolumeError};
 use crate::overlap::{OverlapQueue, WriteId};
-use crate::replica::{ReplicaService, Reply};
+use crate::replica::{Payload, ReplicaService, Reply};
 use crate::topology::{replicas_of, Replica, Topology};
 use crate::wire::{Op, Request, Status};
 use model::{extent_of, ExtentIndex, OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use store::AlignedBuf;
+use store::{AlignedBuf, IoMemory};
 use tokio::sync::{oneshot, Semaphore};
 
 /// Writes one volume writer may have in flight; bounds memory and queue depth.
@@ -78,14 +78,49 @@ impl Engine {
     }
 
     /// Reads `len_bytes` at `offset_bytes`, which must lie within one extent. `None` means the
-    /// range was never written and reads as zeros. Prefers the local replica, then replicas
-    /// on nodes that are up; tries the next replica when one fails.
+    /// range was never written and reads as zeros.
     pub async fn read(
         &self,
         id: VolumeId,
         offset_bytes: u64,
         len_bytes: u64,
     ) -> Result<Option<AlignedBuf>, VolumeError> {
+        let reply = self.read_piece(id, offset_bytes, len_bytes, || Payload::None).await?;
+        Ok(match reply.status {
+            Status::Unallocated => None,
+            _ => Some(reply.data.unwrap_or_else(|| AlignedBuf::zeroed(len_bytes as usize))),
+        })
+    }
+
+    /// Reads `range.len()` bytes at `offset_bytes` (within one extent) into `target[range]`:
+    /// straight from the disk into the target when the replica is local. A range never
+    /// written is filled with zeros.
+    pub async fn read_into(
+        &self,
+        id: VolumeId,
+        offset_bytes: u64,
+        target: Arc<dyn IoMemory>,
+        range: Range<usize>,
+    ) -> Result<(), VolumeError> {
+        assert!(range.end <= target.io_len(), "read range past its target");
+        let len = range.len() as u64;
+        let payload = || Payload::ReadInto(target.clone(), range.clone());
+        let reply = self.read_piece(id, offset_bytes, len, payload).await?;
+        if reply.status == Status::Unallocated {
+            target.fill(range.start, &vec![0u8; range.len()]);
+        }
+        Ok(())
+    }
+
+    /// Reads one piece from the first replica that serves it: the local one, then those on
+    /// nodes that are up, then the rest.
+    async fn read_piece(
+        &self,
+        id: VolumeId,
+        offset_bytes: u64,
+        len_bytes: u64,
+        payload: impl Fn() -> Payload,
+    ) -> Result<Reply, VolumeError> {
         let volume = self.volume(id, offset_bytes, len_bytes)?;
         let [piece] = &pieces(offset_bytes, len_bytes)[..] else {
             return Err(VolumeError::OutOfRange { volume: id, offset_bytes, len_bytes, size_bytes: volume.size_bytes });
@@ -108,9 +143,8 @@ impl Engine {
         };
         let mut last = None;
         for replica in &order {
-            match self.send(replica, request, None).await.and_then(accepted) {
-                Ok(reply) if reply.status == Status::Unallocated => return Ok(None),
-                Ok(reply) => return Ok(Some(reply.data.unwrap_or_else(|| AlignedBuf::zeroed(len_bytes as usize)))),
+            match self.send(replica, request, payload()).await.and_then(accepted) {
+                Ok(reply) => return Ok(reply),
                 Err(e) => {
                     tracing::debug!(disk = %replica.disk, error = %e, "read from replica failed; trying the next");
                     last = Some((replica.clone(), e));
@@ -127,18 +161,24 @@ impl Engine {
         })
     }
 
-    async fn send(
-        &self,
-        replica: &Replica,
-        request: Request,
-        payload: Option<(&Arc<AlignedBuf>, Range<usize>)>,
-    ) -> Result<Reply, ReplicaError> {
+    async fn send(&self, replica: &Replica, request: Request, payload: Payload) -> Result<Reply, ReplicaError> {
         if replica.node == self.inner.topology.this_node() {
-            let payload = payload.map(|(buf, range)| (buf.clone(), range));
             Ok(self.inner.replica.handle(request, payload).await)
         } else {
-            let payload = payload.map(|(buf, range)| (buf.as_ref(), range));
-            self.inner.peers.call(&replica.data_addr, request, payload).await
+            match payload {
+                Payload::Write(buf, range) => {
+                    self.inner.peers.call(&replica.data_addr, request, Some((&*buf, range))).await
+                }
+                Payload::ReadInto(target, range) => {
+                    // A remote replica's data arrives in a buffer of the connection's: one copy.
+                    let reply = self.inner.peers.call(&replica.data_addr, request, None).await?;
+                    if let Some(data) = &reply.data {
+                        target.fill(range.start, data.as_slice());
+                    }
+                    Ok(Reply { data: None, ..reply })
+                }
+                Payload::None => self.inner.peers.call(&replica.data_addr, request, None).await,
+            }
         }
     }
 
@@ -149,7 +189,7 @@ impl Engine {
         epoch: OwnerEpoch,
         op: Op,
         piece: &Piece,
-        payload: Option<&Arc<AlignedBuf>>,
+        payload: Option<&Arc<dyn IoMemory>>,
     ) -> Result<(), VolumeError> {
         let set = replicas_of(&self.inner.topology.state(), volume, piece.extent)?;
         let request = Request {
@@ -164,7 +204,10 @@ impl Engine {
             pg_epoch: set.pg_epoch,
         };
         let sends = set.replicas.iter().map(|replica| {
-            let payload = payload.map(|buf| (buf, piece.buf_range.clone()));
+            let payload = match payload {
+                Some(buf) => Payload::Write(buf.clone(), piece.buf_range.clone()),
+                None => Payload::None,
+            };
             async move { (replica, self.send(replica, request, payload).await.and_then(accepted)) }
         });
         for (replica, result) in futures_util::future::join_all(sends).await {
@@ -241,8 +284,13 @@ impl VolumeWriter {
     }
 
     /// Writes `buf[range]` at `offset_bytes`; returns once every replica has it durably.
-    pub async fn write(&self, offset_bytes: u64, buf: Arc<AlignedBuf>, range: Range<usize>) -> Result<(), VolumeError> {
-        assert!(range.end <= buf.len(), "write range past its buffer");
+    pub async fn write(
+        &self,
+        offset_bytes: u64,
+        buf: Arc<dyn IoMemory>,
+        range: Range<usize>,
+    ) -> Result<(), VolumeError> {
+        assert!(range.end <= buf.io_len(), "write range past its buffer");
         let len = range.len() as u64;
         let volume = self.engine.volume(self.volume, offset_bytes, len)?;
         let _admitted = self.admit(offset_bytes..offset_bytes + len).await;

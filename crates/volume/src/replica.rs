@@ -4,9 +4,10 @@
 use crate::topology::Topology;
 use crate::wire::{Op, Request, Status, MESSAGE_MAX_BYTES};
 use model::{ClusterState, OwnerEpoch, VolumeId};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{AlignedBuf, DiskSet, StoreError, StoreErrorKind};
+use store::{AlignedBuf, DiskSet, IoMemory, StoreError, StoreErrorKind};
 
 /// How long a replica waits to learn an owner epoch newer than the one it knows: the new
 /// owner committed it through Raft before writing, so this node applies it shortly.
@@ -35,6 +36,15 @@ impl Reply {
     }
 }
 
+/// The memory a request's data moves through.
+pub enum Payload {
+    None,
+    /// The data of a write.
+    Write(Arc<dyn IoMemory>, Range<usize>),
+    /// Where a read's data goes (straight from the disk when the replica is local).
+    ReadInto(Arc<dyn IoMemory>, Range<usize>),
+}
+
 pub struct ReplicaService {
     disks: Arc<DiskSet>,
     topology: Arc<dyn Topology>,
@@ -49,8 +59,9 @@ impl ReplicaService {
         &self.disks
     }
 
-    /// Serves one checked request. `payload` is the data of a write.
-    pub async fn handle(&self, request: Request, payload: Option<(Arc<AlignedBuf>, std::ops::Range<usize>)>) -> Reply {
+    /// Serves one checked request. A read without a `ReadInto` payload returns its data in
+    /// the reply.
+    pub async fn handle(&self, request: Request, payload: Payload) -> Reply {
         let fenced = matches!(request.op, Op::Write | Op::Zero);
         if fenced && request.owner_epoch == OwnerEpoch(0) {
             return Reply::refuse(Status::Invalid, 0, "writes need an owner epoch; acquire the volume first".into());
@@ -86,13 +97,26 @@ impl ReplicaService {
         let (offset, len) = (u64::from(request.offset_bytes), u64::from(request.len_bytes));
         let result = match request.op {
             Op::Write => {
-                let (buf, range) = payload.expect("a write carries its payload");
+                let Payload::Write(buf, range) = payload else {
+                    return Reply::refuse(Status::Invalid, 0, "a write without data".into());
+                };
                 disk.write(volume.id, request.extent, offset, buf, range).await.map(|()| Reply::ok(None))
             }
-            Op::Read => disk.read(volume.id, request.extent, offset, len).await.map(|data| match data {
-                Some(data) => Reply::ok(Some(data)),
-                None => Reply { status: Status::Unallocated, ..Reply::ok(None) },
-            }),
+            Op::Read => match payload {
+                Payload::ReadInto(target, range) => {
+                    disk.read_into(volume.id, request.extent, offset, target, range).await.map(|allocated| {
+                        if allocated {
+                            Reply::ok(None)
+                        } else {
+                            Reply { status: Status::Unallocated, ..Reply::ok(None) }
+                        }
+                    })
+                }
+                _ => disk.read(volume.id, request.extent, offset, len).await.map(|data| match data {
+                    Some(data) => Reply::ok(Some(data)),
+                    None => Reply { status: Status::Unallocated, ..Reply::ok(None) },
+                }),
+            },
             Op::Zero => disk.zero(volume.id, request.extent, offset, len).await.map(|()| Reply::ok(None)),
         };
         result.unwrap_or_else(store_refusal)

@@ -1,7 +1,7 @@
 //! The replica server: accepts connections from other nodes' engines on the data address
 //! and answers their requests, many in flight per connection.
 
-use crate::replica::{ReplicaService, Reply};
+use crate::replica::{Payload, ReplicaService, Reply};
 use crate::wire::{Request, ResponseHeader, REQUEST_HEADER_BYTES};
 use std::sync::Arc;
 use store::AlignedBuf;
@@ -65,11 +65,11 @@ async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> st
         let request = Request::parse(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
         let payload = match request.payload_bytes() {
-            0 => None,
+            0 => Payload::None,
             n => {
                 let mut buf = AlignedBuf::zeroed(n);
                 reader.read_exact(buf.as_mut_slice()).await?;
-                Some((Arc::new(buf), 0..n))
+                Payload::Write(Arc::new(buf), 0..n)
             }
         };
         let service = service.clone();
