@@ -70,6 +70,15 @@ impl Host for NodeHost {
             let mut disks: Vec<Box<dyn AttachedDisk>> = Vec::new();
             for (index, &volume) in vm.spec.disks.iter().enumerate() {
                 let cluster = self.services.cluster();
+                // A VM moved or stopped while it was starting here must not take its disks
+                // back from the node it runs on now.
+                let here = model::VmDesired::Running { node: cluster.node_id() };
+                if cluster.state().vms.get(&vm.id).map(|v| v.desired) != Some(here) {
+                    return Err(HostError {
+                        what: format!("VM {} is no longer meant to run here", vm.spec.name),
+                        source: None,
+                    });
+                }
                 let epoch = cluster
                     .acquire_volume(volume)
                     .await

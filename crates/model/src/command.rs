@@ -176,11 +176,13 @@ impl ClusterState {
             }
             ClusterCommand::ReportVm { vm, node, state } => {
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
-                // A node that no longer runs the VM may not overwrite what the node that
-                // does run it reported.
+                // The node the VM is meant to run on always reports; another node only while
+                // nothing else is running it, so a late "stopped" from the node it left does
+                // not hide it running elsewhere.
+                let meant_here = found.desired == VmDesired::Running { node: *node };
                 let other_running = found.observed.node.is_some_and(|n| n != *node)
                     && !matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
-                if !other_running {
+                if meant_here || !other_running {
                     found.observed = VmObserved { node: Some(*node), state: state.clone() };
                 }
                 Ok(CommandOutcome::Done)
@@ -490,6 +492,19 @@ mod tests {
         state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopped }).unwrap();
 
         assert_eq!(state.vms[&vm].observed, VmObserved { node: Some(NODE_B), state: running });
+    }
+
+    #[test]
+    fn the_node_a_vm_moved_to_reports_over_the_node_it_left() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running.clone() }).unwrap();
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: true }).unwrap();
+
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_B, state: VmRunState::Starting }).unwrap();
+
+        assert_eq!(state.vms[&vm].observed, VmObserved { node: Some(NODE_B), state: VmRunState::Starting });
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct LocalDisk {
     index: RwLock<HashMap<(VolumeId, ExtentIndex), u64>>,
     /// Serialises changes to the table, so two writes of one table block never race.
     alloc: tokio::sync::Mutex<Allocator>,
+    /// IO holds this shared from looking up a slot until the IO is done; freeing a slot holds
+    /// it exclusively, so a slot is never reused while an IO to its old extent is in flight.
+    slot_use: tokio::sync::RwLock<()>,
 }
 
 struct Allocator {
@@ -140,6 +143,7 @@ impl LocalDisk {
             ring,
             index: RwLock::new(index),
             alloc: tokio::sync::Mutex::new(Allocator { table, free }),
+            slot_use: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -212,6 +216,7 @@ impl LocalDisk {
         } else {
             (Arc::new(AlignedBuf::copy_from(buf.bytes(range.clone()))), 0..range.len())
         };
+        let _in_use = self.slot_use.read().await;
         let slot = match self.slot_of(volume, extent) {
             Some(slot) => slot,
             None => self.allocate(volume, extent).await?,
@@ -230,6 +235,7 @@ impl LocalDisk {
         len_bytes: u64,
     ) -> Result<Option<AlignedBuf>, StoreError> {
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
+        let _in_use = self.slot_use.read().await;
         let Some(slot) = self.slot_of(volume, extent) else {
             return Ok(None);
         };
@@ -251,6 +257,7 @@ impl LocalDisk {
         let len_bytes = range.len() as u64;
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
         assert!(range.end <= target.io_len(), "caller passed a bad target range");
+        let _in_use = self.slot_use.read().await;
         let Some(slot) = self.slot_of(volume, extent) else { return Ok(false) };
         let at = self.sb.slot_offset(slot) + offset_bytes;
         if !target.aligned(&range, SECTOR_SIZE_BYTES as usize) {
@@ -287,17 +294,19 @@ impl LocalDisk {
         len_bytes: u64,
     ) -> Result<(), StoreError> {
         self.check_range(volume, extent, offset_bytes, len_bytes)?;
-        let Some(slot) = self.slot_of(volume, extent) else {
-            return Ok(());
-        };
         if offset_bytes == 0 && len_bytes == EXTENT_SIZE_BYTES {
             return self.free(volume, extent).await;
         }
+        let _in_use = self.slot_use.read().await;
+        let Some(slot) = self.slot_of(volume, extent) else {
+            return Ok(());
+        };
         self.zero_range(self.sb.slot_offset(slot) + offset_bytes, len_bytes).await
     }
 
     /// Frees an extent: its slot is free once the table says so, and zeroed when reused.
     pub async fn free(&self, volume: VolumeId, extent: ExtentIndex) -> Result<(), StoreError> {
+        let _no_io = self.slot_use.write().await;
         let mut alloc = self.alloc.lock().await;
         let Some(slot) = self.slot_of(volume, extent) else {
             return Ok(());

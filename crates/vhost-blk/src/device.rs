@@ -76,11 +76,28 @@ impl BlkDevice {
         })
     }
 
+    fn drain_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
+        if self.event_idx.load(Ordering::Acquire) {
+            // With EVENT_IDX the guest kicks only when it passes our avail event: re-check
+            // after re-enabling, or a request that arrived meanwhile would wait forever.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                self.process_queue(queue, vring)?;
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    return Ok(());
+                }
+            }
+        }
+        self.process_queue(queue, vring)
+    }
+
     /// Pops every available chain, checks it, and starts it on the runtime.
     fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
         let mem = self.mem.memory();
         let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
         for chain in chains {
+            // In flight from the moment it is popped, so stopping the queue waits for it.
+            self.in_flight[queue].begin();
             let head = chain.head_index();
             // Bounded by the queue size: a chain longer than that is not a valid chain.
             let descriptors: Vec<Descriptor> = chain
@@ -94,6 +111,7 @@ impl BlkDevice {
                     tracing::debug!(volume = %self.target.volume, head, error = %e, "refused a guest request");
                     let status = e.status().zip(crate::request::status_of(&descriptors));
                     complete(vring, &self.mem, head, status.map(|(s, buf)| (buf, s)), 0);
+                    self.in_flight[queue].end();
                 }
             }
         }
@@ -119,7 +137,8 @@ impl BlkDevice {
 
     fn submit(&self, queue: usize, vring: Vring, head: u16, request: BlkRequest) {
         let in_flight = self.in_flight[queue].clone();
-        in_flight.begin();
+        // A write's place in the FLUSH order is taken when it is popped, not when it runs.
+        let ticket = matches!(request.op, BlkOp::Write { .. } | BlkOp::Zero { .. }).then(|| self.writes.begin());
         let mem = self.mem.clone();
         let writer = self.target.writer.clone();
         let engine = self.target.engine.clone();
@@ -127,7 +146,11 @@ impl BlkDevice {
         let serial = self.target.serial.clone();
         let writes = self.writes.clone();
         self.runtime.spawn(async move {
-            let (status, written) = match execute(&request.op, &mem, &writer, &engine, volume, &serial, &writes).await {
+            let result = execute(&request.op, &mem, &writer, &engine, volume, &serial, &writes).await;
+            if let Some(ticket) = ticket {
+                writes.end(ticket);
+            }
+            let (status, written) = match result {
                 Ok(written) => (VIRTIO_BLK_S_OK, written),
                 Err(e) => {
                     tracing::warn!(%volume, error = %e, "guest request failed");
@@ -168,27 +191,18 @@ async fn execute(
             Ok(len as u32)
         }
         BlkOp::Write { sector, bufs } => {
-            let ticket = writes.begin();
-            let result = match guest_ranges(mem, bufs) {
-                Some(ranges) => write_direct(writer, sector * SECTOR_SIZE_BYTES, ranges).await,
-                None => write_copied(mem, writer, sector * SECTOR_SIZE_BYTES, bufs).await,
-            };
-            writes.end(ticket);
-            result.map(|()| 0)
+            match guest_ranges(mem, bufs) {
+                Some(ranges) => write_direct(writer, sector * SECTOR_SIZE_BYTES, ranges).await?,
+                None => write_copied(mem, writer, sector * SECTOR_SIZE_BYTES, bufs).await?,
+            }
+            Ok(0)
         }
         BlkOp::Zero { segments } => {
-            let ticket = writes.begin();
-            let mut result = Ok(0);
             for segment in segments {
-                let zeroed =
-                    writer.zero(segment.sector * SECTOR_SIZE_BYTES, u64::from(segment.sectors) * SECTOR_SIZE_BYTES);
-                if let Err(e) = zeroed.await {
-                    result = Err(e.into());
-                    break;
-                }
+                let len = u64::from(segment.sectors) * SECTOR_SIZE_BYTES;
+                writer.zero(segment.sector * SECTOR_SIZE_BYTES, len).await?;
             }
-            writes.end(ticket);
-            result
+            Ok(0)
         }
         BlkOp::Flush => {
             // Every acknowledged write is already durable on every replica; a FLUSH waits for
@@ -453,17 +467,11 @@ impl VhostUserBackend for BlkDevice {
         // With one queue per thread, `device_event` indexes this thread's one vring and the
         // queue number is the thread's.
         let vring = vrings.get(usize::from(device_event)).ok_or_else(|| io::Error::other("unknown vring event"))?;
-        if self.event_idx.load(Ordering::Acquire) {
-            // With EVENT_IDX the guest kicks only when it passes our avail event: re-check
-            // after re-enabling, or a request that arrived meanwhile would wait forever.
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(thread_id, vring)?;
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    return Ok(());
-                }
-            }
+        // An error here would end this queue's worker thread for good; a queue the guest (or
+        // a racing reset) left in a bad state is logged and waits for the next kick or reset.
+        if let Err(e) = self.drain_queue(thread_id, vring) {
+            tracing::warn!(volume = %self.target.volume, queue = thread_id, error = %e, "virtqueue unusable until reset");
         }
-        self.process_queue(thread_id, vring)
+        Ok(())
     }
 }

@@ -182,6 +182,12 @@ impl BlkRequest {
             },
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let bufs = bufs(false)?;
+                // Bound what is read from the guest before reading it: a guest-chosen length
+                // must not make the daemon allocate or copy more than the segments allowed.
+                let total: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+                if total > u64::from(DISCARD_SEG_MAX * SEGMENT_BYTES) {
+                    return Err(RequestError::BadSegment);
+                }
                 let mut segments = Vec::new();
                 for buf in bufs {
                     if buf.len % SEGMENT_BYTES != 0 {
@@ -328,6 +334,18 @@ mod tests {
         let c = chain(&[d(0x2000, 16, false)]);
         let parsed = BlkRequest::parse_with(&c, &header(VIRTIO_BLK_T_DISCARD, 0), CAPACITY, &mut |_| Some(raw.clone()));
         assert_eq!(parsed, Err(RequestError::BadSegment));
+    }
+
+    #[test]
+    fn an_oversized_discard_is_refused_before_anything_is_read() {
+        let c = chain(&[d(0x2000, 0xFFFF_FFF0, false)]);
+        let mut reads = 0;
+        let parsed = BlkRequest::parse_with(&c, &header(VIRTIO_BLK_T_DISCARD, 0), CAPACITY, &mut |_| {
+            reads += 1;
+            None
+        });
+        assert_eq!(parsed, Err(RequestError::BadSegment));
+        assert_eq!(reads, 0);
     }
 
     proptest! {

@@ -34,7 +34,13 @@ impl PeerPool {
         payload: Option<(&dyn IoMemory, Range<usize>)>,
     ) -> Result<Reply, ReplicaError> {
         let connection = self.connection(addr).await?;
-        connection.call(request, payload).await
+        match connection.call(request, payload.clone()).await {
+            // The connection was retired under this request (another request broke it, or
+            // the peer restarted): one more try on a fresh one. Writes and reads are
+            // idempotent, and the writer's ordering still holds the range.
+            Err(ReplicaError::ConnectionLost { .. }) => self.connection(addr).await?.call(request, payload).await,
+            result => result,
+        }
     }
 
     async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ReplicaError> {
@@ -86,27 +92,49 @@ impl Connection {
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(request.id, done);
-        let sent = async {
+        // A frame sent only in part (an error, a timeout, or a caller that gave up) leaves the
+        // stream unframed: the guard then retires the connection so nothing is sent after it.
+        let mut guard = RetireUnlessSent { alive: &self.alive, sent: false };
+        let sent = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let mut writer = self.writer.lock().await;
+            if !self.alive.load(Ordering::Acquire) {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
             writer.write_all(&request.encode()).await?;
             if let Some((buf, range)) = payload {
                 // Straight from the caller's memory (a guest's, for a guest write) to the socket.
                 writer.write_all(buf.bytes(range)).await?;
             }
             Ok::<_, std::io::Error>(())
-        };
-        if sent.await.is_err() {
-            self.alive.store(false, Ordering::Release);
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
             self.pending.lock().expect("pending lock").remove(&request.id);
             return Err(ReplicaError::ConnectionLost { addr: self.addr.clone() });
         }
+        guard.sent = true;
         match tokio::time::timeout(REQUEST_TIMEOUT, reply).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ReplicaError::ConnectionLost { addr: self.addr.clone() }),
             Err(_) => {
+                // A peer that does not answer in time is not trusted with the next request.
+                self.alive.store(false, Ordering::Release);
                 self.pending.lock().expect("pending lock").remove(&request.id);
                 Err(ReplicaError::Timeout { addr: self.addr.clone(), timeout_ms: REQUEST_TIMEOUT.as_millis() as u64 })
             }
+        }
+    }
+}
+
+struct RetireUnlessSent<'a> {
+    alive: &'a AtomicBool,
+    sent: bool,
+}
+
+impl Drop for RetireUnlessSent<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.alive.store(false, Ordering::Release);
         }
     }
 }

@@ -48,11 +48,16 @@ pub enum Payload {
 pub struct ReplicaService {
     disks: Arc<DiskSet>,
     topology: Arc<dyn Topology>,
+    /// Per volume, the newest owner epoch a write brought here. A write holds its volume's
+    /// gate shared from its epoch check until its IO is done; a write with a newer epoch
+    /// takes it exclusively to raise it, so no older write is still in flight after that
+    /// and none starts afterwards (DESIGN invariant 3).
+    gates: std::sync::Mutex<std::collections::HashMap<VolumeId, Arc<tokio::sync::RwLock<OwnerEpoch>>>>,
 }
 
 impl ReplicaService {
     pub fn new(disks: Arc<DiskSet>, topology: Arc<dyn Topology>) -> Self {
-        ReplicaService { disks, topology }
+        ReplicaService { disks, topology, gates: Default::default() }
     }
 
     pub fn disks(&self) -> &Arc<DiskSet> {
@@ -71,6 +76,19 @@ impl ReplicaService {
             return Reply::refuse(Status::EpochUnknown, 0, message);
         };
         let volume = &state.volumes[&request.volume];
+        let gate = self.gates.lock().expect("gates lock").entry(volume.id).or_default().clone();
+        let mut held = gate.read().await;
+        if fenced && request.owner_epoch > *held {
+            drop(held);
+            let mut newest = gate.write().await;
+            *newest = (*newest).max(request.owner_epoch);
+            drop(newest);
+            held = gate.read().await;
+        }
+        if fenced && request.owner_epoch < *held {
+            let message = format!("{} was written here with {}; {} is stale", volume.id, *held, request.owner_epoch);
+            return Reply::refuse(Status::StaleOwnerEpoch, held.0, message);
+        }
         if fenced && request.owner_epoch < volume.owner_epoch {
             let message =
                 format!("{} is owned with {} now; {} is stale", volume.id, volume.owner_epoch, request.owner_epoch);
