@@ -3,7 +3,6 @@
 #   OUT/vmlinuz            the linux-image-cloud-amd64 kernel
 #   OUT/initramfs.cpio.gz  busybox-static, the virtio modules, and an /init that mounts /dev/vda
 #   OUT/rootfs.img         an ext4 root filesystem with busybox and /sbin/init (guest/rootfs-init)
-#   OUT/bios.img           a disk image that boots by BIOS (MBR, FAT, syslinux) into the same kernel
 # No root needed. Usage: guest/build.sh [OUT]   (default target/guest)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -62,28 +61,5 @@ applets "$rootfs"
 install -m 755 "$here/rootfs-init" "$rootfs/bin/init"
 rm -f "$OUT/rootfs.img"
 mkfs.ext4 -q -F -L converge-root -d "$rootfs" "$OUT/rootfs.img" 32M
-# A BIOS-bootable disk: syslinux's MBR, one FAT partition holding syslinux, the kernel and
-# the initramfs. mtools writes the FAT image, so nothing is mounted.
-part=$work/boot.fat
-rm -f "$part" "$OUT/bios.img"
-truncate -s 63M "$part"
-mkfs.fat -n CONVERGE "$part" >/dev/null
-cat > "$work/syslinux.cfg" <<'CFG'
-SERIAL 0 115200
-DEFAULT converge
-PROMPT 0
-TIMEOUT 0
-LABEL converge
-  KERNEL vmlinuz
-  APPEND initrd=initrd.gz console=ttyS0 panic=-1 quiet gmode=bios
-CFG
-mcopy -i "$part" "$OUT/vmlinuz" ::vmlinuz
-mcopy -i "$part" "$OUT/initramfs.cpio.gz" ::initrd.gz
-mcopy -i "$part" "$work/syslinux.cfg" ::syslinux.cfg
-syslinux --install "$part"
-truncate -s 64M "$OUT/bios.img"
-printf 'label: dos\nstart=2048, type=c, bootable\n' | sfdisk -q "$OUT/bios.img"
-dd if="$part" of="$OUT/bios.img" bs=1M seek=1 conv=notrunc status=none
-dd if=/usr/lib/syslinux/mbr/mbr.bin of="$OUT/bios.img" bs=440 count=1 conv=notrunc status=none
 echo "$stamp" > "$OUT/stamp"
 echo "guest: built $OUT (kernel $KVER)"

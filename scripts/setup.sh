@@ -13,11 +13,6 @@ ls /lib/modules 2>/dev/null | grep -q cloud-amd64 || need+=(linux-image-cloud-am
 have cpio || need+=(cpio)
 have mkfs.ext4 || need+=(e2fsprogs)
 have depmod || need+=(kmod)
-have syslinux || need+=(syslinux)
-[ -f /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
-have mcopy || need+=(mtools)
-have mkfs.fat || need+=(dosfstools)
-have sfdisk || need+=(fdisk)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
