@@ -265,22 +265,7 @@ impl LocalDisk {
             target.fill(range.start, data.as_slice());
             return Ok(true);
         }
-        let mut done = 0usize;
-        while done < range.len() {
-            let op = Op::ReadInto {
-                buf: target.clone(),
-                buf_offset: range.start + done,
-                len: (range.len() - done) as u32,
-                offset: at + done as u64,
-            };
-            let n =
-                self.ring.submit(op).await.result.map_err(|e| io_error(&self.path, "reading", at + done as u64, e))?;
-            if n == 0 {
-                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the device ended early");
-                return Err(io_error(&self.path, "reading", at + done as u64, eof));
-            }
-            done += n as usize;
-        }
+        read_into_at(&self.ring, &self.path, at, target, range).await?;
         Ok(true)
     }
 
@@ -401,20 +386,37 @@ fn open_ring(path: &Path) -> Result<(Ring, u64), StoreError> {
 }
 
 async fn read_at(ring: &Ring, path: &Path, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
-    let mut buf = AlignedBuf::zeroed(len);
+    let buf = Arc::new(AlignedBuf::zeroed(len));
+    read_into_at(ring, path, offset, buf.clone(), 0..len).await?;
+    // The ring drops its reference before it reports the completion.
+    Ok(Arc::try_unwrap(buf).expect("no IO holds the buffer after the read"))
+}
+
+/// Reads into `target[range]` from `offset`, resubmitting after short reads.
+async fn read_into_at(
+    ring: &Ring,
+    path: &Path,
+    offset: u64,
+    target: Arc<dyn IoMemory>,
+    range: Range<usize>,
+) -> Result<(), StoreError> {
     let mut done = 0usize;
-    while done < len {
-        let op = Op::Read { buf, buf_offset: done, len: (len - done) as u32, offset: offset + done as u64 };
-        let completion = ring.submit(op).await;
-        let n = completion.result.map_err(|e| io_error(path, "reading", offset + done as u64, e))?;
-        buf = completion.buf.expect("a read gives its buffer back");
+    while done < range.len() {
+        let at = offset + done as u64;
+        let op = Op::Read {
+            buf: target.clone(),
+            buf_offset: range.start + done,
+            len: (range.len() - done) as u32,
+            offset: at,
+        };
+        let n = ring.submit(op).await.result.map_err(|e| io_error(path, "reading", at, e))?;
         if n == 0 {
             let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "the device ended early");
-            return Err(io_error(path, "reading", offset + done as u64, eof));
+            return Err(io_error(path, "reading", at, eof));
         }
         done += n as usize;
     }
-    Ok(buf)
+    Ok(())
 }
 
 async fn write_at(

@@ -5,7 +5,7 @@
 //! waiting does not free memory the kernel is still writing into.
 #![allow(unsafe_code)]
 
-use crate::buf::{AlignedBuf, IoMemory};
+use crate::buf::IoMemory;
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -23,14 +23,8 @@ const WAKE: u64 = u64::MAX;
 const _: () = assert!(RING_DEPTH < WAKE as usize);
 
 pub(crate) enum Op {
+    /// A read into memory the caller shares (its own buffer, or a guest's for zero-copy).
     Read {
-        buf: AlignedBuf,
-        buf_offset: usize,
-        len: u32,
-        offset: u64,
-    },
-    /// A read into memory the caller shares (a guest's, for zero-copy reads).
-    ReadInto {
         buf: Arc<dyn IoMemory>,
         buf_offset: usize,
         len: u32,
@@ -53,8 +47,6 @@ pub(crate) enum Op {
 pub(crate) struct Completion {
     /// Bytes transferred (reads and writes), or 0.
     pub result: io::Result<u32>,
-    /// The buffer of a read, given back.
-    pub buf: Option<AlignedBuf>,
 }
 
 struct Request {
@@ -91,7 +83,6 @@ impl Ring {
         let (done, result) = oneshot::channel();
         let gone = || Completion {
             result: Err(io::Error::new(io::ErrorKind::BrokenPipe, "the disk's IO thread has stopped")),
-            buf: None,
         };
         let Some(requests) = &self.requests else {
             return gone();
@@ -100,7 +91,7 @@ impl Ring {
             return gone();
         }
         if let Err(e) = (&self.wake).write_all(&1u64.to_ne_bytes()) {
-            return Completion { result: Err(e), buf: None };
+            return Completion { result: Err(e) };
         }
         result.await.unwrap_or_else(|_| gone())
     }
@@ -217,12 +208,6 @@ impl RingThread {
             let fd = types::Fd(self.file.as_raw_fd());
             let entry = match &mut request.op {
                 Op::Read { buf, buf_offset, len, offset } => {
-                    assert!(*buf_offset + *len as usize <= buf.len(), "read past its buffer");
-                    // SAFETY: the range was checked against the buffer just above.
-                    let ptr = unsafe { buf.as_mut_ptr().add(*buf_offset) };
-                    opcode::Read::new(fd, ptr, *len).offset(*offset).build()
-                }
-                Op::ReadInto { buf, buf_offset, len, offset } => {
                     assert!(*buf_offset + *len as usize <= buf.io_len(), "read past its memory");
                     // SAFETY: the range was checked against the memory just above.
                     let ptr = unsafe { buf.io_ptr().add(*buf_offset) };
@@ -251,11 +236,10 @@ impl RingThread {
         let request = self.slots[slot].take().expect("a completion for a slot in flight");
         self.free_slots.push(slot);
         let result = if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as u32) };
-        let buf = match request.op {
-            Op::Read { buf, .. } => Some(buf),
-            _ => None,
-        };
-        // The caller may have stopped waiting; the buffer is then simply dropped.
-        let _ = request.done.send(Completion { result, buf });
+        let Request { op, done } = request;
+        // The memory is released before the caller hears of the completion, so a caller
+        // that owns it alone again can take it back.
+        drop(op);
+        let _ = done.send(Completion { result });
     }
 }
