@@ -86,3 +86,22 @@ fn qcow2_image_imports_as_its_raw_contents_on_a_single_replica_volume() {
 
     assert_eq!(sha256(&output), expected);
 }
+
+#[test]
+fn a_disk_missing_after_a_restart_is_reported_failed_with_the_reason() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut node = NodeProcess::start(dir.path(), 10, 18740);
+    node.cli(&["cluster", "init"]);
+    let disk = dir.path().join("disk");
+    node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "64M"]);
+
+    node.sigkill();
+    std::fs::remove_file(&disk).unwrap();
+    node.restart();
+    let status = json(&node.cli(&["--json", "cluster", "status"]));
+
+    assert_eq!(status["healthy"], false, "{status}");
+    let health = &status["nodes"][0]["disks"][0]["health"];
+    assert_eq!(health["state"], "failed", "{status}");
+    assert!(health["reason"].as_str().unwrap().contains("does not exist"), "{status}");
+}

@@ -80,6 +80,7 @@ fn guest_on_a_replicated_volume_writes_with_o_direct_and_keeps_its_data_on_anoth
 
     assert!(first_boot.contains("GUEST: root filesystem on /dev/vda, boot number 1"), "{first_boot}");
     assert!(first_boot.contains("GUEST: wrote pattern to /dev/vdb with O_DIRECT"), "{first_boot}");
+    assert!(first_boot.contains("GUEST: discard OK"), "{first_boot}");
     assert!(first_boot.contains("GUEST: RESULT rc=0"), "{first_boot}");
     let bytes = std::fs::read(&exported).unwrap();
     assert!(bytes[..pattern().len()] == pattern()[..], "the exported disk holds the guest's pattern");
