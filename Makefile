@@ -29,6 +29,7 @@ demo-stop:
 
 bench: build
 	@scripts/bench-import.sh
+	@scripts/bench-vm.sh
 
 clean:
 	$(CARGO) clean
