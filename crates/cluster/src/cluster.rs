@@ -4,7 +4,7 @@ use crate::error::ClusterError;
 use crate::network::{Network, PeerTransport};
 use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
-use crate::types::{PeerReply, PeerRpc, RaftNode, RemoteRefusal, TypeConfig};
+use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, TypeConfig};
 use model::{
     ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, DiskReport, Node, NodeId, NodeReport,
     OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
@@ -152,12 +152,15 @@ impl Cluster {
     /// Proposes through the leader; the outcome and the log index it was committed at.
     async fn propose_at(&self, command: ClusterCommand) -> Result<(CommandOutcome, u64), ClusterError> {
         let started = Instant::now();
+        // One id for every attempt: a retry of a proposal that did commit is answered with
+        // its first outcome instead of being applied again.
+        let proposal = Proposal { id: u128::from(random_u64()?) << 64 | u128::from(random_u64()?), command };
         loop {
-            let attempt = match self.inner.raft.client_write(command.clone()).await {
+            let attempt = match self.inner.raft.client_write(proposal.clone()).await {
                 Ok(response) => return Ok((response.data?, response.log_id.index)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => match forward.leader_node {
                     Some(leader) if forward.leader_id != Some(self.node_id().0) => {
-                        self.forward(&leader.api_addr, command.clone()).await
+                        self.forward(&leader.api_addr, proposal.clone()).await
                     }
                     _ => Err(ClusterError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 }),
                 },
@@ -175,8 +178,8 @@ impl Cluster {
         }
     }
 
-    async fn forward(&self, leader_addr: &str, command: ClusterCommand) -> Result<(CommandOutcome, u64), ClusterError> {
-        match self.call(leader_addr, PeerRpc::Propose(command), FORWARD_TIMEOUT).await? {
+    async fn forward(&self, leader_addr: &str, proposal: Proposal) -> Result<(CommandOutcome, u64), ClusterError> {
+        match self.call(leader_addr, PeerRpc::Propose(proposal), FORWARD_TIMEOUT).await? {
             PeerReply::Propose(Ok(committed)) => Ok(committed),
             PeerReply::Propose(Err(RemoteRefusal::Command(e))) => Err(ClusterError::Command(e)),
             PeerReply::Propose(Err(RemoteRefusal::Other(_))) => Err(ClusterError::NoLeader { waited_ms: 0 }),

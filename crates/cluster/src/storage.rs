@@ -187,7 +187,13 @@ struct Machine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, RaftNode>,
     state: ClusterState,
+    /// Outcomes of the latest proposals by id, oldest first, at most `PROPOSALS_REMEMBERED`.
+    #[serde(default)]
+    recent: std::collections::VecDeque<(u128, ApplyResult)>,
 }
+
+/// Proposals whose outcome the state machine remembers: far more than can be in flight.
+const PROPOSALS_REMEMBERED: usize = 4096;
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -255,7 +261,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(CommandOutcome::Done),
-                EntryPayload::Normal(command) => machine.state.apply(&command),
+                EntryPayload::Normal(proposal) => match machine.recent.iter().find(|(id, _)| *id == proposal.id) {
+                    Some((_, first)) => first.clone(),
+                    None => {
+                        let result = machine.state.apply(&proposal.command);
+                        if machine.recent.len() == PROPOSALS_REMEMBERED {
+                            machine.recent.pop_front();
+                        }
+                        machine.recent.push_back((proposal.id, result.clone()));
+                        result
+                    }
+                },
                 EntryPayload::Membership(membership) => {
                     machine.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Ok(CommandOutcome::Done)
@@ -295,5 +311,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let stored: Option<StoredSnapshot> = read_meta(&self.db, KEY_SNAPSHOT)?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Proposal;
+    use model::{ClusterCommand, ClusterId, CommandError};
+    use openraft::CommittedLeaderId;
+
+    fn entry(index: u64, proposal: &Proposal) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(proposal.clone()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_proposal_is_applied_once_and_answered_with_its_first_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(&dir.path().join("cluster.redb")).unwrap();
+        let (mut machine, state) = StateMachineStore::open(db).unwrap();
+        let init =
+            Proposal { id: 1, command: ClusterCommand::InitCluster { id: ClusterId(5), join_secret: "s".into() } };
+
+        let results = machine.apply([entry(1, &init), entry(2, &init)]).await.unwrap();
+        let again = Proposal { id: 2, ..init };
+        let fresh = machine.apply([entry(3, &again)]).await.unwrap();
+
+        assert_eq!(
+            results,
+            vec![Ok(CommandOutcome::Done), Ok(CommandOutcome::Done)],
+            "the repeat is not applied again"
+        );
+        assert_eq!(fresh, vec![Err(CommandError::AlreadyInitialized)], "a new id is applied");
+        assert_eq!(state.borrow().cluster.as_ref().map(|c| c.id), Some(ClusterId(5)));
     }
 }

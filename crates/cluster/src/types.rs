@@ -15,12 +15,20 @@ pub struct RaftNode {
     pub api_addr: String,
 }
 
+/// A command with an id drawn by its proposer, so a proposal retried after a lost reply is
+/// applied once: the state machine answers a repeated id with the first outcome.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: u128,
+    pub command: ClusterCommand,
+}
+
 /// The result of applying one log entry (membership and blank entries give `Done`).
 pub type ApplyResult = Result<CommandOutcome, CommandError>;
 
 openraft::declare_raft_types!(
     pub TypeConfig:
-        D = ClusterCommand,
+        D = Proposal,
         R = ApplyResult,
         NodeId = u64,
         Node = RaftNode,
@@ -36,7 +44,7 @@ pub enum PeerRpc {
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A command a follower forwards to the leader.
-    Propose(ClusterCommand),
+    Propose(Proposal),
     /// A new node asks to become a member.
     Join {
         token: String,
