@@ -36,6 +36,20 @@ impl dyn IoMemory {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.io_ptr().add(at), data.len()) }
     }
 
+    /// Receives up to `len` bytes from the non-blocking socket `fd` straight into the memory
+    /// at `at`: a remote replica's read lands in guest memory without a copy.
+    pub fn recv_into(&self, fd: std::os::fd::RawFd, at: usize, len: usize) -> std::io::Result<usize> {
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.io_len()), "receive past the IO memory");
+        // SAFETY: in bounds (checked above) of memory the trait lets IO write; the kernel
+        // writes at most `len` bytes there.
+        let n = unsafe { libc::recv(fd, self.io_ptr().add(at).cast(), len, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     /// Whether `range` starts at an address direct IO can use.
     pub fn aligned(&self, range: &std::ops::Range<usize>, align: usize) -> bool {
         (self.io_ptr() as usize + range.start).is_multiple_of(align)

@@ -6,10 +6,12 @@ use crate::replica::Reply;
 use crate::wire::{Request, ResponseHeader, Status, RESPONSE_HEADER_BYTES};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{AlignedBuf, IoMemory};
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -18,7 +20,15 @@ use tokio::sync::oneshot;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ReplicaError>>>>>;
+/// Where a read's data goes when it arrives: straight into the caller's memory.
+pub type ReadTarget = (Arc<dyn IoMemory>, Range<usize>);
+
+struct Waiter {
+    done: oneshot::Sender<Result<Reply, ReplicaError>>,
+    into: Option<ReadTarget>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
 #[derive(Default)]
 pub struct PeerPool {
@@ -32,13 +42,14 @@ impl PeerPool {
         addr: &str,
         request: Request,
         payload: Option<(&dyn IoMemory, Range<usize>)>,
+        into: Option<ReadTarget>,
     ) -> Result<Reply, ReplicaError> {
         let connection = self.connection(addr).await?;
-        match connection.call(request, payload.clone()).await {
+        match connection.call(request, payload.clone(), into.clone()).await {
             // The connection was retired under this request (another request broke it, or
             // the peer restarted): one more try on a fresh one. Writes and reads are
             // idempotent, and the writer's ordering still holds the range.
-            Err(ReplicaError::ConnectionLost { .. }) => self.connection(addr).await?.call(request, payload).await,
+            Err(ReplicaError::ConnectionLost { .. }) => self.connection(addr).await?.call(request, payload, into).await,
             result => result,
         }
     }
@@ -88,10 +99,11 @@ impl Connection {
         &self,
         mut request: Request,
         payload: Option<(&dyn IoMemory, Range<usize>)>,
+        into: Option<ReadTarget>,
     ) -> Result<Reply, ReplicaError> {
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(request.id, done);
+        self.pending.lock().expect("pending lock").insert(request.id, Waiter { done, into });
         // A frame sent only in part (an error, a timeout, or a caller that gave up) leaves the
         // stream unframed: the guard then retires the connection so nothing is sent after it.
         let mut guard = RetireUnlessSent { alive: &self.alive, sent: false };
@@ -141,39 +153,70 @@ impl Drop for RetireUnlessSent<'_> {
 
 /// Reads replies until the connection fails, then fails every request still waiting.
 async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, alive: Arc<AtomicBool>) {
+    let lost = || ReplicaError::ConnectionLost { addr: addr.clone() };
     let failure = loop {
         let mut header = [0u8; RESPONSE_HEADER_BYTES];
         if reader.read_exact(&mut header).await.is_err() {
-            break ReplicaError::ConnectionLost { addr: addr.clone() };
+            break lost();
         }
         let header = match ResponseHeader::parse(&header) {
             Ok(header) => header,
             Err(source) => break ReplicaError::Protocol { addr: addr.clone(), source },
         };
-        let mut payload = AlignedBuf::zeroed(header.payload_len as usize);
-        if reader.read_exact(payload.as_mut_slice()).await.is_err() {
-            break ReplicaError::ConnectionLost { addr: addr.clone() };
-        }
-        let reply = match header.status {
-            Status::Ok => Reply {
-                status: Status::Ok,
-                epoch: 0,
-                data: (!payload.is_empty()).then_some(payload),
-                message: String::new(),
-            },
-            status => {
-                let message = String::from_utf8_lossy(payload.as_slice()).into_owned();
-                Reply { status, epoch: header.epoch, data: None, message }
+        // A reply for a request that timed out meanwhile has no one waiting: its payload is
+        // read and dropped.
+        let waiter = pending.lock().expect("pending lock").remove(&header.id);
+        let len = header.payload_len as usize;
+        let direct = match (&waiter, header.status) {
+            (Some(Waiter { into: Some((target, range)), .. }), Status::Ok) if range.len() == len && len > 0 => {
+                Some((target.clone(), range.clone()))
+            }
+            _ => None,
+        };
+        let reply = if let Some((target, range)) = direct {
+            if receive_into(&reader, &target, range).await.is_err() {
+                break lost();
+            }
+            Reply { status: Status::Ok, epoch: 0, data: None, message: String::new() }
+        } else {
+            let mut payload = AlignedBuf::zeroed(len);
+            if reader.read_exact(payload.as_mut_slice()).await.is_err() {
+                break lost();
+            }
+            match header.status {
+                Status::Ok => {
+                    Reply { status: Status::Ok, epoch: 0, data: (len > 0).then_some(payload), message: String::new() }
+                }
+                status => {
+                    let message = String::from_utf8_lossy(payload.as_slice()).into_owned();
+                    Reply { status, epoch: header.epoch, data: None, message }
+                }
             }
         };
-        // A reply for a request that timed out meanwhile has no one waiting: drop it.
-        if let Some(done) = pending.lock().expect("pending lock").remove(&header.id) {
-            let _ = done.send(Ok(reply));
+        if let Some(waiter) = waiter {
+            let _ = waiter.done.send(Ok(reply));
         }
     };
     alive.store(false, Ordering::Release);
     tracing::debug!(%addr, error = %failure, "data connection to peer ended");
-    for (_, done) in pending.lock().expect("pending lock").drain() {
-        let _ = done.send(Err(ReplicaError::ConnectionLost { addr: addr.clone() }));
+    for (_, waiter) in pending.lock().expect("pending lock").drain() {
+        let _ = waiter.done.send(Err(ReplicaError::ConnectionLost { addr: addr.clone() }));
     }
+}
+
+/// Reads a read reply's payload from the socket straight into the caller's memory.
+async fn receive_into(reader: &OwnedReadHalf, target: &Arc<dyn IoMemory>, range: Range<usize>) -> std::io::Result<()> {
+    let stream = reader.as_ref();
+    let fd = stream.as_raw_fd();
+    let mut done = 0;
+    while done < range.len() {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || target.recv_into(fd, range.start + done, range.len() - done)) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -165,19 +165,20 @@ impl Engine {
         if replica.node == self.inner.topology.this_node() {
             Ok(self.inner.replica.handle(request, payload).await)
         } else {
+            let peers = &self.inner.peers;
             match payload {
-                Payload::Write(buf, range) => {
-                    self.inner.peers.call(&replica.data_addr, request, Some((&*buf, range))).await
-                }
+                Payload::Write(buf, range) => peers.call(&replica.data_addr, request, Some((&*buf, range)), None).await,
+                // The data arrives from the socket straight in the target (a reply that did not
+                // fit it is copied in, which a well-behaved peer never sends).
                 Payload::ReadInto(target, range) => {
-                    // A remote replica's data arrives in a buffer of the connection's: one copy.
-                    let reply = self.inner.peers.call(&replica.data_addr, request, None).await?;
+                    let into = Some((target.clone(), range.clone()));
+                    let reply = peers.call(&replica.data_addr, request, None, into).await?;
                     if let Some(data) = &reply.data {
                         target.fill(range.start, data.as_slice());
                     }
                     Ok(Reply { data: None, ..reply })
                 }
-                Payload::None => self.inner.peers.call(&replica.data_addr, request, None).await,
+                Payload::None => peers.call(&replica.data_addr, request, None, None).await,
             }
         }
     }

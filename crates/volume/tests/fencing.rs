@@ -149,3 +149,41 @@ async fn io_past_the_volume_end_is_refused() {
 
     assert!(matches!(past_end, Err(VolumeError::OutOfRange { .. })), "{past_end:?}");
 }
+
+/// Node A and node B, with a one-replica pool whose every PG lives on node B's disk.
+fn cluster_with_remote_replica(port: u16) -> ClusterState {
+    let mut state = cluster(port);
+    let pgs = vec![vec![DiskId(20)]; 4];
+    apply(&mut state, ClusterCommand::CreatePool { name: "remote".into(), replicas: 1, min_size: 1, pgs });
+    apply(
+        &mut state,
+        ClusterCommand::CreateVolume { name: "far".into(), pool: PoolId(1), size_bytes: 4 * EXTENT_SIZE_BYTES },
+    );
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_from_a_remote_replica_lands_in_the_callers_memory_and_unwritten_ranges_read_zero() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (state, _) = watch::channel(Arc::new(cluster_with_remote_replica(17804)));
+    let a = start_node(NODE_A, &state, dir.path()).await;
+    let _b = start_node(NODE_B, &state, dir.path()).await;
+    let far = VolumeId(1);
+    let mut next = (**state.borrow()).clone();
+    let Ok(model::CommandOutcome::VolumeAcquired(epoch)) =
+        next.apply(&ClusterCommand::AcquireVolume { volume: far, node: NODE_A })
+    else {
+        panic!("acquire")
+    };
+    state.send_replace(Arc::new(next));
+    let data = pattern(9);
+    a.engine.writer(far, epoch).write(4096, data.clone(), 0..8192).await.unwrap();
+    // Filled with 0xff so that zeros written by the read show.
+    let target: Arc<AlignedBuf> = Arc::new(AlignedBuf::copy_from(&[0xffu8; 8192 + 4096]));
+
+    a.engine.read_into(far, 4096, target.clone(), 4096..4096 + 8192).await.expect("remote read");
+    a.engine.read_into(far, 2 * EXTENT_SIZE_BYTES, target.clone(), 0..4096).await.expect("unwritten read");
+
+    assert_eq!(&target.as_slice()[4096..], data.as_slice());
+    assert!(target.as_slice()[..4096].iter().all(|&b| b == 0), "an unwritten range reads as zeros");
+}
