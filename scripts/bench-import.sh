@@ -12,21 +12,12 @@ IPS=(127.0.0.12 127.0.0.13 127.0.0.14)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
 trap cleanup EXIT
-cv() { local ip=$1; shift; "$BIN" --server "http://$ip:$PORT" "$@"; }
+source "$(dirname "$0")/bench-cluster.sh"
 now() { date +%s.%N; }
 rate() { awk -v mib="$SIZE_MIB" -v s="$1" 'BEGIN { printf "%.0f", mib / s }'; }
 
 rm -rf "$DIR"; mkdir -p "$DIR"
-for ip in "${IPS[@]}"; do
-  "$BIN" serve --data-dir "$DIR/node-$ip" --listen "$ip:$PORT" 2>"$DIR/node-$ip.log" &
-  pids+=($!)
-done
-for ip in "${IPS[@]}"; do
-  for _ in $(seq 100); do cv "$ip" cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-done
-token=$(cv "${IPS[0]}" --json cluster init | sed -n 's/.*"token": "\(.*\)".*/\1/p')
-for ip in "${IPS[@]:1}"; do cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --token "$token" >/dev/null; done
-for ip in "${IPS[@]}"; do cv "$ip" disk add "$DIR/disk-$ip.img" --size $((SIZE_MIB * 2 + 64))M >/dev/null; done
+bench_cluster $((SIZE_MIB * 2 + 64))M
 cv "${IPS[0]}" volume create bench --size "${SIZE_MIB}M" --replicas 2 >/dev/null
 
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$DIR/input.raw"

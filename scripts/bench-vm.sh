@@ -14,7 +14,7 @@ CMDLINE="console=ttyS0 panic=-1 quiet gmode=bench"
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
 trap cleanup EXIT
-cv() { local ip=$1; shift; "$BIN" --server "http://$ip:$PORT" "$@"; }
+source "$(dirname "$0")/bench-cluster.sh"
 figure() { grep -o "GUEST: BENCH $1 us_per_io=[0-9]*" | sed 's/.*=//'; }
 
 guest/build.sh "$GUEST" >/dev/null
@@ -37,16 +37,7 @@ ref_write=$(figure write_4k_qd1 < "$DIR/reference-directsync.log")
 ref_read=$(figure read_4k_qd1 < "$DIR/reference-directsync.log")
 vol_write=$(figure write_4k_qd1 < "$DIR/reference-none.log")
 
-for ip in "${IPS[@]}"; do
-  "$BIN" serve --data-dir "$DIR/node-$ip" --listen "$ip:$PORT" 2>"$DIR/node-$ip.log" &
-  pids+=($!)
-done
-for ip in "${IPS[@]}"; do
-  for _ in $(seq 100); do cv "$ip" cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-done
-token=$(cv "${IPS[0]}" --json cluster init | sed -n 's/.*"token": "\(.*\)".*/\1/p')
-for ip in "${IPS[@]:1}"; do cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --token "$token" >/dev/null; done
-for ip in "${IPS[@]}"; do cv "$ip" disk add "$DIR/disk-$ip.img" --size 1G >/dev/null; done
+bench_cluster 1G
 cv "${IPS[0]}" vm create bench --memory 256M --disk 64M --disk 64M,replicas=2 --image "$GUEST/rootfs.img" \
   --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --cmdline "$CMDLINE" >/dev/null 2>&1
 cv "${IPS[0]}" vm start bench --node "${IPS[0]}" >/dev/null 2>&1

@@ -29,6 +29,21 @@ fn pattern() -> Vec<u8> {
     (0..PATTERN_BLOCKS).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
 }
 
+/// Creates a VM of the test guest: root filesystem imported onto its first disk, direct
+/// kernel boot with `cmdline`, and `disks` as `--disk` values.
+fn create_guest_vm(node: &NodeProcess, guest: &Path, name: &str, disks: &[&str], cmdline: &str) {
+    let path = |file: &str| guest.join(file).display().to_string();
+    let mut args = vec!["vm".to_string(), "create".into(), name.into(), "--memory".into(), "256M".into()];
+    for disk in disks {
+        args.extend(["--disk".to_string(), disk.to_string()]);
+    }
+    for (flag, file) in [("--image", "rootfs.img"), ("--kernel", "vmlinuz"), ("--initrd", "initramfs.cpio.gz")] {
+        args.extend([flag.to_string(), path(file)]);
+    }
+    args.extend(["--cmdline".to_string(), cmdline.to_string()]);
+    node.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 fn vm_state(node: &NodeProcess, name: &str) -> serde_json::Value {
     json(&node.cli(&["--json", "vm", "show", name]))
 }
@@ -50,26 +65,8 @@ fn guest_on_a_replicated_volume_writes_with_o_direct_and_keeps_its_data_on_anoth
     let guest = guest();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let nodes = cluster(dir.path(), [31, 32, 33], 18900);
-    let path = |file: &str| guest.join(file).display().to_string();
-    nodes[0].cli(&[
-        "vm",
-        "create",
-        "tester",
-        "--memory",
-        "256M",
-        "--disk",
-        "64M",
-        "--disk",
-        "64M,replicas=2",
-        "--image",
-        &path("rootfs.img"),
-        "--kernel",
-        &path("vmlinuz"),
-        "--initrd",
-        &path("initramfs.cpio.gz"),
-        "--cmdline",
-        "console=ttyS0 panic=-1 quiet gmode=test",
-    ]);
+    let cmdline = "console=ttyS0 panic=-1 quiet gmode=test";
+    create_guest_vm(&nodes[0], &guest, "tester", &["64M", "64M,replicas=2"], cmdline);
 
     nodes[0].cli(&["vm", "start", "tester", "--node", &nodes[0].addr]);
     wait_for_guest_poweroff(&nodes[0], "tester");
@@ -103,24 +100,7 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     let guest = guest();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let nodes = cluster(dir.path(), [34, 35, 36], 18910);
-    let path = |file: &str| guest.join(file).display().to_string();
-    nodes[0].cli(&[
-        "vm",
-        "create",
-        "idle",
-        "--memory",
-        "256M",
-        "--disk",
-        "64M",
-        "--image",
-        &path("rootfs.img"),
-        "--kernel",
-        &path("vmlinuz"),
-        "--initrd",
-        &path("initramfs.cpio.gz"),
-        "--cmdline",
-        "console=ttyS0 panic=-1 quiet",
-    ]);
+    create_guest_vm(&nodes[0], &guest, "idle", &["64M"], "console=ttyS0 panic=-1 quiet");
     nodes[0].cli(&["vm", "start", "idle", "--node", &nodes[1].addr]);
     wait_until("the guest is up", GUEST_TIMEOUT, || console(&nodes[0], "idle").contains("GUEST: ready"));
 
