@@ -97,7 +97,7 @@ impl BlkDevice {
         let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
         for chain in chains {
             // In flight from the moment it is popped, so stopping the queue waits for it.
-            self.in_flight[queue].begin();
+            let generation = self.in_flight[queue].begin();
             let head = chain.head_index();
             // Bounded by the queue size: a chain longer than that is not a valid chain.
             let descriptors: Vec<Descriptor> = chain
@@ -106,12 +106,12 @@ impl BlkDevice {
                 .map(|d| Descriptor { addr: d.addr().0, len: d.len(), writable: d.is_write_only() })
                 .collect();
             match self.parse(&descriptors, &mem) {
-                Ok(request) => self.submit(queue, vring.clone(), head, request),
+                Ok(request) => self.submit(queue, generation, vring.clone(), head, request),
                 Err(e) => {
                     tracing::debug!(volume = %self.target.volume, head, error = %e, "refused a guest request");
                     let status = e.status().zip(crate::request::status_of(&descriptors));
-                    complete(vring, &self.mem, head, status.map(|(s, buf)| (buf, s)), 0);
-                    self.in_flight[queue].end();
+                    let status = status.map(|(s, buf)| (buf, s));
+                    self.in_flight[queue].end(generation, || complete(vring, &self.mem, head, status, 0));
                 }
             }
         }
@@ -135,7 +135,7 @@ impl BlkDevice {
         BlkRequest::parse_with(chain, &header, self.config.capacity_sectors, &mut read)
     }
 
-    fn submit(&self, queue: usize, vring: Vring, head: u16, request: BlkRequest) {
+    fn submit(&self, queue: usize, generation: u64, vring: Vring, head: u16, request: BlkRequest) {
         let in_flight = self.in_flight[queue].clone();
         // A write's place in the FLUSH order is taken when it is popped, not when it runs.
         let ticket = matches!(request.op, BlkOp::Write { .. } | BlkOp::Zero { .. }).then(|| self.writes.begin());
@@ -157,8 +157,7 @@ impl BlkDevice {
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             };
-            complete(&vring, &mem, head, Some((request.status, status)), written);
-            in_flight.end();
+            in_flight.end(generation, || complete(&vring, &mem, head, Some((request.status, status)), written));
         });
     }
 }
@@ -334,30 +333,43 @@ fn complete(vring: &Vring, mem: &GuestMemory, head: u16, status: Option<(GuestBu
     }
 }
 
-/// Requests in flight on one queue, so stopping the queue can wait for them.
+/// Requests in flight on one queue, so stopping the queue can wait for them; and the
+/// queue's generation, so a request that outlives a stop never touches the ring (or guest
+/// memory) of the queue's next life.
 #[derive(Default)]
 struct InFlight {
-    count: Mutex<usize>,
+    /// (requests in flight, generation)
+    state: Mutex<(usize, u64)>,
     idle: Condvar,
 }
 
 impl InFlight {
-    fn begin(&self) {
-        *self.count.lock().expect("in-flight lock") += 1;
+    /// Counts a request in; returns the generation it belongs to.
+    fn begin(&self) -> u64 {
+        let mut state = self.state.lock().expect("in-flight lock");
+        state.0 += 1;
+        state.1
     }
 
-    fn end(&self) {
-        let mut count = self.count.lock().expect("in-flight lock");
-        *count -= 1;
-        if *count == 0 {
+    /// Counts a request out, running `complete` only if the queue has not been stopped
+    /// since the request began. Completion and stop are serialised by the lock.
+    fn end(&self, generation: u64, complete: impl FnOnce()) {
+        let mut state = self.state.lock().expect("in-flight lock");
+        if state.1 == generation {
+            complete();
+        }
+        state.0 -= 1;
+        if state.0 == 0 {
             self.idle.notify_all();
         }
     }
 
-    fn wait_idle(&self, timeout: Duration) -> bool {
-        let count = self.count.lock().expect("in-flight lock");
-        let (count, _) = self.idle.wait_timeout_while(count, timeout, |c| *c > 0).expect("in-flight lock");
-        *count == 0
+    /// Waits for the requests in flight (at most `timeout`), then starts a new generation.
+    fn stop(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("in-flight lock");
+        let (mut state, _) = self.idle.wait_timeout_while(state, timeout, |s| s.0 > 0).expect("in-flight lock");
+        state.1 += 1;
+        state.0 == 0
     }
 }
 
@@ -453,8 +465,8 @@ impl VhostUserBackend for BlkDevice {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(in_flight) = self.in_flight.get(queue_index as usize) {
-            if !in_flight.wait_idle(DRAIN_TIMEOUT) {
-                tracing::warn!(volume = %self.target.volume, queue_index, "queue stopped with requests still in flight");
+            if !in_flight.stop(DRAIN_TIMEOUT) {
+                tracing::warn!(volume = %self.target.volume, queue_index, "queue stopped with requests still in flight; their completions will be dropped");
             }
         }
         Ok(())
@@ -473,5 +485,26 @@ impl VhostUserBackend for BlkDevice {
             tracing::warn!(volume = %self.target.volume, queue = thread_id, error = %e, "virtqueue unusable until reset");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_that_outlives_a_queue_stop_is_not_completed_into_the_next_ring() {
+        let in_flight = InFlight::default();
+        let before_stop = in_flight.begin();
+
+        let drained = in_flight.stop(Duration::ZERO);
+        let after_stop = in_flight.begin();
+        let mut completed = Vec::new();
+        in_flight.end(before_stop, || completed.push("before"));
+        in_flight.end(after_stop, || completed.push("after"));
+
+        assert!(!drained, "the stop gave up on the request in flight");
+        assert_eq!(completed, vec!["after"]);
+        assert!(in_flight.stop(Duration::ZERO), "both were counted out");
     }
 }
