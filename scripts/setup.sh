@@ -8,7 +8,8 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-img || need+=(qemu-utils)
 have qemu-system-x86_64 || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx switch_root || need+=(busybox-static)
+# The guest needs the static busybox: a dynamically linked one would not run in the initramfs.
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 ls /lib/modules 2>/dev/null | grep -q cloud-amd64 || need+=(linux-image-cloud-amd64)
 have cpio || need+=(cpio)
 have mkfs.ext4 || need+=(e2fsprogs)
