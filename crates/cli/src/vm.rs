@@ -21,26 +21,61 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
             let memory_bytes = parse_size(&memory)?;
             let disks = disks.iter().map(|d| disk_request(d)).collect::<Result<Vec<_>>>()?;
             let replicas = disks.first().map(|d| d.replicas).unwrap_or(2);
-            let boot = match &kernel {
-                None => v1::BootRequest::Disk,
-                Some(kernel) => v1::BootRequest::Kernel {
-                    kernel: upload(api, out, &format!("{name}-kernel"), kernel, replicas).await?,
-                    initrd: match &initrd {
-                        Some(initrd) => Some(upload(api, out, &format!("{name}-initrd"), initrd, replicas).await?),
-                        None => None,
-                    },
-                    cmdline,
-                },
-            };
+            if image.is_some() && disks.is_empty() {
+                bail!("--image needs a --disk to copy it onto");
+            }
             if let (Some(image), Some(first)) = (&image, disks.first()) {
                 let len = std::fs::metadata(image).with_context(|| format!("reading {}", image.display()))?.len();
                 if len > first.size_bytes {
                     bail!("{} ({len} bytes) does not fit the first disk ({} bytes)", image.display(), first.size_bytes);
                 }
             }
-            let vm = api.create_vm(&v1::CreateVm { name: name.clone(), cpus, memory_bytes, disks, boot }).await?;
-            if let Some(image) = &image {
-                let disk = vm.disks.first().context("--image needs a --disk to copy it onto")?;
+            // Boot files go into volumes of their own first; if the VM is then refused, they
+            // are removed again. Never into volumes that exist: they may be another VM's.
+            if api.vm(&name).await.is_ok() {
+                bail!("A VM named {name:?} exists already: pick another name or delete it first");
+            }
+            for (volume, wanted) in
+                [(format!("{name}-kernel"), kernel.is_some()), (format!("{name}-initrd"), initrd.is_some())]
+            {
+                if wanted && api.volume(&volume).await.is_ok() {
+                    bail!("Volume {volume} exists already: delete it or pick another VM name");
+                }
+            }
+            let mut uploaded = Vec::new();
+            let created = async {
+                let boot = match &kernel {
+                    None => v1::BootRequest::Disk,
+                    Some(kernel) => {
+                        let kernel_volume = format!("{name}-kernel");
+                        let kernel = upload(api, out, &kernel_volume, kernel, replicas).await?;
+                        uploaded.push(kernel_volume);
+                        let initrd = match &initrd {
+                            Some(initrd) => {
+                                let initrd_volume = format!("{name}-initrd");
+                                let file = upload(api, out, &initrd_volume, initrd, replicas).await?;
+                                uploaded.push(initrd_volume);
+                                Some(file)
+                            }
+                            None => None,
+                        };
+                        v1::BootRequest::Kernel { kernel, initrd, cmdline }
+                    }
+                };
+                let request = v1::CreateVm { name: name.clone(), cpus, memory_bytes, disks, boot };
+                Ok::<_, anyhow::Error>(api.create_vm(&request).await?)
+            }
+            .await;
+            let vm = match created {
+                Ok(vm) => vm,
+                Err(e) => {
+                    for volume in &uploaded {
+                        let _ = api.delete_volume(volume).await;
+                    }
+                    return Err(e);
+                }
+            };
+            if let (Some(image), Some(disk)) = (&image, vm.disks.first()) {
                 transfer::import(api, out, disk, image, replicas).await?;
             }
             out.print(&vm, || {

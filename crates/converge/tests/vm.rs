@@ -104,6 +104,11 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     nodes[0].cli(&["vm", "start", "idle", "--node", &nodes[1].addr]);
     wait_until("the guest is up", GUEST_TIMEOUT, || console(&nodes[0], "idle").contains("GUEST: ready"));
 
+    let volumes_before = nodes[0].cli(&["--json", "volume", "list"]);
+    let guest_path = |file: &str| guest.join(file).display().to_string();
+    let create_again = ["vm", "create", "idle", "--disk", "64M", "--kernel", &guest_path("vmlinuz")];
+    let duplicate = run(&nodes[1].addr, &create_again).unwrap_err();
+    let volumes_after = nodes[0].cli(&["--json", "volume", "list"]);
     let elsewhere = run(&nodes[0].addr, &["vm", "start", "idle", "--node", &nodes[2].addr]).unwrap_err();
     let delete_running = run(&nodes[0].addr, &["vm", "delete", "idle"]).unwrap_err();
     nodes[2].cli(&["vm", "stop", "idle"]);
@@ -112,6 +117,8 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     nodes[0].cli(&["vm", "delete", "idle"]);
     let volumes = json(&nodes[0].cli(&["--json", "volume", "list"]));
 
+    assert!(duplicate.contains("A VM named \"idle\" exists already"), "{duplicate}");
+    assert_eq!(volumes_after, volumes_before, "a refused create touches no volume");
     assert!(elsewhere.contains("stop it first, or start it with --force"), "{elsewhere}");
     assert!(delete_running.contains("stop it before deleting it"), "{delete_running}");
     assert_eq!(stopped["state"]["state"], "stopped", "{stopped}");
