@@ -263,7 +263,12 @@ impl Cluster {
         let pool_name = policy::pool_name(replicas);
         if self.state().pool_by_name(&pool_name).is_none() {
             let pgs = policy::place_pool(&self.state(), replicas, PG_COUNT_DEFAULT)?;
-            let create = ClusterCommand::CreatePool { name: pool_name.clone(), replicas, min_size: replicas, pgs };
+            let create = ClusterCommand::CreatePool {
+                name: pool_name.clone(),
+                replicas,
+                min_size: policy::min_size(replicas),
+                pgs,
+            };
             match self.propose(create).await {
                 Ok(_) | Err(ClusterError::Command(model::CommandError::PoolExists(_))) => {}
                 Err(e) => return Err(e),

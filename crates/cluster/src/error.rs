@@ -65,7 +65,9 @@ impl ClusterError {
                 | CommandError::UnknownPool(_)
                 | CommandError::UnknownDisk(_)
                 | CommandError::UnknownNode(_)
-                | CommandError::UnknownVm(_) => NotFound,
+                | CommandError::UnknownVm(_)
+                | CommandError::UnknownPg { .. }
+                | CommandError::NotAReplica { .. } => NotFound,
                 CommandError::NotInitialized
                 | CommandError::AlreadyInitialized
                 | CommandError::DiskExists { .. }
@@ -74,7 +76,9 @@ impl ClusterError {
                 | CommandError::VmExists(_)
                 | CommandError::VolumeInUse { .. }
                 | CommandError::VmRunningElsewhere { .. }
-                | CommandError::VmNotStopped(_) => Conflict,
+                | CommandError::VmNotStopped(_)
+                | CommandError::StalePgEpoch { .. }
+                | CommandError::LastReplica { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }
                 | CommandError::InvalidSize(_)
                 | CommandError::InvalidReplicas(_)

@@ -4,13 +4,18 @@
 use anyhow::{Context, Result};
 use api::{HttpTransport, NodeServices};
 use cli::ServeArgs;
+use cluster::ClusterError;
 use cluster::{Cluster, ClusterConfig};
+use model::PgEpoch;
 use model::{ClusterState, NodeId};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use store::DiskSet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use volume::{Engine, ReplicaService, Topology};
+use volume::{DirtyLog, Engine, EngineConfig, PgChange, PgChangeError, ReplicaService, ResyncStats, Topology};
 
 /// The engine's view of the cluster, backed by the published Raft state.
 struct ClusterTopology(Cluster);
@@ -27,6 +32,15 @@ impl Topology for ClusterTopology {
     }
     fn is_up(&self, node: NodeId) -> bool {
         self.0.is_up(node)
+    }
+    fn change_pg(&self, change: PgChange) -> Pin<Box<dyn Future<Output = Result<PgEpoch, PgChangeError>> + Send + '_>> {
+        Box::pin(async move {
+            match self.0.propose(change.command()).await {
+                Ok(outcome) => volume::pg_change_outcome(Ok(outcome)),
+                Err(ClusterError::Command(refused)) => volume::pg_change_outcome(Err(refused)),
+                Err(e) => Err(PgChangeError::Unavailable { reason: e.to_string() }),
+            }
+        })
     }
 }
 
@@ -55,10 +69,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         ClusterConfig { data_dir: args.data_dir.clone(), api_addr: args.listen.clone(), data_addr: data_addr.clone() };
     let cluster = Cluster::start(config, Arc::new(HttpTransport::new()), Box::new(move || reports.reports())).await?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
-    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone()));
+    let dirty_path = args.data_dir.join("dirty.redb");
+    let dirty = DirtyLog::open(&dirty_path).with_context(|| format!("opening {}", dirty_path.display()))?;
+    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
     let vm_dir = args.data_dir.join("vms");
-    let engine = Engine::new(replica.clone(), topology);
-    let services = NodeServices::new(cluster.clone(), disks.clone(), engine, vm_dir.clone());
+    let config = EngineConfig { replica_timeout: Duration::from_millis(args.replica_timeout_ms), ..Default::default() };
+    let engine = Engine::new(replica.clone(), topology, config);
+    let resync_stats = Arc::new(ResyncStats::default());
+    let services = NodeServices::new(cluster.clone(), disks.clone(), engine.clone(), vm_dir.clone());
 
     let accel = hypervisor::detect_accel();
     let host = Arc::new(api::NodeHost::new(services.clone(), tokio::runtime::Handle::current()));
@@ -67,6 +85,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     services.open_disks().await;
     tokio::spawn(follow_state(services.clone(), disks));
     tokio::spawn(volume::serve(data_listener, replica));
+    tokio::spawn(volume::resync_loop(engine.clone(), resync_stats));
     tokio::spawn(vms.run());
     tracing::info!(node = %cluster.node_id(), api = %args.listen, data = %data_addr, ?accel, "converge node serving");
     axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal()).await?;

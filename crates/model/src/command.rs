@@ -1,7 +1,7 @@
 //! The commands that change `ClusterState`, and the pure `apply` that every node runs.
 
-use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PoolId, VolumeId};
-use crate::state::{ClusterInfo, ClusterState, Disk, Node, Pg, Pool, Volume};
+use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+use crate::state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 use crate::units::{REPLICAS_MAX, SECTOR_SIZE_BYTES};
 use crate::vm::{Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX, VM_MEMORY_MIN_BYTES};
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,24 @@ pub enum ClusterCommand {
         node: NodeId,
         state: VmRunState,
     },
+    /// Takes `disk` out of the PG's acting set, raising the PG epoch. `seen` is the epoch the
+    /// proposer saw the replica fail at: a proposal made on an older view is refused, so a
+    /// replica that was brought back in meanwhile is not taken out for an old failure.
+    TakeReplicaOut {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+        reason: String,
+    },
+    /// Puts a resynced `disk` back into the PG's acting set, raising the PG epoch. `seen` is
+    /// the epoch the resync copied at: anything written since was written to it too.
+    BringReplicaIn {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+    },
 }
 
 /// What an applied command produced.
@@ -70,6 +88,8 @@ pub enum CommandOutcome {
     VolumeCreated(VolumeId),
     VolumeAcquired(OwnerEpoch),
     VmCreated(VmId),
+    /// The PG's epoch after a replica was taken out or brought in.
+    PgChanged(PgEpoch),
 }
 
 /// Why a command was refused. A refused command leaves the state unchanged.
@@ -111,6 +131,14 @@ pub enum CommandError {
     VmRunningElsewhere { vm: String, node: NodeId },
     #[error("VM {0} is not stopped: stop it before deleting it")]
     VmNotStopped(String),
+    #[error("{pg} of pool {pool} does not exist")]
+    UnknownPg { pool: PoolId, pg: PgId },
+    #[error("{disk} holds no replica of {pg} of pool {pool}")]
+    NotAReplica { pool: PoolId, pg: PgId, disk: DiskId },
+    #[error("{pg} of pool {pool} is at {current}, not {seen}: look again at the new replica set")]
+    StalePgEpoch { pool: PoolId, pg: PgId, seen: PgEpoch, current: PgEpoch },
+    #[error("{disk} is the last acting replica of {pg} of pool {pool}: it holds the newest data and stays")]
+    LastReplica { pool: PoolId, pg: PgId, disk: DiskId },
 }
 
 impl ClusterState {
@@ -187,6 +215,25 @@ impl ClusterState {
                 }
                 Ok(CommandOutcome::Done)
             }
+            ClusterCommand::TakeReplicaOut { pool, pg, disk, seen, reason } => {
+                let found = self.pg_mut(*pool, *pg, *disk, *seen)?;
+                if found.out.contains_key(disk) {
+                    return Ok(CommandOutcome::PgChanged(found.epoch));
+                }
+                if found.acting().count() == 1 {
+                    return Err(CommandError::LastReplica { pool: *pool, pg: *pg, disk: *disk });
+                }
+                found.epoch = PgEpoch(found.epoch.0 + 1);
+                found.out.insert(*disk, OutReason { since: found.epoch, reason: reason.clone() });
+                Ok(CommandOutcome::PgChanged(found.epoch))
+            }
+            ClusterCommand::BringReplicaIn { pool, pg, disk, seen } => {
+                let found = self.pg_mut(*pool, *pg, *disk, *seen)?;
+                if found.out.remove(disk).is_some() {
+                    found.epoch = PgEpoch(found.epoch.0 + 1);
+                }
+                Ok(CommandOutcome::PgChanged(found.epoch))
+            }
             ClusterCommand::AcquireVolume { volume, node } => {
                 if !self.nodes.contains_key(node) {
                     return Err(CommandError::UnknownNode(*node));
@@ -197,6 +244,24 @@ impl ClusterState {
                 Ok(CommandOutcome::VolumeAcquired(v.owner_epoch))
             }
         }
+    }
+
+    /// The PG, if `disk` is one of its replicas and the proposer saw its current epoch.
+    fn pg_mut(&mut self, pool: PoolId, pg: PgId, disk: DiskId, seen: PgEpoch) -> Result<&mut Pg, CommandError> {
+        let found = self
+            .pools
+            .get_mut(&pool)
+            .ok_or(CommandError::UnknownPool(pool))?
+            .pgs
+            .get_mut(pg.0 as usize)
+            .ok_or(CommandError::UnknownPg { pool, pg })?;
+        if !found.disks.contains(&disk) {
+            return Err(CommandError::NotAReplica { pool, pg, disk });
+        }
+        if found.epoch != seen {
+            return Err(CommandError::StalePgEpoch { pool, pg, seen, current: found.epoch });
+        }
+        Ok(found)
     }
 
     fn create_vm(&mut self, spec: &VmSpec) -> Result<CommandOutcome, CommandError> {
@@ -292,7 +357,8 @@ impl ClusterState {
         }
         let id = self.next_pool_id;
         self.next_pool_id = PoolId(id.0 + 1);
-        let pgs = pgs.iter().map(|disks| Pg { disks: disks.clone(), epoch: PgEpoch(1) }).collect();
+        let pgs =
+            pgs.iter().map(|disks| Pg { disks: disks.clone(), epoch: PgEpoch(1), out: Default::default() }).collect();
         let pool = Pool { id, name: name.to_string(), replicas, min_size, pgs };
         self.pools.insert(id, pool);
         Ok(CommandOutcome::PoolCreated(id))
@@ -516,6 +582,79 @@ mod tests {
         assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Err(CommandError::VmNotStopped("web".into())));
         state.apply(&ClusterCommand::StopVm { vm, force: false }).unwrap();
         assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Ok(CommandOutcome::Done));
+    }
+
+    fn take_out(disk: u64, seen: u64) -> ClusterCommand {
+        ClusterCommand::TakeReplicaOut {
+            pool: PoolId(0),
+            pg: PgId(0),
+            disk: DiskId(disk),
+            seen: PgEpoch(seen),
+            reason: "no answer within 3000 ms".into(),
+        }
+    }
+
+    #[test]
+    fn taking_a_replica_out_raises_the_pg_epoch_and_leaves_the_rest_acting() {
+        let mut state = two_node_cluster();
+
+        let outcome = state.apply(&take_out(20, 1));
+
+        assert_eq!(outcome, Ok(CommandOutcome::PgChanged(PgEpoch(2))));
+        let pg = &state.pools[&PoolId(0)].pgs[0];
+        assert_eq!(pg.acting().collect::<Vec<_>>(), vec![DiskId(10)]);
+        assert_eq!(pg.out[&DiskId(20)].since, PgEpoch(2));
+        state.check_invariants();
+    }
+
+    #[test]
+    fn the_last_acting_replica_is_never_taken_out() {
+        let mut state = two_node_cluster();
+        state.apply(&take_out(20, 1)).unwrap();
+        let before = state.clone();
+
+        let refused = state.apply(&take_out(10, 2));
+
+        assert_eq!(refused, Err(CommandError::LastReplica { pool: PoolId(0), pg: PgId(0), disk: DiskId(10) }));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_take_out_seen_at_an_older_epoch_is_refused() {
+        let mut state = two_node_cluster();
+        state.apply(&take_out(20, 1)).unwrap();
+        let bring_in =
+            ClusterCommand::BringReplicaIn { pool: PoolId(0), pg: PgId(0), disk: DiskId(20), seen: PgEpoch(2) };
+        state.apply(&bring_in).unwrap();
+
+        let late = state.apply(&take_out(20, 1));
+
+        let stale = CommandError::StalePgEpoch { pool: PoolId(0), pg: PgId(0), seen: PgEpoch(1), current: PgEpoch(3) };
+        assert_eq!(late, Err(stale));
+        assert!(!state.pools[&PoolId(0)].pgs[0].is_degraded());
+    }
+
+    #[test]
+    fn taking_out_a_replica_already_out_changes_nothing() {
+        let mut state = two_node_cluster();
+        state.apply(&take_out(20, 1)).unwrap();
+        let before = state.clone();
+
+        assert_eq!(state.apply(&take_out(20, 2)), Ok(CommandOutcome::PgChanged(PgEpoch(2))));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn bringing_a_replica_in_needs_the_epoch_its_resync_copied_at() {
+        let mut state = two_node_cluster();
+        state.apply(&take_out(20, 1)).unwrap();
+        let early = ClusterCommand::BringReplicaIn { pool: PoolId(0), pg: PgId(0), disk: DiskId(20), seen: PgEpoch(1) };
+        let current =
+            ClusterCommand::BringReplicaIn { pool: PoolId(0), pg: PgId(0), disk: DiskId(20), seen: PgEpoch(2) };
+
+        assert!(matches!(state.apply(&early), Err(CommandError::StalePgEpoch { .. })));
+        assert_eq!(state.apply(&current), Ok(CommandOutcome::PgChanged(PgEpoch(3))));
+        assert_eq!(state.pools[&PoolId(0)].pgs[0].acting().count(), 2);
     }
 
     #[test]

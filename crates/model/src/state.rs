@@ -65,10 +65,49 @@ pub struct Pool {
 }
 
 /// A placement group: the disks, on distinct nodes, that hold every extent hashed to it.
+///
+/// `disks` is every replica the PG is placed on; the *acting set* is those not `out`. A
+/// write is acknowledged once every replica of the acting set at one PG epoch has it
+/// durably (and the acting set has at least the pool's `min_size`). A replica that stops
+/// answering is taken out, and brought back in only after it was resynced; both raise
+/// `epoch`, so a replica can tell a request made for an older set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pg {
     pub disks: Vec<DiskId>,
     pub epoch: PgEpoch,
+    /// Replicas taken out of the acting set: they miss writes until they are resynced.
+    #[serde(default)]
+    pub out: BTreeMap<DiskId, OutReason>,
+}
+
+/// Why a replica was taken out of its PG's acting set, as the writer saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutReason {
+    /// The PG epoch at which it was taken out.
+    pub since: PgEpoch,
+    pub reason: String,
+}
+
+impl Pg {
+    /// The replicas that take writes and serve reads at `epoch`, in placement order.
+    pub fn acting(&self) -> impl Iterator<Item = DiskId> + '_ {
+        self.disks.iter().copied().filter(|d| !self.out.contains_key(d))
+    }
+
+    pub fn is_acting(&self, disk: DiskId) -> bool {
+        self.disks.contains(&disk) && !self.out.contains_key(&disk)
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The one replica that copies changed data to replicas coming back: the first acting
+    /// one in placement order. Deterministic from the state alone, so two nodes never
+    /// resync the same PG at once.
+    pub fn resync_source(&self) -> Option<DiskId> {
+        self.acting().next()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +176,9 @@ impl ClusterState {
                 nodes.sort();
                 nodes.dedup();
                 assert_eq!(nodes.len(), pg.disks.len(), "{} has two replicas on one node", pool.id);
+                assert!(pg.out.keys().all(|d| pg.disks.contains(d)), "{} has a stranger out", pool.id);
+                assert!(pg.acting().next().is_some(), "{} has a PG with no acting replica", pool.id);
+                assert!(pg.out.values().all(|o| o.since <= pg.epoch), "{} has an out mark from the future", pool.id);
             }
         }
         for volume in self.volumes.values() {

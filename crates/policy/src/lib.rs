@@ -5,5 +5,5 @@
 mod placement;
 mod vm_placement;
 
-pub use placement::{place_pool, pool_name, rebalance, CandidateDisk, PlacementError};
+pub use placement::{min_size, place_pool, pool_name, rebalance, CandidateDisk, PlacementError};
 pub use vm_placement::choose_vm_node;

@@ -18,6 +18,13 @@ pub enum PlacementError {
     NotEnoughNodes { replicas: u8, nodes: usize },
 }
 
+/// Replicas that must hold a write before it is acknowledged, for a replication factor:
+/// one fewer than all (at least one), so a pool keeps serving writes with one replica
+/// down, and R=3 still keeps two copies of everything acknowledged.
+pub fn min_size(replicas: u8) -> u8 {
+    replicas.saturating_sub(1).max(1)
+}
+
 /// The default pool name for a replication factor.
 pub fn pool_name(replicas: u8) -> String {
     format!("replicated-{replicas}")
@@ -128,6 +135,11 @@ fn move_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_size_keeps_writes_going_with_one_replica_down() {
+        assert_eq!([min_size(1), min_size(2), min_size(3)], [1, 1, 2]);
+    }
     use proptest::prelude::*;
 
     fn disk(id: u64, node: u64) -> CandidateDisk {

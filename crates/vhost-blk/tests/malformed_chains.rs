@@ -18,7 +18,7 @@ use vhost_blk::{BlkDevice, DiskTarget, GuestMemory, QUEUE_SIZE};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use volume::{Engine, ReplicaService, Topology};
+use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology};
 
 const NODE: NodeId = NodeId(1);
 const DISK: DiskId = DiskId(10);
@@ -313,27 +313,6 @@ impl Guest {
     }
 }
 
-/// The cluster as one node sees it: itself, one disk, a one-replica pool whose four
-/// placement groups all sit on that disk, and one four-extent volume it owns.
-struct StaticTopology {
-    state: watch::Sender<Arc<ClusterState>>,
-}
-
-impl Topology for StaticTopology {
-    fn this_node(&self) -> NodeId {
-        NODE
-    }
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-    fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.state.subscribe()
-    }
-    fn is_up(&self, _: NodeId) -> bool {
-        true
-    }
-}
-
 /// A volume this node owns, on a real disk file in `dir`, as the device's target. With one
 /// replica, on this node, the engine reaches it in-process: no data listener is needed.
 async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
@@ -363,8 +342,10 @@ async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
     let disk = LocalDisk::create(&dir.join("disk.img"), Some(DISK_BYTES), identity).await.expect("disk");
     let disks = Arc::new(DiskSet::default());
     disks.insert(disk);
-    let topology: Arc<dyn Topology> = Arc::new(StaticTopology { state: watch::Sender::new(Arc::new(state)) });
-    let engine = Engine::new(Arc::new(ReplicaService::new(disks, topology.clone())), topology);
+    let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(NODE, Arc::new(watch::Sender::new(Arc::new(state)))));
+    let dirty = DirtyLog::open(&dir.join("dirty.redb")).expect("dirty log");
+    let replica = Arc::new(ReplicaService::new(disks, topology.clone(), dirty));
+    let engine = Engine::new(replica, topology, EngineConfig::default());
     DiskTarget {
         volume: VOLUME,
         size_bytes: VOLUME_BYTES,

@@ -16,15 +16,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where a read's data goes when it arrives: straight into the caller's memory.
 pub type ReadTarget = (Arc<dyn IoMemory>, Range<usize>);
 
 struct Waiter {
     done: oneshot::Sender<Result<Reply, ReplicaError>>,
+    request: Request,
     into: Option<ReadTarget>,
 }
 
@@ -36,21 +37,28 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    /// Sends `request` (with `payload` for a write) to the replica server at `addr`.
+    /// Sends `request` (with `payload` for a write) to the replica server at `addr` and waits
+    /// up to `timeout` for the answer. When this returns, nothing of this request touches
+    /// `into` any more, whatever the peer does later.
     pub async fn call(
         &self,
         addr: &str,
         request: Request,
         payload: Option<(&dyn IoMemory, Range<usize>)>,
         into: Option<ReadTarget>,
+        timeout: Duration,
     ) -> Result<Reply, ReplicaError> {
         let connection = self.connection(addr).await?;
-        match connection.call(request, payload.clone(), into.clone()).await {
-            // The connection was retired under this request (another request broke it, or
-            // the peer restarted): one more try on a fresh one. Writes and reads are
-            // idempotent, and the writer's ordering still holds the range.
-            Err(ReplicaError::ConnectionLost { .. }) => self.connection(addr).await?.call(request, payload, into).await,
-            result => result,
+        match connection.call(request, payload.clone(), into.clone(), timeout).await {
+            // The connection was found retired before a byte of this request was sent (the
+            // peer restarted, or another request broke it): nothing reached the peer, so one
+            // more try on a fresh connection is safe. A request that was sent, even in part,
+            // is never sent again: it could land after a newer write to the same range.
+            Err(CallError::NotSent) => {
+                let fresh = self.connection(addr).await?;
+                fresh.call(request, payload, into, timeout).await.map_err(|e| e.into_replica_error(addr))
+            }
+            result => result.map_err(|e| e.into_replica_error(addr)),
         }
     }
 
@@ -66,12 +74,29 @@ impl PeerPool {
     }
 }
 
+enum CallError {
+    NotSent,
+    Failed(ReplicaError),
+}
+
+impl CallError {
+    fn into_replica_error(self, addr: &str) -> ReplicaError {
+        match self {
+            CallError::NotSent => ReplicaError::ConnectionLost { addr: addr.to_string() },
+            CallError::Failed(e) => e,
+        }
+    }
+}
+
 struct Connection {
     addr: String,
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
+    /// The task that receives replies; aborted (and waited for) when a read that may be
+    /// receiving into its caller's memory gives up.
+    receiver: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Connection {
@@ -85,13 +110,14 @@ impl Connection {
         let (reader, writer) = stream.into_split();
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
+        let receiver = tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
         Ok(Connection {
             addr: addr.to_string(),
             writer: tokio::sync::Mutex::new(writer),
             pending,
             next_id: AtomicU64::new(1),
             alive,
+            receiver: tokio::sync::Mutex::new(Some(receiver)),
         })
     }
 
@@ -100,18 +126,23 @@ impl Connection {
         mut request: Request,
         payload: Option<(&dyn IoMemory, Range<usize>)>,
         into: Option<ReadTarget>,
-    ) -> Result<Reply, ReplicaError> {
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(request.id, Waiter { done, into });
+        let reads_into_caller = into.is_some();
+        self.pending.lock().expect("pending lock").insert(request.id, Waiter { done, request, into });
         // A frame sent only in part (an error, a timeout, or a caller that gave up) leaves the
         // stream unframed: the guard then retires the connection so nothing is sent after it.
         let mut guard = RetireUnlessSent { alive: &self.alive, sent: false };
-        let sent = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut started = false;
+        let sent = tokio::time::timeout_at(deadline, async {
             let mut writer = self.writer.lock().await;
             if !self.alive.load(Ordering::Acquire) {
                 return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
             }
+            started = true;
             writer.write_all(&request.encode()).await?;
             if let Some((buf, range)) = payload {
                 // Straight from the caller's memory (a guest's, for a guest write) to the socket.
@@ -120,20 +151,57 @@ impl Connection {
             Ok::<_, std::io::Error>(())
         })
         .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            self.pending.lock().expect("pending lock").remove(&request.id);
-            return Err(ReplicaError::ConnectionLost { addr: self.addr.clone() });
+        match sent {
+            Ok(Ok(())) => guard.sent = true,
+            _ if !started => {
+                // Nothing was written: the stream is still framed, and the peer saw nothing.
+                guard.sent = true;
+                self.pending.lock().expect("pending lock").remove(&request.id);
+                if sent.is_err() {
+                    return Err(CallError::Failed(self.give_up(timeout, true)));
+                }
+                return Err(CallError::NotSent);
+            }
+            _ => {
+                self.pending.lock().expect("pending lock").remove(&request.id);
+                return Err(CallError::Failed(self.give_up(timeout, sent.is_err())));
+            }
         }
-        guard.sent = true;
-        match tokio::time::timeout(REQUEST_TIMEOUT, reply).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ReplicaError::ConnectionLost { addr: self.addr.clone() }),
+        match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(result)) => result.map_err(CallError::Failed),
+            Ok(Err(_)) => Err(CallError::Failed(ReplicaError::ConnectionLost { addr: self.addr.clone() })),
             Err(_) => {
                 // A peer that does not answer in time is not trusted with the next request.
                 self.alive.store(false, Ordering::Release);
-                self.pending.lock().expect("pending lock").remove(&request.id);
-                Err(ReplicaError::Timeout { addr: self.addr.clone(), timeout_ms: REQUEST_TIMEOUT.as_millis() as u64 })
+                let still_waiting = self.pending.lock().expect("pending lock").remove(&request.id).is_some();
+                if !still_waiting && reads_into_caller {
+                    // The receiver took this request's reply and may be filling the caller's
+                    // memory from a stalled peer: stop it for good before returning.
+                    self.stop_receiver().await;
+                }
+                Err(CallError::Failed(self.give_up(timeout, true)))
             }
+        }
+    }
+
+    fn give_up(&self, timeout: Duration, timed_out: bool) -> ReplicaError {
+        if timed_out {
+            ReplicaError::Timeout { addr: self.addr.clone(), timeout_ms: timeout.as_millis() as u64 }
+        } else {
+            ReplicaError::ConnectionLost { addr: self.addr.clone() }
+        }
+    }
+
+    /// Ends the receive task and waits until it has stopped: after this, no reply data is
+    /// written anywhere. The requests still waiting fail with a lost connection.
+    async fn stop_receiver(&self) {
+        let mut receiver = self.receiver.lock().await;
+        if let Some(task) = receiver.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        for (_, waiter) in self.pending.lock().expect("pending lock").drain() {
+            let _ = waiter.done.send(Err(ReplicaError::ConnectionLost { addr: self.addr.clone() }));
         }
     }
 }
@@ -151,9 +219,12 @@ impl Drop for RetireUnlessSent<'_> {
     }
 }
 
-/// Reads replies until the connection fails, then fails every request still waiting.
+/// Reads replies until the connection fails, then fails every request still waiting. A
+/// reply that breaks the protocol (bad header, a payload length other than its request
+/// asked for) ends the connection.
 async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, alive: Arc<AtomicBool>) {
     let lost = || ReplicaError::ConnectionLost { addr: addr.clone() };
+    let protocol = |source| ReplicaError::Protocol { addr: addr.clone(), source };
     let failure = loop {
         let mut header = [0u8; RESPONSE_HEADER_BYTES];
         if reader.read_exact(&mut header).await.is_err() {
@@ -161,36 +232,43 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
         }
         let header = match ResponseHeader::parse(&header) {
             Ok(header) => header,
-            Err(source) => break ReplicaError::Protocol { addr: addr.clone(), source },
+            Err(source) => break protocol(source),
         };
         // A reply for a request that timed out meanwhile has no one waiting: its payload is
         // read and dropped.
         let waiter = pending.lock().expect("pending lock").remove(&header.id);
+        if let Some(Err(source)) = waiter.as_ref().map(|w| header.check_against(&w.request)) {
+            let waiter = waiter.expect("checked above");
+            let _ = waiter.done.send(Err(protocol(source.clone())));
+            break protocol(source);
+        }
         let len = header.payload_len as usize;
         let direct = match (&waiter, header.status) {
-            (Some(Waiter { into: Some((target, range)), .. }), Status::Ok) if range.len() == len && len > 0 => {
+            (Some(Waiter { into: Some((target, range)), .. }), Status::Ok) if len > 0 => {
                 Some((target.clone(), range.clone()))
             }
             _ => None,
+        };
+        let epochs = |status| Reply {
+            status,
+            owner_epoch: header.owner_epoch,
+            pg_epoch: header.pg_epoch,
+            data: None,
+            message: String::new(),
         };
         let reply = if let Some((target, range)) = direct {
             if receive_into(&reader, &target, range).await.is_err() {
                 break lost();
             }
-            Reply { status: Status::Ok, epoch: 0, data: None, message: String::new() }
+            epochs(Status::Ok)
         } else {
             let mut payload = AlignedBuf::zeroed(len);
             if reader.read_exact(payload.as_mut_slice()).await.is_err() {
                 break lost();
             }
             match header.status {
-                Status::Ok => {
-                    Reply { status: Status::Ok, epoch: 0, data: (len > 0).then_some(payload), message: String::new() }
-                }
-                status => {
-                    let message = String::from_utf8_lossy(payload.as_slice()).into_owned();
-                    Reply { status, epoch: header.epoch, data: None, message }
-                }
+                Status::Ok => Reply { data: (len > 0).then_some(payload), ..epochs(Status::Ok) },
+                status => Reply { message: String::from_utf8_lossy(payload.as_slice()).into_owned(), ..epochs(status) },
             }
         };
         if let Some(waiter) = waiter {

@@ -1,22 +1,49 @@
 //! The engine on the owner's side: splits a volume IO by extent, sends each piece to every
-//! replica of the extent's PG at once (the local one in-process, the others over the wire),
-//! and succeeds only when all of them did (DESIGN invariant 1).
+//! replica of the extent's PG acting set at once (the local one in-process, the others over
+//! the wire), and acknowledges by the rule in `verdict`: every acting replica at one PG
+//! epoch made it durable, and at least `min_size` of them (DESIGN invariant 1). A replica
+//! that fails is taken out by a Raft change and the write goes on with the rest.
 
 use crate::client::PeerPool;
 use crate::error::{ReplicaError, VolumeError};
 use crate::overlap::{OverlapQueue, WriteId};
-use crate::replica::{Payload, ReplicaService, Reply};
-use crate::topology::{replicas_of, Replica, Topology};
+use crate::replica::{error_chain, Payload, ReplicaService, Reply};
+use crate::topology::{replicas_of, PgChange, PgChangeError, Replica, ReplicaSet, Topology};
+use crate::verdict::{verdict, Answer, Verdict};
 use crate::wire::{Op, Request, Status};
-use model::{extent_of, ExtentIndex, OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
+use model::{extent_of, ExtentIndex, OwnerEpoch, PgEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use store::{AlignedBuf, IoMemory};
 use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
 
 /// Writes one volume writer may have in flight; bounds memory and queue depth.
 pub const WRITES_IN_FLIGHT_MAX: usize = 256;
+/// How long a replica may take to answer before it is taken out of its PG's acting set.
+/// See docs/decisions.md for why 3 s.
+pub const REPLICA_TIMEOUT_DEFAULT: Duration = Duration::from_secs(3);
+/// How long an IO waits for its PG to have enough acting replicas (or for Raft to take a
+/// failed one out) before it fails to the guest.
+pub const IO_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Pause between attempts to commit a PG change while Raft has no leader.
+const PG_CHANGE_RETRY: Duration = Duration::from_millis(200);
+
+const _: () = assert!(IO_WAIT_MAX.as_millis() > 2 * REPLICA_TIMEOUT_DEFAULT.as_millis());
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub replica_timeout: Duration,
+    pub io_wait: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { replica_timeout: REPLICA_TIMEOUT_DEFAULT, io_wait: IO_WAIT_MAX }
+    }
+}
 
 #[derive(Clone)]
 pub struct Engine {
@@ -27,6 +54,7 @@ struct EngineInner {
     replica: Arc<ReplicaService>,
     peers: PeerPool,
     topology: Arc<dyn Topology>,
+    config: EngineConfig,
 }
 
 /// One piece of a volume IO that lies within one extent.
@@ -51,8 +79,16 @@ fn pieces(offset_bytes: u64, len_bytes: u64) -> Vec<Piece> {
 }
 
 impl Engine {
-    pub fn new(replica: Arc<ReplicaService>, topology: Arc<dyn Topology>) -> Self {
-        Engine { inner: Arc::new(EngineInner { replica, peers: PeerPool::default(), topology }) }
+    pub fn new(replica: Arc<ReplicaService>, topology: Arc<dyn Topology>, config: EngineConfig) -> Self {
+        Engine { inner: Arc::new(EngineInner { replica, peers: PeerPool::default(), topology, config }) }
+    }
+
+    pub fn replica(&self) -> &Arc<ReplicaService> {
+        &self.inner.replica
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.inner.config
     }
 
     /// A writer for `volume`, which this node has acquired with `epoch`.
@@ -130,19 +166,9 @@ impl Engine {
         let this = self.inner.topology.this_node();
         let mut order = set.replicas.clone();
         order.sort_by_key(|r| (r.node != this, !self.inner.topology.is_up(r.node)));
-        let request = Request {
-            op: Op::Read,
-            id: 0,
-            volume: id,
-            extent: piece.extent,
-            offset_bytes: piece.offset_bytes as u32,
-            len_bytes: len_bytes as u32,
-            owner_epoch: OwnerEpoch(0),
-            pg: set.pg,
-            pg_epoch: set.pg_epoch,
-        };
         let mut last = None;
         for replica in &order {
+            let request = request(&set, replica, Op::Read, id, &piece, len_bytes, OwnerEpoch(0));
             match self.send(replica, request, payload()).await.and_then(accepted) {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
@@ -151,7 +177,7 @@ impl Engine {
                 }
             }
         }
-        let (replica, source) = last.expect("a PG has at least one replica");
+        let (replica, source) = last.expect("a PG has at least one acting replica");
         Err(VolumeError::NoReplicaReadable {
             volume: id,
             extent: piece.extent,
@@ -161,29 +187,49 @@ impl Engine {
         })
     }
 
-    async fn send(&self, replica: &Replica, request: Request, payload: Payload) -> Result<Reply, ReplicaError> {
+    /// Sends one request to one replica and waits for its answer, at most the replica
+    /// timeout. The local replica's IO runs in a task of its own, so giving up on it never
+    /// cancels disk IO halfway.
+    pub(crate) async fn send(
+        &self,
+        replica: &Replica,
+        request: Request,
+        payload: Payload,
+    ) -> Result<Reply, ReplicaError> {
+        let timeout = self.inner.config.replica_timeout;
         if replica.node == self.inner.topology.this_node() {
-            Ok(self.inner.replica.handle(request, payload).await)
-        } else {
-            let peers = &self.inner.peers;
-            match payload {
-                Payload::Write(buf, range) => peers.call(&replica.data_addr, request, Some((&*buf, range)), None).await,
-                // The data arrives from the socket straight in the target (a reply that did not
-                // fit it is copied in, which a well-behaved peer never sends).
-                Payload::ReadInto(target, range) => {
-                    let into = Some((target.clone(), range.clone()));
-                    let reply = peers.call(&replica.data_addr, request, None, into).await?;
-                    if let Some(data) = &reply.data {
-                        target.fill(range.start, data.as_slice());
-                    }
-                    Ok(Reply { data: None, ..reply })
-                }
-                Payload::None => peers.call(&replica.data_addr, request, None, None).await,
+            if let Payload::ReadInto(..) = payload {
+                // The disk reads straight into the caller's memory: a read given up on could
+                // still land there later, so a local read is waited for (a hung local disk
+                // is a known limitation, docs/decisions.md).
+                return Ok(self.inner.replica.handle(request, payload).await);
             }
+            let service = self.inner.replica.clone();
+            let local = tokio::spawn(async move { service.handle(request, payload).await });
+            return match tokio::time::timeout(timeout, local).await {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(join)) => Err(ReplicaError::Local { reason: join.to_string() }),
+                Err(_) => {
+                    Err(ReplicaError::LocalTimeout { disk: replica.disk, timeout_ms: timeout.as_millis() as u64 })
+                }
+            };
+        }
+        let peers = &self.inner.peers;
+        let addr = &replica.data_addr;
+        match payload {
+            Payload::Write(buf, range) => peers.call(addr, request, Some((&*buf, range)), None, timeout).await,
+            // The data arrives from the socket straight in the target.
+            Payload::ReadInto(target, range) => {
+                let into = Some((target, range));
+                peers.call(addr, request, None, into, timeout).await.map(|reply| Reply { data: None, ..reply })
+            }
+            Payload::None => peers.call(addr, request, None, None, timeout).await,
         }
     }
 
-    /// Applies one write or zero piece on every replica in parallel.
+    /// Applies one write or zero piece on every acting replica of its PG in parallel, and
+    /// goes on until the acknowledgement rule is met, the writer is fenced, or `io_wait`
+    /// has passed.
     async fn fan_out(
         &self,
         volume: &Volume,
@@ -192,50 +238,148 @@ impl Engine {
         piece: &Piece,
         payload: Option<&Arc<dyn IoMemory>>,
     ) -> Result<(), VolumeError> {
-        let set = replicas_of(&self.inner.topology.state(), volume, piece.extent)?;
-        let request = Request {
-            op,
-            id: 0,
-            volume: volume.id,
-            extent: piece.extent,
-            offset_bytes: piece.offset_bytes as u32,
-            len_bytes: piece.buf_range.len() as u32,
-            owner_epoch: epoch,
-            pg: set.pg,
-            pg_epoch: set.pg_epoch,
-        };
-        let sends = set.replicas.iter().map(|replica| {
-            let payload = match payload {
-                Some(buf) => Payload::Write(buf.clone(), piece.buf_range.clone()),
-                None => Payload::None,
-            };
-            async move { (replica, self.send(replica, request, payload).await.and_then(accepted)) }
-        });
-        for (replica, result) in futures_util::future::join_all(sends).await {
-            match result {
-                Ok(_) => {}
-                Err(ReplicaError::Refused { status: Status::StaleOwnerEpoch, epoch: current, .. }) => {
-                    return Err(VolumeError::Fenced { volume: volume.id, sent: epoch, current: OwnerEpoch(current) });
+        let deadline = Instant::now() + self.inner.config.io_wait;
+        loop {
+            let set = replicas_of(&self.inner.topology.state(), volume, piece.extent)?;
+            let len = piece.buf_range.len() as u64;
+            let sends = set.replicas.iter().map(|replica| {
+                let request = request(&set, replica, op, volume.id, piece, len, epoch);
+                let payload = match payload {
+                    Some(buf) => Payload::Write(buf.clone(), piece.buf_range.clone()),
+                    None => Payload::None,
+                };
+                async move { (replica.disk, answer(self.send(replica, request, payload).await)) }
+            });
+            let answers = futures_util::future::join_all(sends).await;
+            let problem = match verdict(set.pg_epoch, set.min_size, &answers) {
+                Verdict::Acknowledge => return Ok(()),
+                Verdict::Fenced { current } => {
+                    return Err(VolumeError::Fenced { volume: volume.id, sent: epoch, current })
                 }
-                Err(source) => {
-                    return Err(VolumeError::Replica {
-                        volume: volume.id,
-                        extent: piece.extent,
-                        disk: replica.disk,
-                        node: replica.node,
-                        source,
-                    });
+                Verdict::Refresh { at_least } => {
+                    self.wait_for_pg(&set, volume, piece.extent, |e| e >= at_least, deadline).await;
+                    format!("{} moved on to {at_least}", set.pg)
+                }
+                Verdict::TakeOut { seen, disks } => {
+                    let problem = describe_failures(&disks);
+                    for (disk, reason) in disks {
+                        tracing::warn!(volume = %volume.id, pg = %set.pg, %disk, %reason, "taking a replica out of its PG");
+                        self.take_out(&set, disk, seen, reason, deadline).await;
+                    }
+                    self.wait_for_pg(&set, volume, piece.extent, |e| e > seen, deadline).await;
+                    problem
+                }
+                Verdict::BelowMinSize { acting, min_size } => {
+                    self.wait_for_pg(&set, volume, piece.extent, |e| e > set.pg_epoch, deadline).await;
+                    format!("{acting} of the PG's replicas are acting, fewer than the pool's min_size {min_size}")
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable {
+                    volume: volume.id,
+                    extent: piece.extent,
+                    waited_ms: self.inner.config.io_wait.as_millis() as u64,
+                    problem,
+                });
+            }
+        }
+    }
+
+    /// Proposes taking `disk` out of the PG, retrying while Raft has no leader. A refusal
+    /// because the PG moved on, or because `disk` is its last acting replica, ends it: the
+    /// caller looks at the PG again.
+    async fn take_out(&self, set: &ReplicaSet, disk: model::DiskId, seen: PgEpoch, reason: String, deadline: Instant) {
+        let change = PgChange::TakeOut { pool: set.pool, pg: set.pg, disk, seen, reason };
+        loop {
+            match self.inner.topology.change_pg(change.clone()).await {
+                Ok(_) | Err(PgChangeError::Stale { .. }) => return,
+                Err(PgChangeError::LastReplica) => {
+                    // Nothing to take out to: wait a little for the replica to recover.
+                    tokio::time::sleep_until(deadline.min(Instant::now() + PG_CHANGE_RETRY)).await;
+                    return;
+                }
+                Err(PgChangeError::Unavailable { reason }) => {
+                    tracing::debug!(pg = %set.pg, %reason, "taking a replica out must wait for Raft");
+                    if Instant::now() + PG_CHANGE_RETRY >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep(PG_CHANGE_RETRY).await;
                 }
             }
         }
-        Ok(())
     }
+
+    /// Waits (until `deadline`) for this node's state to show the extent's PG at an epoch
+    /// for which `ready` holds.
+    async fn wait_for_pg(
+        &self,
+        set: &ReplicaSet,
+        volume: &Volume,
+        extent: ExtentIndex,
+        ready: impl Fn(PgEpoch) -> bool,
+        deadline: Instant,
+    ) {
+        let mut watch = self.inner.topology.watch();
+        loop {
+            let epoch = replicas_of(&watch.borrow_and_update(), volume, extent).map(|s| s.pg_epoch);
+            if epoch.is_ok_and(&ready) {
+                return;
+            }
+            if !matches!(tokio::time::timeout_at(deadline, watch.changed()).await, Ok(Ok(()))) {
+                tracing::debug!(pg = %set.pg, "waiting for the PG to change timed out");
+                return;
+            }
+        }
+    }
+}
+
+fn request(
+    set: &ReplicaSet,
+    replica: &Replica,
+    op: Op,
+    volume: VolumeId,
+    piece: &Piece,
+    len: u64,
+    owner_epoch: OwnerEpoch,
+) -> Request {
+    Request {
+        op,
+        resync: false,
+        id: 0,
+        volume,
+        extent: piece.extent,
+        offset_bytes: piece.offset_bytes as u32,
+        len_bytes: len as u32,
+        owner_epoch,
+        pg: set.pg,
+        pg_epoch: set.pg_epoch,
+        disk: replica.disk,
+        cluster: set.cluster,
+    }
+}
+
+/// What a replica's reply to a data change means for the acknowledgement rule.
+fn answer(result: Result<Reply, ReplicaError>) -> Answer {
+    match result {
+        Ok(reply) => match reply.status {
+            Status::Ok => Answer::Durable,
+            Status::StaleOwnerEpoch => Answer::Fenced { current: reply.owner_epoch },
+            Status::StalePgEpoch | Status::Out => Answer::NewerPgEpoch(reply.pg_epoch),
+            status => Answer::Failed { reason: format!("it answered {status:?}: {}", reply.message) },
+        },
+        Err(e) => Answer::Failed { reason: error_chain(&e) },
+    }
+}
+
+fn describe_failures(disks: &[(model::DiskId, String)]) -> String {
+    let parts: Vec<String> = disks.iter().map(|(disk, reason)| format!("{disk}: {reason}")).collect();
+    parts.join("; ")
 }
 
 fn accepted(reply: Reply) -> Result<Reply, ReplicaError> {
     match reply.status {
         Status::Ok | Status::Unallocated => Ok(reply),
-        status => Err(ReplicaError::Refused { status, epoch: reply.epoch, message: reply.message }),
+        status => Err(ReplicaError::Refused { status, message: reply.message }),
     }
 }
 

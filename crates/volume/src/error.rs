@@ -5,7 +5,11 @@ use model::{DiskId, ExtentIndex, NodeId, OwnerEpoch, VolumeId};
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("it answered {status:?}: {message}")]
-    Refused { status: Status, epoch: u64, message: String },
+    Refused { status: Status, message: String },
+    #[error("the local replica's task failed: {reason}")]
+    Local { reason: String },
+    #[error("the local replica on {disk} did not answer within {timeout_ms} ms")]
+    LocalTimeout { disk: DiskId, timeout_ms: u64 },
     #[error("cannot connect to {addr}")]
     Connect {
         addr: String,
@@ -43,6 +47,10 @@ pub enum VolumeError {
         #[source]
         source: ReplicaError,
     },
+    #[error(
+        "IO to {extent} of {volume} gave up after {waited_ms} ms: {problem}; check `converge cluster status` for nodes and disks that are down"
+    )]
+    Unavailable { volume: VolumeId, extent: ExtentIndex, waited_ms: u64, problem: String },
     #[error("No replica of {extent} of {volume} could be read; last error from {disk} ({node})")]
     NoReplicaReadable {
         volume: VolumeId,
@@ -69,7 +77,9 @@ impl VolumeError {
         match self {
             VolumeError::UnknownVolume(_) | VolumeError::OutOfRange { .. } => VolumeErrorKind::Invalid,
             VolumeError::Fenced { .. } => VolumeErrorKind::Fenced,
-            VolumeError::Replica { .. } | VolumeError::NoReplicaReadable { .. } => VolumeErrorKind::Unavailable,
+            VolumeError::Replica { .. } | VolumeError::NoReplicaReadable { .. } | VolumeError::Unavailable { .. } => {
+                VolumeErrorKind::Unavailable
+            }
         }
     }
 }

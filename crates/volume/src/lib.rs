@@ -5,20 +5,28 @@
 //! Never looks at guest memory layout or Raft internals: the cluster reaches it through
 //! the `Topology` trait, which the composition root implements.
 
+pub mod admission;
 mod client;
+mod dirty;
 mod engine;
 mod error;
 mod gc;
 mod overlap;
 mod replica;
+mod resync;
 mod server;
 mod topology;
+pub mod verdict;
 pub mod wire;
 
-pub use engine::{Engine, VolumeWriter, WRITES_IN_FLIGHT_MAX};
+pub use dirty::{DirtyError, DirtyExtent, DirtyLog};
+pub use engine::{Engine, EngineConfig, VolumeWriter, IO_WAIT_MAX, REPLICA_TIMEOUT_DEFAULT, WRITES_IN_FLIGHT_MAX};
 pub use error::{ReplicaError, VolumeError, VolumeErrorKind};
 pub use gc::collect_garbage;
 pub use overlap::{OverlapQueue, WriteId};
 pub use replica::{ReplicaService, Reply};
+pub use resync::{resync_loop, ResyncStats};
 pub use server::serve;
-pub use topology::{replicas_of, Replica, ReplicaSet, Topology};
+pub use topology::{
+    pg_change_outcome, replicas_of, PgChange, PgChangeError, Replica, ReplicaSet, StateTopology, Topology,
+};

@@ -1,38 +1,62 @@
 //! A replica's side of every request, whether it came over the wire or from the engine on
-//! the same node: the epoch and placement checks, then the local disk.
+//! the same node: `admission::admit` decides, this module waits, orders and does the IO.
+//!
+//! Ordering: every data change holds two gates shared from its decision until its IO is
+//! done, its volume's (owner epochs) and its PG's (PG epochs). A change made for a newer
+//! epoch takes the gate exclusively to raise it, which waits out every change still in
+//! flight for an older one; after that, the older ones are refused. So nothing an old owner
+//! or an old acting set sent lands after something sent for a newer one (DESIGN invariants
+//! 3 and 5), even when a request outlives its sender's timeout.
 
+use crate::admission::{admit, Admission, Gates, Refusal};
+use crate::dirty::DirtyLog;
 use crate::topology::Topology;
 use crate::wire::{Op, Request, Status, MESSAGE_MAX_BYTES};
-use model::{ClusterState, OwnerEpoch, VolumeId};
+use model::{ClusterState, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{AlignedBuf, DiskSet, IoMemory, StoreError, StoreErrorKind};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
-/// How long a replica waits to learn an owner epoch newer than the one it knows: the new
-/// owner committed it through Raft before writing, so this node applies it shortly.
+/// How long a replica waits to learn an epoch newer than the one it knows: the sender
+/// committed it through Raft before sending, so this node applies it shortly, unless it is
+/// cut off from the majority.
 pub const EPOCH_WAIT: Duration = Duration::from_secs(5);
 
 /// A replica's answer.
 #[derive(Debug)]
 pub struct Reply {
     pub status: Status,
-    /// The replica's current epoch for `StaleOwnerEpoch` and `StalePgEpoch`.
-    pub epoch: u64,
+    /// The replica's owner epoch for the volume and epoch for the PG, as far as it knows.
+    pub owner_epoch: OwnerEpoch,
+    pub pg_epoch: PgEpoch,
     /// Data of a successful read.
     pub data: Option<AlignedBuf>,
     pub message: String,
 }
 
 impl Reply {
-    fn ok(data: Option<AlignedBuf>) -> Self {
-        Reply { status: Status::Ok, epoch: 0, data, message: String::new() }
+    pub fn ok(data: Option<AlignedBuf>) -> Self {
+        Reply { status: Status::Ok, owner_epoch: OwnerEpoch(0), pg_epoch: PgEpoch(0), data, message: String::new() }
     }
 
-    fn refuse(status: Status, epoch: u64, message: String) -> Self {
+    pub fn refuse(status: Status, message: String) -> Self {
         let mut message = message;
         message.truncate(MESSAGE_MAX_BYTES as usize);
-        Reply { status, epoch, data: None, message }
+        Reply { status, owner_epoch: OwnerEpoch(0), pg_epoch: PgEpoch(0), data: None, message }
+    }
+
+    /// Fills in this replica's epochs for the request's volume and PG.
+    fn with_epochs(mut self, state: &ClusterState, request: &Request) -> Self {
+        if let Some(volume) = state.volumes.get(&request.volume) {
+            self.owner_epoch = volume.owner_epoch;
+            if let Some(pg) = state.pools.get(&volume.pool).and_then(|p| p.pgs.get(request.pg.0 as usize)) {
+                self.pg_epoch = pg.epoch;
+            }
+        }
+        self
     }
 }
 
@@ -45,84 +69,149 @@ pub enum Payload {
     ReadInto(Arc<dyn IoMemory>, Range<usize>),
 }
 
+type Gate<E> = Arc<RwLock<E>>;
+
 pub struct ReplicaService {
     disks: Arc<DiskSet>,
     topology: Arc<dyn Topology>,
-    /// Per volume, the newest owner epoch a write brought here. A write holds its volume's
-    /// gate shared from its epoch check until its IO is done; a write with a newer epoch
-    /// takes it exclusively to raise it, so no older write is still in flight after that
-    /// and none starts afterwards (DESIGN invariant 3).
-    gates: std::sync::Mutex<std::collections::HashMap<VolumeId, Arc<tokio::sync::RwLock<OwnerEpoch>>>>,
+    dirty: DirtyLog,
+    owner_gates: Mutex<HashMap<VolumeId, Gate<OwnerEpoch>>>,
+    pg_gates: Mutex<HashMap<(PoolId, PgId), Gate<PgEpoch>>>,
+}
+
+/// The gates a data change holds until its IO is done.
+struct Held {
+    _owner: Option<OwnedRwLockReadGuard<OwnerEpoch>>,
+    _pg: OwnedRwLockReadGuard<PgEpoch>,
+    gates: Gates,
 }
 
 impl ReplicaService {
-    pub fn new(disks: Arc<DiskSet>, topology: Arc<dyn Topology>) -> Self {
-        ReplicaService { disks, topology, gates: Default::default() }
+    pub fn new(disks: Arc<DiskSet>, topology: Arc<dyn Topology>, dirty: DirtyLog) -> Self {
+        ReplicaService { disks, topology, dirty, owner_gates: Default::default(), pg_gates: Default::default() }
     }
 
     pub fn disks(&self) -> &Arc<DiskSet> {
         &self.disks
     }
 
+    pub fn dirty(&self) -> &DirtyLog {
+        &self.dirty
+    }
+
+    pub(crate) fn topology(&self) -> &Arc<dyn Topology> {
+        &self.topology
+    }
+
+    /// A refusal if `request` is for another cluster or a disk this node does not have:
+    /// the replica server answers it and closes the connection.
+    pub fn wrong_target(&self, request: &Request) -> Option<Reply> {
+        let state = self.topology.state();
+        let local = self.disks.contains(request.disk);
+        match admit(request, local, &state, Gates::default()) {
+            Admission::Refuse(Refusal { status: Status::WrongTarget, message }) => {
+                Some(Reply::refuse(Status::WrongTarget, message))
+            }
+            _ => None,
+        }
+    }
+
     /// Serves one checked request. A read without a `ReadInto` payload returns its data in
     /// the reply.
     pub async fn handle(&self, request: Request, payload: Payload) -> Reply {
-        let fenced = matches!(request.op, Op::Write | Op::Zero);
-        if fenced && request.owner_epoch == OwnerEpoch(0) {
-            return Reply::refuse(Status::Invalid, 0, "writes need an owner epoch; acquire the volume first".into());
-        }
-        let Some(state) = self.state_with(request.volume, request.owner_epoch).await else {
-            let message = format!("{} with {} is not known here yet", request.volume, request.owner_epoch);
-            return Reply::refuse(Status::EpochUnknown, 0, message);
+        let local = self.disks.contains(request.disk);
+        let (state, pool, record_dirty) = match self.decide(&request, local, Gates::default()).await {
+            Ok(accepted) => accepted,
+            Err(reply) => return reply,
         };
-        let volume = &state.volumes[&request.volume];
-        let gate = self.gates.lock().expect("gates lock").entry(volume.id).or_default().clone();
-        let mut held = gate.read().await;
-        if fenced && request.owner_epoch > *held {
-            drop(held);
-            let mut newest = gate.write().await;
-            *newest = (*newest).max(request.owner_epoch);
-            drop(newest);
-            held = gate.read().await;
+        if !request.changes_data() {
+            return self.io(&request, payload).await.with_epochs(&state, &request);
         }
-        if fenced && request.owner_epoch < *held {
-            let message = format!("{} was written here with {}; {} is stale", volume.id, *held, request.owner_epoch);
-            return Reply::refuse(Status::StaleOwnerEpoch, held.0, message);
-        }
-        if fenced && request.owner_epoch < volume.owner_epoch {
-            let message =
-                format!("{} is owned with {} now; {} is stale", volume.id, volume.owner_epoch, request.owner_epoch);
-            return Reply::refuse(Status::StaleOwnerEpoch, volume.owner_epoch.0, message);
-        }
-        let Some(pool) = state.pools.get(&volume.pool) else {
-            return Reply::refuse(Status::NotHere, 0, format!("pool of {} unknown", volume.id));
+        let held = self.hold_gates(&request, pool).await;
+        // Decided again with the gates held: the state may have moved while we waited.
+        let (state, _, record_dirty_now) = match self.decide(&request, local, held.gates).await {
+            Ok(accepted) => accepted,
+            Err(reply) => return reply,
         };
-        let (pg, placement) = pool.pg_for(volume.id, request.extent);
-        if pg != request.pg {
-            return Reply::refuse(
-                Status::Invalid,
-                0,
-                format!("{} of {} is in {pg}, not {}", request.extent, volume.id, request.pg),
-            );
+        if record_dirty || record_dirty_now {
+            let range = request.offset_bytes..request.offset_bytes + request.len_bytes;
+            if let Err(e) = self.dirty.record(pool, request.pg, request.volume, request.extent, range).await {
+                return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
+            }
         }
-        if placement.epoch != request.pg_epoch {
-            let message = format!("{pg} is at {}, not {}", placement.epoch, request.pg_epoch);
-            return Reply::refuse(Status::StalePgEpoch, placement.epoch.0, message);
+        let reply = self.io(&request, payload).await.with_epochs(&state, &request);
+        drop(held);
+        reply
+    }
+
+    /// Admits `request`, waiting (up to `EPOCH_WAIT`) for a state that knows its epochs.
+    async fn decide(
+        &self,
+        request: &Request,
+        local: bool,
+        gates: Gates,
+    ) -> Result<(Arc<ClusterState>, PoolId, bool), Reply> {
+        let mut watch = self.topology.watch();
+        let deadline = tokio::time::Instant::now() + EPOCH_WAIT;
+        loop {
+            let state = watch.borrow_and_update().clone();
+            match admit(request, local, &state, gates) {
+                Admission::Accept { pool, record_dirty } => return Ok((state, pool, record_dirty)),
+                Admission::Refuse(Refusal { status, message }) => {
+                    return Err(Reply::refuse(status, message).with_epochs(&state, request));
+                }
+                Admission::WaitForState => {}
+            }
+            let changed = tokio::time::timeout_at(deadline, watch.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                let message = format!(
+                    "{} at {} / {} is not known here yet: this node is behind the cluster",
+                    request.volume, request.owner_epoch, request.pg_epoch
+                );
+                return Err(Reply::refuse(Status::EpochUnknown, message).with_epochs(&state, request));
+            }
         }
-        let Some(disk) = placement.disks.iter().find_map(|d| self.disks.get(*d)) else {
-            return Reply::refuse(Status::NotHere, 0, format!("this node holds no replica of {pg}"));
+    }
+
+    /// Takes the volume's and the PG's gates shared, raising either first if the request
+    /// was made for a newer epoch than any let through so far.
+    async fn hold_gates(&self, request: &Request, pool: PoolId) -> Held {
+        let owner = if request.resync {
+            None
+        } else {
+            let gate = self.owner_gates.lock().expect("gates lock").entry(request.volume).or_default().clone();
+            Some(raise_and_hold(gate, request.owner_epoch).await)
         };
+        let gate = self.pg_gates.lock().expect("gates lock").entry((pool, request.pg)).or_default().clone();
+        let pg = raise_and_hold(gate, request.pg_epoch).await;
+        let gates = Gates { owner_epoch: owner.as_ref().map(|g| **g).unwrap_or_default(), pg_epoch: *pg };
+        Held { _owner: owner, _pg: pg, gates }
+    }
+
+    /// Holds a PG's gate exclusively: no data change of that PG is in flight here, and none
+    /// starts, until the guard is dropped. The resync source holds it while it makes its
+    /// last copies and brings a replica back in.
+    pub(crate) async fn freeze_pg(&self, pool: PoolId, pg: PgId) -> tokio::sync::OwnedRwLockWriteGuard<PgEpoch> {
+        let gate = self.pg_gates.lock().expect("gates lock").entry((pool, pg)).or_default().clone();
+        gate.write_owned().await
+    }
+
+    async fn io(&self, request: &Request, payload: Payload) -> Reply {
+        let Some(disk) = self.disks.get(request.disk) else {
+            return Reply::refuse(Status::WrongTarget, format!("{} is not a disk of this node", request.disk));
+        };
+        let (volume, extent) = (request.volume, request.extent);
         let (offset, len) = (u64::from(request.offset_bytes), u64::from(request.len_bytes));
         let result = match request.op {
             Op::Write => {
                 let Payload::Write(buf, range) = payload else {
-                    return Reply::refuse(Status::Invalid, 0, "a write without data".into());
+                    return Reply::refuse(Status::Invalid, "a write without data".into());
                 };
-                disk.write(volume.id, request.extent, offset, buf, range).await.map(|()| Reply::ok(None))
+                disk.write(volume, extent, offset, buf, range).await.map(|()| Reply::ok(None))
             }
             Op::Read => match payload {
                 Payload::ReadInto(target, range) => {
-                    disk.read_into(volume.id, request.extent, offset, target, range).await.map(|allocated| {
+                    disk.read_into(volume, extent, offset, target, range).await.map(|allocated| {
                         if allocated {
                             Reply::ok(None)
                         } else {
@@ -130,37 +219,53 @@ impl ReplicaService {
                         }
                     })
                 }
-                _ => disk.read(volume.id, request.extent, offset, len).await.map(|data| match data {
+                _ => disk.read(volume, extent, offset, len).await.map(|data| match data {
                     Some(data) => Reply::ok(Some(data)),
                     None => Reply { status: Status::Unallocated, ..Reply::ok(None) },
                 }),
             },
-            Op::Zero => disk.zero(volume.id, request.extent, offset, len).await.map(|()| Reply::ok(None)),
+            Op::Zero => disk.zero(volume, extent, offset, len).await.map(|()| Reply::ok(None)),
         };
         result.unwrap_or_else(store_refusal)
     }
 
-    /// The state once it knows `volume` at `epoch` or later; waits `EPOCH_WAIT` at most.
-    async fn state_with(&self, volume: VolumeId, epoch: OwnerEpoch) -> Option<Arc<ClusterState>> {
-        let known = |s: &ClusterState| s.volumes.get(&volume).is_some_and(|v| v.owner_epoch >= epoch);
-        let state = self.topology.state();
-        if known(&state) {
-            return Some(state);
-        }
-        let mut watch = self.topology.watch();
-        tokio::time::timeout(EPOCH_WAIT, async {
-            loop {
-                let state = watch.borrow_and_update().clone();
-                if known(&state) {
-                    return Some(state);
-                }
-                watch.changed().await.ok()?;
+    /// Forgets the recorded changes of every PG that is whole again in `state`.
+    pub async fn forget_clean_pgs(&self, state: &ClusterState) {
+        for (pool, pg) in self.dirty.pgs() {
+            let clean = state.pools.get(&pool).and_then(|p| p.pgs.get(pg.0 as usize)).is_none_or(|p| !p.is_degraded());
+            if !clean {
+                continue;
             }
-        })
-        .await
-        .ok()
-        .flatten()
+            // Wait out changes in flight that were recorded for the degraded set.
+            let _frozen = self.freeze_pg(pool, pg).await;
+            if let Err(e) = self.dirty.clear(pool, pg).await {
+                tracing::warn!(%pool, %pg, error = %error_chain(&e), "forgetting a whole PG's changes failed");
+            }
+        }
     }
+}
+
+async fn raise_and_hold<E: Copy + Ord + Send + Sync + 'static>(gate: Gate<E>, epoch: E) -> OwnedRwLockReadGuard<E> {
+    let held = gate.clone().read_owned().await;
+    if epoch <= *held {
+        return held;
+    }
+    drop(held);
+    let mut newest = gate.clone().write_owned().await;
+    *newest = (*newest).max(epoch);
+    drop(newest);
+    gate.read_owned().await
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 fn store_refusal(e: StoreError) -> Reply {
@@ -169,12 +274,5 @@ fn store_refusal(e: StoreError) -> Reply {
         StoreErrorKind::Full => Status::Full,
         StoreErrorKind::Device => Status::DeviceError,
     };
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    Reply::refuse(status, 0, message)
+    Reply::refuse(status, error_chain(&e))
 }

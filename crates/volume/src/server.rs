@@ -43,8 +43,13 @@ async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> st
                 Some(data) => data.as_slice(),
                 None => reply.message.as_bytes(),
             };
-            let header =
-                ResponseHeader { status: reply.status, id, epoch: reply.epoch, payload_len: payload.len() as u32 };
+            let header = ResponseHeader {
+                status: reply.status,
+                id,
+                owner_epoch: reply.owner_epoch,
+                pg_epoch: reply.pg_epoch,
+                payload_len: payload.len() as u32,
+            };
             writer.write_all(&header.encode()).await?;
             writer.write_all(payload).await?;
             if outgoing.is_empty() {
@@ -63,6 +68,13 @@ async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> st
         }
         // A header that does not parse leaves the stream unframed: close the connection.
         let request = Request::parse(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        // A request for another cluster or a disk this node does not have: the peer is
+        // misconfigured or hostile. It gets a clear answer, and the connection is closed.
+        if let Some(reply) = service.wrong_target(&request) {
+            tracing::warn!(disk = %request.disk, cluster = %request.cluster, reason = %reply.message, "refused a request meant for another target");
+            let _ = replies.send((request.id, reply)).await;
+            break;
+        }
         let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
         let payload = match request.payload_bytes() {
             0 => Payload::None,

@@ -3,23 +3,32 @@
 //! carry the request id and may come in any order.
 //!
 //! ```text
-//! request  (64 B): magic "CVQ1" | op u8 | pad 3 | id u64 | volume u64 | extent u64
-//!                  | offset u32 | len u32 | owner_epoch u64 | pg u32 | pad 4 | pg_epoch u64
-//! response (32 B): magic "CVA1" | status u8 | pad 3 | id u64 | epoch u64 | payload_len u32 | pad 4
+//! request  (88 B): magic "CVQ2" | op u8 | flags u8 | pad 2 | id u64 | volume u64 | extent u64
+//!                  | offset u32 | len u32 | owner_epoch u64 | pg_epoch u64 | pg u32 | pad 4
+//!                  | target disk u64 | cluster u128
+//! response (40 B): magic "CVA2" | status u8 | pad 3 | id u64 | owner_epoch u64 | pg_epoch u64
+//!                  | payload_len u32 | pad 4
 //! ```
 //!
-//! Every field of a request is checked by `Request::parse` before anything acts on it.
+//! Every request names the cluster and the disk it is meant for; a replica refuses one meant
+//! for anything else. Every field is checked by `Request::parse` before anything acts on it,
+//! and a response's payload length is checked against what its request asked for.
 
-use model::{ExtentIndex, OwnerEpoch, PgEpoch, PgId, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
+use model::{
+    ClusterId, DiskId, ExtentIndex, OwnerEpoch, PgEpoch, PgId, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES,
+};
 
-pub const REQUEST_HEADER_BYTES: usize = 64;
-pub const RESPONSE_HEADER_BYTES: usize = 32;
-const REQUEST_MAGIC: [u8; 4] = *b"CVQ1";
-const RESPONSE_MAGIC: [u8; 4] = *b"CVA1";
+pub const REQUEST_HEADER_BYTES: usize = 88;
+pub const RESPONSE_HEADER_BYTES: usize = 40;
+const REQUEST_MAGIC: [u8; 4] = *b"CVQ2";
+const RESPONSE_MAGIC: [u8; 4] = *b"CVA2";
 /// No request moves more than one extent: the receiver's buffer is bounded by this.
 pub const PAYLOAD_MAX_BYTES: u32 = EXTENT_SIZE_BYTES as u32;
 /// Longest error message a response carries.
 pub const MESSAGE_MAX_BYTES: u32 = 4096;
+/// Request flag: a copy from the PG's resync source to a replica that is out of the acting
+/// set. Only such a replica takes it, and only at the PG epoch it was made for.
+const FLAG_RESYNC: u8 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -29,33 +38,46 @@ pub enum Op {
     Zero,
 }
 
-/// A request whose header was checked: known op, sector-aligned range inside one extent.
+/// A request whose header was checked: known op and flags, sector-aligned range inside one
+/// extent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     pub op: Op,
+    /// A resync copy (see `FLAG_RESYNC`): a write or zero, never a read.
+    pub resync: bool,
     pub id: u64,
     pub volume: VolumeId,
     pub extent: ExtentIndex,
     pub offset_bytes: u32,
     pub len_bytes: u32,
-    /// The sender's owner epoch; 0 for reads, which are not fenced.
+    /// The sender's owner epoch; 0 for reads and resync copies, which are not owner-fenced.
     pub owner_epoch: OwnerEpoch,
     pub pg: PgId,
+    /// The PG epoch whose acting set the sender sent this to.
     pub pg_epoch: PgEpoch,
+    /// The disk the request is for.
+    pub disk: DiskId,
+    pub cluster: ClusterId,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    #[error("bad magic {0:02x?}: the peer does not speak converge's data protocol")]
+    #[error("bad magic {0:02x?}: the peer does not speak this version of converge's data protocol")]
     Magic([u8; 4]),
     #[error("unknown op {0}")]
     UnknownOp(u8),
+    #[error("unknown flags {0:#04x} for op {1}")]
+    BadFlags(u8, u8),
     #[error("range {offset}+{len} is not sector-aligned, empty, or crosses the extent's end")]
     BadRange { offset: u32, len: u32 },
     #[error("unknown status {0}")]
     UnknownStatus(u8),
     #[error("payload of {0} bytes is larger than allowed")]
     PayloadTooLarge(u32),
+    #[error("a reply of {got} bytes to a request that expects {expected}")]
+    ReplyLength { expected: u32, got: u32 },
+    #[error("a reply to request {0}, which is not waiting for one")]
+    UnknownReply(u64),
 }
 
 impl Request {
@@ -67,6 +89,19 @@ impl Request {
         }
     }
 
+    /// Bytes of payload a successful reply carries: the data of a read, nothing otherwise.
+    pub fn reply_bytes(&self) -> u32 {
+        match self.op {
+            Op::Read => self.len_bytes,
+            Op::Write | Op::Zero => 0,
+        }
+    }
+
+    /// Whether the request changes data, and so is fenced by epochs and ordered by gates.
+    pub fn changes_data(&self) -> bool {
+        matches!(self.op, Op::Write | Op::Zero)
+    }
+
     pub fn encode(&self) -> [u8; REQUEST_HEADER_BYTES] {
         let mut out = [0u8; REQUEST_HEADER_BYTES];
         out[0..4].copy_from_slice(&REQUEST_MAGIC);
@@ -75,14 +110,17 @@ impl Request {
             Op::Read => 2,
             Op::Zero => 3,
         };
+        out[5] = if self.resync { FLAG_RESYNC } else { 0 };
         out[8..16].copy_from_slice(&self.id.to_le_bytes());
         out[16..24].copy_from_slice(&self.volume.0.to_le_bytes());
         out[24..32].copy_from_slice(&self.extent.0.to_le_bytes());
         out[32..36].copy_from_slice(&self.offset_bytes.to_le_bytes());
         out[36..40].copy_from_slice(&self.len_bytes.to_le_bytes());
         out[40..48].copy_from_slice(&self.owner_epoch.0.to_le_bytes());
-        out[48..52].copy_from_slice(&self.pg.0.to_le_bytes());
-        out[56..64].copy_from_slice(&self.pg_epoch.0.to_le_bytes());
+        out[48..56].copy_from_slice(&self.pg_epoch.0.to_le_bytes());
+        out[56..60].copy_from_slice(&self.pg.0.to_le_bytes());
+        out[64..72].copy_from_slice(&self.disk.0.to_le_bytes());
+        out[72..88].copy_from_slice(&self.cluster.0.to_le_bytes());
         out
     }
 
@@ -97,6 +135,11 @@ impl Request {
             3 => Op::Zero,
             other => return Err(WireError::UnknownOp(other)),
         };
+        let resync = match bytes[5] {
+            0 => false,
+            FLAG_RESYNC if op != Op::Read => true,
+            flags => return Err(WireError::BadFlags(flags, bytes[4])),
+        };
         let offset = u32_at(bytes, 32);
         let len = u32_at(bytes, 36);
         let sector = SECTOR_SIZE_BYTES as u32;
@@ -106,14 +149,17 @@ impl Request {
         }
         Ok(Request {
             op,
+            resync,
             id: u64_at(bytes, 8),
             volume: VolumeId(u64_at(bytes, 16)),
             extent: ExtentIndex(u64_at(bytes, 24)),
             offset_bytes: offset,
             len_bytes: len,
             owner_epoch: OwnerEpoch(u64_at(bytes, 40)),
-            pg: PgId(u32_at(bytes, 48)),
-            pg_epoch: PgEpoch(u64_at(bytes, 56)),
+            pg_epoch: PgEpoch(u64_at(bytes, 48)),
+            pg: PgId(u32_at(bytes, 56)),
+            disk: DiskId(u64_at(bytes, 64)),
+            cluster: ClusterId(u128::from_le_bytes(bytes[72..88].try_into().expect("16 bytes"))),
         })
     }
 }
@@ -124,17 +170,22 @@ pub enum Status {
     Ok,
     /// A read of an extent never written: zeros, no payload.
     Unallocated,
-    /// The sender's owner epoch is older than the volume's (`epoch` holds the current one).
+    /// The sender's owner epoch is older than the volume's (the reply's owner epoch).
     StaleOwnerEpoch,
-    /// The sender's PG epoch differs from the replica's (`epoch` holds the replica's).
+    /// The sender's PG epoch is older than the replica's (the reply's PG epoch).
     StalePgEpoch,
-    /// This node holds no replica of that PG, or does not know the volume.
+    /// This node holds no replica of that PG, or the volume was deleted.
     NotHere,
-    /// The replica could not learn the sender's newer owner epoch in time.
+    /// The replica could not learn the sender's newer epoch in time: it is behind Raft.
     EpochUnknown,
     Invalid,
     Full,
     DeviceError,
+    /// The request names another cluster or a disk this node does not have. The replica
+    /// closes the connection after this answer.
+    WrongTarget,
+    /// The disk is out of the PG's acting set: it serves nothing but resync copies.
+    Out,
 }
 
 impl Status {
@@ -149,6 +200,8 @@ impl Status {
             Status::Invalid => 6,
             Status::Full => 7,
             Status::DeviceError => 8,
+            Status::WrongTarget => 9,
+            Status::Out => 10,
         }
     }
 
@@ -163,6 +216,8 @@ impl Status {
             6 => Status::Invalid,
             7 => Status::Full,
             8 => Status::DeviceError,
+            9 => Status::WrongTarget,
+            10 => Status::Out,
             other => return Err(WireError::UnknownStatus(other)),
         })
     }
@@ -172,7 +227,10 @@ impl Status {
 pub struct ResponseHeader {
     pub status: Status,
     pub id: u64,
-    pub epoch: u64,
+    /// The replica's owner epoch for the volume, as far as it knows.
+    pub owner_epoch: OwnerEpoch,
+    /// The replica's epoch for the PG.
+    pub pg_epoch: PgEpoch,
     /// Data for a successful read; a UTF-8 message for an error.
     pub payload_len: u32,
 }
@@ -183,8 +241,9 @@ impl ResponseHeader {
         out[0..4].copy_from_slice(&RESPONSE_MAGIC);
         out[4] = self.status.code();
         out[8..16].copy_from_slice(&self.id.to_le_bytes());
-        out[16..24].copy_from_slice(&self.epoch.to_le_bytes());
-        out[24..28].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.owner_epoch.0.to_le_bytes());
+        out[24..32].copy_from_slice(&self.pg_epoch.0.to_le_bytes());
+        out[32..36].copy_from_slice(&self.payload_len.to_le_bytes());
         out
     }
 
@@ -194,12 +253,31 @@ impl ResponseHeader {
             return Err(WireError::Magic(magic));
         }
         let status = Status::from_code(bytes[4])?;
-        let payload_len = u32_at(bytes, 24);
+        let payload_len = u32_at(bytes, 32);
         let limit = if status == Status::Ok { PAYLOAD_MAX_BYTES } else { MESSAGE_MAX_BYTES };
         if payload_len > limit {
             return Err(WireError::PayloadTooLarge(payload_len));
         }
-        Ok(ResponseHeader { status, id: u64_at(bytes, 8), epoch: u64_at(bytes, 16), payload_len })
+        Ok(ResponseHeader {
+            status,
+            id: u64_at(bytes, 8),
+            owner_epoch: OwnerEpoch(u64_at(bytes, 16)),
+            pg_epoch: PgEpoch(u64_at(bytes, 24)),
+            payload_len,
+        })
+    }
+
+    /// Checks the payload length against what `request` asked for: an Ok reply carries
+    /// exactly the bytes of a read and nothing for a write; a refusal carries only a message.
+    pub fn check_against(&self, request: &Request) -> Result<(), WireError> {
+        let expected = match self.status {
+            Status::Ok => request.reply_bytes(),
+            _ => return Ok(()),
+        };
+        if self.payload_len != expected {
+            return Err(WireError::ReplyLength { expected, got: self.payload_len });
+        }
+        Ok(())
     }
 }
 
@@ -227,6 +305,9 @@ mod tests {
             owner_epoch: OwnerEpoch(2),
             pg: PgId(17),
             pg_epoch: PgEpoch(1),
+            resync: false,
+            disk: DiskId(20),
+            cluster: ClusterId(u128::MAX - 5),
         }
     }
 
@@ -255,19 +336,59 @@ mod tests {
         assert!(matches!(Request::parse(&empty), Err(WireError::BadRange { .. })));
     }
 
+    fn response(status: Status, payload_len: u32) -> ResponseHeader {
+        ResponseHeader { status, id: 1, owner_epoch: OwnerEpoch(3), pg_epoch: PgEpoch(4), payload_len }
+    }
+
     #[test]
     fn response_with_oversized_message_is_refused() {
-        let header =
-            ResponseHeader { status: Status::DeviceError, id: 1, epoch: 0, payload_len: MESSAGE_MAX_BYTES + 1 };
+        let header = response(Status::DeviceError, MESSAGE_MAX_BYTES + 1);
         assert_eq!(ResponseHeader::parse(&header.encode()), Err(WireError::PayloadTooLarge(MESSAGE_MAX_BYTES + 1)));
+    }
+
+    #[test]
+    fn response_round_trips_with_both_epochs_typed() {
+        let header = response(Status::StalePgEpoch, 12);
+        assert_eq!(ResponseHeader::parse(&header.encode()), Ok(header));
+    }
+
+    #[test]
+    fn an_ok_read_reply_must_carry_exactly_the_bytes_asked_for() {
+        let read = Request { op: Op::Read, ..write_request() };
+
+        assert_eq!(response(Status::Ok, 8192).check_against(&read), Ok(()));
+        assert_eq!(
+            response(Status::Ok, 4096).check_against(&read),
+            Err(WireError::ReplyLength { expected: 8192, got: 4096 })
+        );
+        assert_eq!(
+            response(Status::Ok, 8704).check_against(&read),
+            Err(WireError::ReplyLength { expected: 8192, got: 8704 })
+        );
+        assert_eq!(
+            response(Status::Ok, 512).check_against(&write_request()),
+            Err(WireError::ReplyLength { expected: 0, got: 512 })
+        );
+    }
+
+    #[test]
+    fn a_resync_read_is_refused() {
+        let mut bytes = Request { op: Op::Read, ..write_request() }.encode();
+        bytes[5] = FLAG_RESYNC;
+        assert_eq!(Request::parse(&bytes), Err(WireError::BadFlags(FLAG_RESYNC, 2)));
+    }
+
+    #[test]
+    fn a_resync_write_round_trips() {
+        let resync = Request { resync: true, owner_epoch: OwnerEpoch(0), ..write_request() };
+        assert_eq!(Request::parse(&resync.encode()), Ok(resync));
     }
 
     proptest! {
         #[test]
-        fn any_header_bytes_parse_or_fail_cleanly(bytes in proptest::array::uniform32(any::<u8>()), tail in proptest::array::uniform32(any::<u8>())) {
+        fn any_header_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), REQUEST_HEADER_BYTES)) {
             let mut header = [0u8; REQUEST_HEADER_BYTES];
-            header[..32].copy_from_slice(&bytes);
-            header[32..].copy_from_slice(&tail);
+            header.copy_from_slice(&bytes);
             header[0..4].copy_from_slice(&REQUEST_MAGIC);
             if let Ok(request) = Request::parse(&header) {
                 prop_assert!(u64::from(request.offset_bytes) + u64::from(request.len_bytes) <= EXTENT_SIZE_BYTES);

@@ -8,31 +8,13 @@ use model::{
 use std::sync::Arc;
 use store::{AlignedBuf, DiskIdentity, DiskSet, LocalDisk};
 use tokio::sync::watch;
-use volume::{Engine, ReplicaService, Topology, VolumeError};
+use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology, VolumeError};
+
+type SharedState = Arc<watch::Sender<Arc<ClusterState>>>;
 
 const NODE_A: NodeId = NodeId(1);
 const NODE_B: NodeId = NodeId(2);
 const VOLUME: VolumeId = VolumeId(0);
-
-struct StaticTopology {
-    node: NodeId,
-    state: watch::Receiver<Arc<ClusterState>>,
-}
-
-impl Topology for StaticTopology {
-    fn this_node(&self) -> NodeId {
-        self.node
-    }
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-    fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.state.clone()
-    }
-    fn is_up(&self, _: NodeId) -> bool {
-        true
-    }
-}
 
 fn apply(state: &mut ClusterState, command: ClusterCommand) {
     state.apply(&command).expect("command applies");
@@ -67,17 +49,18 @@ struct TestNode {
     disks: Arc<DiskSet>,
 }
 
-async fn start_node(node: NodeId, state: &watch::Sender<Arc<ClusterState>>, dir: &std::path::Path) -> TestNode {
+async fn start_node(node: NodeId, state: &SharedState, dir: &std::path::Path) -> TestNode {
     let identity = DiskIdentity { disk: DiskId(node_disk(node)), node, cluster: ClusterId(1) };
     let disk = LocalDisk::create(&dir.join(format!("{node}.img")), Some(64 << 20), identity).await.expect("disk");
     let disks = Arc::new(DiskSet::default());
     disks.insert(disk);
-    let topology: Arc<dyn Topology> = Arc::new(StaticTopology { node, state: state.subscribe() });
-    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone()));
+    let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(node, state.clone()));
+    let dirty = DirtyLog::open(&dir.join(format!("{node}-dirty.redb"))).expect("dirty log");
+    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
     let addr = state.borrow().nodes[&node].data_addr.clone();
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind data address");
     tokio::spawn(volume::serve(listener, replica.clone()));
-    TestNode { engine: Engine::new(replica, topology), disks }
+    TestNode { engine: Engine::new(replica, topology, EngineConfig::default()), disks }
 }
 
 fn pattern(seed: u8) -> Arc<AlignedBuf> {
@@ -85,7 +68,7 @@ fn pattern(seed: u8) -> Arc<AlignedBuf> {
     Arc::new(AlignedBuf::copy_from(&bytes))
 }
 
-async fn acquire(state: &watch::Sender<Arc<ClusterState>>, node: NodeId) -> OwnerEpoch {
+async fn acquire(state: &SharedState, node: NodeId) -> OwnerEpoch {
     let mut next = (**state.borrow()).clone();
     let outcome = next.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node }).expect("acquire");
     state.send_replace(Arc::new(next));
@@ -98,7 +81,7 @@ async fn acquire(state: &watch::Sender<Arc<ClusterState>>, node: NodeId) -> Owne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_reaches_both_replicas_and_a_stale_owner_changes_nothing() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (state, _) = watch::channel(Arc::new(cluster(17801)));
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17801))));
     let a = start_node(NODE_A, &state, dir.path()).await;
     let b = start_node(NODE_B, &state, dir.path()).await;
     let epoch_a = acquire(&state, NODE_A).await;
@@ -126,7 +109,7 @@ async fn write_reaches_both_replicas_and_a_stale_owner_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritten_ranges_read_as_unallocated_and_zeroed_ranges_too() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (state, _) = watch::channel(Arc::new(cluster(17802)));
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17802))));
     let a = start_node(NODE_A, &state, dir.path()).await;
     let _b = start_node(NODE_B, &state, dir.path()).await;
     let writer = a.engine.writer(VOLUME, acquire(&state, NODE_A).await);
@@ -141,7 +124,7 @@ async fn unwritten_ranges_read_as_unallocated_and_zeroed_ranges_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_past_the_volume_end_is_refused() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (state, _) = watch::channel(Arc::new(cluster(17803)));
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17803))));
     let a = start_node(NODE_A, &state, dir.path()).await;
     let writer = a.engine.writer(VOLUME, acquire(&state, NODE_A).await);
 
@@ -165,7 +148,7 @@ fn cluster_with_remote_replica(port: u16) -> ClusterState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_from_a_remote_replica_lands_in_the_callers_memory_and_unwritten_ranges_read_zero() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (state, _) = watch::channel(Arc::new(cluster_with_remote_replica(17804)));
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster_with_remote_replica(17804))));
     let a = start_node(NODE_A, &state, dir.path()).await;
     let _b = start_node(NODE_B, &state, dir.path()).await;
     let far = VolumeId(1);

@@ -1,0 +1,229 @@
+//! Resync: a replica that was taken out of its PG and is reachable again gets what changed
+//! while it was out, copied from the PG's resync source, and is then brought back in.
+//!
+//! The source (the PG's first acting replica, so one node per PG) copies its recorded
+//! changes while writes go on, a few passes until little is left; then it freezes the PG on
+//! its side (no write of the PG is in flight there, none starts), copies the rest, and
+//! commits the replica back in with a new PG epoch before it lets writes through again.
+//! Writes held up meanwhile are refused for the old epoch, and their writer sends them to
+//! the new acting set, the returning replica included. Every copy is stamped with the PG
+//! epoch the replica was out at: once it is back in, or out again, a late copy is refused.
+
+use crate::engine::Engine;
+use crate::replica::Payload;
+use crate::topology::{PgChange, Replica};
+use crate::wire::{Op, Request, Status};
+use crate::DirtyExtent;
+use model::{ClusterState, DiskId, ExtentIndex, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::IoMemory;
+use tokio::sync::Semaphore;
+
+/// How often the source looks for replicas to resync, besides every state change.
+const RESYNC_TICK: Duration = Duration::from_secs(1);
+/// PGs this node resyncs at once.
+const RESYNC_PGS_PARALLEL: usize = 4;
+/// Copy passes made while writes go on, before the final pass with the PG frozen.
+const LIVE_PASSES_MAX: usize = 4;
+/// The final, frozen pass starts once a live pass leaves no more than this to copy.
+const FROZEN_PASS_BYTES_MAX: u64 = 8 << 20;
+/// Largest single copy request.
+const COPY_CHUNK_BYTES: u32 = 1 << 20;
+
+/// What this node's resyncs did since it started.
+#[derive(Debug, Default)]
+pub struct ResyncStats {
+    pub bytes_copied: AtomicU64,
+    pub replicas_brought_in: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ResyncError {
+    #[error("the PG moved on while resyncing")]
+    Moved,
+    #[error("copying {extent} of {volume} to {disk}: {reason}")]
+    Copy { volume: VolumeId, extent: ExtentIndex, disk: DiskId, reason: String },
+    #[error("reading {extent} of {volume} here: {reason}")]
+    Read { volume: VolumeId, extent: ExtentIndex, reason: String },
+    #[error("bringing {disk} back in: {reason}")]
+    BringIn { disk: DiskId, reason: String },
+}
+
+/// Runs for the life of the node: resyncs the PGs this node is the source of, and forgets
+/// the recorded changes of PGs that are whole again.
+pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
+    let topology = engine.replica().topology().clone();
+    let running: Arc<Mutex<HashSet<(PoolId, PgId)>>> = Arc::default();
+    let slots = Arc::new(Semaphore::new(RESYNC_PGS_PARALLEL));
+    let mut watch = topology.watch();
+    let mut ticker = tokio::time::interval(RESYNC_TICK);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = watch.changed() => if changed.is_err() { return },
+        }
+        let state = topology.state();
+        engine.replica().forget_clean_pgs(&state).await;
+        for (pool, pg, target) in resyncs_due(&engine, &state) {
+            if !running.lock().expect("running lock").insert((pool, pg)) {
+                continue;
+            }
+            let (engine, stats, running, slots) = (engine.clone(), stats.clone(), running.clone(), slots.clone());
+            tokio::spawn(async move {
+                let _slot = slots.acquire().await.expect("semaphore is never closed");
+                match resync(&engine, &stats, pool, pg, target.clone()).await {
+                    Ok(bytes) => tracing::info!(%pool, %pg, disk = %target.disk, bytes, "replica resynced and back in"),
+                    Err(e) => {
+                        tracing::info!(%pool, %pg, disk = %target.disk, error = %e, "resync did not finish; will try again")
+                    }
+                }
+                running.lock().expect("running lock").remove(&(pool, pg));
+            });
+        }
+    }
+}
+
+/// The (pool, PG, replica) resyncs this node should run now: PGs whose source disk is here,
+/// with a replica out on a node that is up.
+fn resyncs_due(engine: &Engine, state: &ClusterState) -> Vec<(PoolId, PgId, Replica)> {
+    let topology = engine.replica().topology();
+    let disks = engine.replica().disks();
+    let mut due = Vec::new();
+    for pool in state.pools.values() {
+        for (index, pg) in pool.pgs.iter().enumerate() {
+            if !pg.resync_source().is_some_and(|source| disks.contains(source)) {
+                continue;
+            }
+            let target = pg.out.keys().find_map(|disk| {
+                let node = state.disks.get(disk)?.node;
+                let data_addr = state.nodes.get(&node)?.data_addr.clone();
+                topology.is_up(node).then_some(Replica { disk: *disk, node, data_addr })
+            });
+            if let Some(target) = target {
+                due.push((pool.id, PgId(index as u32), target));
+            }
+        }
+    }
+    due
+}
+
+/// Copies what changed to `target` and brings it back in; returns the bytes copied.
+async fn resync(
+    engine: &Engine,
+    stats: &ResyncStats,
+    pool: PoolId,
+    pg: PgId,
+    target: Replica,
+) -> Result<u64, ResyncError> {
+    let topology = engine.replica().topology().clone();
+    let epoch_now = || {
+        let state = topology.state();
+        let found = state.pools.get(&pool).and_then(|p| p.pgs.get(pg.0 as usize))?;
+        Some((found.epoch, found.out.contains_key(&target.disk), found.resync_source()?))
+    };
+    let Some((seen, true, source)) = epoch_now() else { return Err(ResyncError::Moved) };
+    let mut copied: HashMap<(VolumeId, ExtentIndex), u64> = HashMap::new();
+    let mut bytes = 0;
+    for _ in 0..LIVE_PASSES_MAX {
+        let todo = changed_since(engine, pool, pg, &copied);
+        let todo_bytes: u64 = todo.iter().map(DirtyExtent::bytes).sum();
+        bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
+        if todo_bytes <= FROZEN_PASS_BYTES_MAX {
+            break;
+        }
+    }
+    let frozen = engine.replica().freeze_pg(pool, pg).await;
+    if epoch_now() != Some((seen, true, source)) {
+        return Err(ResyncError::Moved);
+    }
+    let todo = changed_since(engine, pool, pg, &copied);
+    bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
+    let change = PgChange::BringIn { pool, pg, disk: target.disk, seen };
+    topology.change_pg(change).await.map_err(|e| ResyncError::BringIn { disk: target.disk, reason: e.to_string() })?;
+    drop(frozen);
+    stats.replicas_brought_in.fetch_add(1, Ordering::Relaxed);
+    Ok(bytes)
+}
+
+/// The recorded changes of a PG not yet copied at their current generation.
+fn changed_since(
+    engine: &Engine,
+    pool: PoolId,
+    pg: PgId,
+    copied: &HashMap<(VolumeId, ExtentIndex), u64>,
+) -> Vec<DirtyExtent> {
+    let dirty = engine.replica().dirty().snapshot(pool, pg);
+    dirty.into_iter().filter(|d| copied.get(&(d.volume, d.extent)) != Some(&d.generation)).collect()
+}
+
+/// Copies `extents` from this node's replica to `target`, stamped with PG epoch `seen`.
+async fn copy(
+    engine: &Engine,
+    stats: &ResyncStats,
+    (source, target): (DiskId, &Replica),
+    pg: PgId,
+    seen: PgEpoch,
+    extents: &[DirtyExtent],
+    copied: &mut HashMap<(VolumeId, ExtentIndex), u64>,
+) -> Result<u64, ResyncError> {
+    let state = engine.replica().topology().state();
+    let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
+    let disk = engine.replica().disks().get(source).ok_or(ResyncError::Moved)?;
+    let mut bytes = 0;
+    for extent in extents {
+        // A volume deleted meanwhile has nothing left to copy.
+        if !state.volumes.contains_key(&extent.volume) {
+            copied.insert((extent.volume, extent.extent), extent.generation);
+            continue;
+        }
+        for range in &extent.ranges {
+            let mut at = range.start;
+            while at < range.end {
+                let len = (range.end - at).min(COPY_CHUNK_BYTES);
+                let read = disk.read(extent.volume, extent.extent, u64::from(at), u64::from(len)).await;
+                let data = read.map_err(|e| ResyncError::Read {
+                    volume: extent.volume,
+                    extent: extent.extent,
+                    reason: crate::replica::error_chain(&e),
+                })?;
+                let request = Request {
+                    op: if data.is_some() { Op::Write } else { Op::Zero },
+                    resync: true,
+                    id: 0,
+                    volume: extent.volume,
+                    extent: extent.extent,
+                    offset_bytes: at,
+                    len_bytes: len,
+                    owner_epoch: OwnerEpoch(0),
+                    pg,
+                    pg_epoch: seen,
+                    disk: target.disk,
+                    cluster,
+                };
+                let payload = match data {
+                    Some(buf) => Payload::Write(Arc::new(buf) as Arc<dyn IoMemory>, 0..len as usize),
+                    None => Payload::None,
+                };
+                let copy_error = |reason: String| ResyncError::Copy {
+                    volume: extent.volume,
+                    extent: extent.extent,
+                    disk: target.disk,
+                    reason,
+                };
+                match engine.send(target, request, payload).await {
+                    Ok(reply) if reply.status == Status::Ok => {}
+                    Ok(reply) => return Err(copy_error(format!("it answered {:?}: {}", reply.status, reply.message))),
+                    Err(e) => return Err(copy_error(crate::replica::error_chain(&e))),
+                }
+                stats.bytes_copied.fetch_add(u64::from(len), Ordering::Relaxed);
+                bytes += u64::from(len);
+                at += len;
+            }
+        }
+        copied.insert((extent.volume, extent.extent), extent.generation);
+    }
+    Ok(bytes)
+}
