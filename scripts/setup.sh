@@ -6,7 +6,7 @@ set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-have qemu-img || need+=(qemu-utils)
+dpkg -s qemu-utils >/dev/null 2>&1 || need+=(qemu-utils)
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 # The guest needs the static busybox: a dynamically linked one would not run in the initramfs.
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)

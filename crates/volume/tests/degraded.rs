@@ -1,0 +1,372 @@
+//! Replica servers on loopback, each node's server in a runtime of its own so it can die
+//! the way a killed process does (its sockets closed under it). The engine keeps writing
+//! through a dead or stalled replica, resync brings it back with only what changed, and
+//! peers that send requests for another target, garbage, or replies of the wrong length
+//! are refused without harm.
+
+use model::{
+    ClusterCommand, ClusterId, ClusterState, Disk, DiskId, ExtentIndex, Node, NodeId, OwnerEpoch, PgEpoch, PgId,
+    PoolId, VolumeId, EXTENT_SIZE_BYTES,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use store::{AlignedBuf, DiskIdentity, DiskSet, LocalDisk};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use volume::wire::{Op, Request, ResponseHeader, Status, REQUEST_HEADER_BYTES, RESPONSE_HEADER_BYTES};
+use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, ResyncStats, StateTopology, Topology, VolumeError};
+
+const NODE_A: NodeId = NodeId(1);
+const NODE_B: NodeId = NodeId(2);
+const CLUSTER: ClusterId = ClusterId(0xc0ffee);
+const VOLUME: VolumeId = VolumeId(0);
+const DISK_BYTES: u64 = 64 << 20;
+/// Short, so a stalled replica costs the test little; the default is 3 s.
+const REPLICA_TIMEOUT: Duration = Duration::from_millis(500);
+
+type SharedState = Arc<watch::Sender<Arc<ClusterState>>>;
+
+fn disk_of(node: NodeId) -> DiskId {
+    DiskId(node.0 * 10)
+}
+
+/// Nodes A and B with a disk each, a 2-replica pool (min_size 1) of 4 PGs, one volume.
+fn cluster(port: u16) -> ClusterState {
+    let mut state = ClusterState::default();
+    let mut apply = |command: ClusterCommand| {
+        state.apply(&command).expect("setup command applies");
+    };
+    apply(ClusterCommand::InitCluster { id: CLUSTER, join_secret: "s".into() });
+    for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
+        let data_addr = format!("127.0.0.{ip}:{port}");
+        apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));
+        apply(ClusterCommand::AddDisk(Disk {
+            id: disk_of(node),
+            node,
+            path: String::new(),
+            size_bytes: DISK_BYTES,
+            extent_slots: 15,
+        }));
+    }
+    let pgs = vec![vec![disk_of(NODE_A), disk_of(NODE_B)]; 4];
+    apply(ClusterCommand::CreatePool { name: "replicated-2".into(), replicas: 2, min_size: 1, pgs });
+    apply(ClusterCommand::CreateVolume { name: "v".into(), pool: PoolId(0), size_bytes: 4 * EXTENT_SIZE_BYTES });
+    apply(ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_A });
+    state
+}
+
+/// A node: its disk and dirty log under `dir`, its replica server on its own runtime.
+struct TestNode {
+    engine: Engine,
+    disks: Arc<DiskSet>,
+    server: Option<tokio::runtime::Runtime>,
+}
+
+impl TestNode {
+    async fn start(node: NodeId, state: &SharedState, dir: &std::path::Path, fresh: bool) -> TestNode {
+        let path = dir.join(format!("{node}.img"));
+        let disk = if fresh {
+            let identity = DiskIdentity { disk: disk_of(node), node, cluster: CLUSTER };
+            LocalDisk::create(&path, Some(DISK_BYTES), identity).await.expect("disk")
+        } else {
+            LocalDisk::open(&path, disk_of(node)).await.expect("disk reopens")
+        };
+        let disks = Arc::new(DiskSet::default());
+        disks.insert(disk);
+        let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(node, state.clone()));
+        let dirty = DirtyLog::open(&dir.join(format!("{node}-dirty.redb"))).expect("dirty log");
+        let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
+        let addr = state.borrow().nodes[&node].data_addr.clone();
+        let server = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = server.block_on_listener(&addr);
+        server.spawn(volume::serve(listener, replica.clone()));
+        let config = EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(10) };
+        TestNode { engine: Engine::new(replica, topology, config), disks, server: Some(server) }
+    }
+
+    /// Ends the node's replica server the way a SIGKILL does: every socket closes at once,
+    /// and every task of it is gone when this returns.
+    async fn kill(&mut self) {
+        let server = self.server.take().expect("running");
+        tokio::task::spawn_blocking(move || server.shutdown_timeout(Duration::from_secs(5))).await.unwrap();
+    }
+
+    async fn stored(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let disk = self.disks.all().pop().unwrap();
+        let (extent, within) = model::extent_of(offset);
+        disk.read(VOLUME, extent, within, len).await.unwrap().map(|b| b.as_slice().to_vec())
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown_background();
+        }
+    }
+}
+
+trait BindOn {
+    fn block_on_listener(&self, addr: &str) -> TcpListener;
+}
+
+impl BindOn for tokio::runtime::Runtime {
+    fn block_on_listener(&self, addr: &str) -> TcpListener {
+        let std = std::net::TcpListener::bind(addr).expect("bind data address");
+        std.set_nonblocking(true).unwrap();
+        let _guard = self.enter();
+        TcpListener::from_std(std).unwrap()
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Arc<AlignedBuf> {
+    let bytes: Vec<u8> = (0..len as u32).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect();
+    Arc::new(AlignedBuf::copy_from(&bytes))
+}
+
+fn pg_of_offset(state: &ClusterState, offset: u64) -> (PgId, model::Pg) {
+    let (extent, _) = model::extent_of(offset);
+    let (pg, placement) = state.pools[&PoolId(0)].pg_for(VOLUME, extent);
+    (pg, placement.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_when_a_replica_dies_and_resync_brings_back_only_what_changed() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17811))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let mut b = TestNode::start(NODE_B, &state, dir.path(), true).await;
+    let writer = a.engine.writer(VOLUME, OwnerEpoch(1));
+    writer.write(0, pattern(1, 65536), 0..65536).await.expect("write with both replicas");
+
+    b.kill().await;
+    let started = Instant::now();
+    for i in 0..16u64 {
+        writer.write(i * 4096, pattern(2 + i as u8, 4096), 0..4096).await.expect("write with B dead");
+    }
+
+    assert!(started.elapsed() < REPLICA_TIMEOUT * 4, "a dead replica is found by its closed socket, not a timeout");
+    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
+    assert_eq!(placement.acting().collect::<Vec<_>>(), vec![disk_of(NODE_A)], "B is out of {pg}");
+    assert_eq!(placement.epoch, PgEpoch(2));
+    assert_eq!(a.engine.replica().dirty().bytes(PoolId(0), pg), 65536, "A recorded what B missed");
+    assert_eq!(b.stored(0, 4096).await.unwrap(), pattern(1, 4096).as_slice(), "B still holds the old data");
+
+    drop(b);
+    let b = TestNode::start(NODE_B, &state, dir.path(), false).await;
+    let stats = Arc::new(ResyncStats::default());
+    let resync = tokio::spawn(volume::resync_loop(a.engine.clone(), stats.clone()));
+    let mut watch = state.subscribe();
+    tokio::time::timeout(Duration::from_secs(20), watch.wait_for(|s| !pg_of_offset(s, 0).1.is_degraded()))
+        .await
+        .expect("B is brought back in")
+        .unwrap();
+    resync.abort();
+
+    assert_eq!(stats.bytes_copied.load(Ordering::Relaxed), 65536, "resync copied the changed bytes only");
+    for i in 0..16u64 {
+        assert_eq!(b.stored(i * 4096, 4096).await.unwrap(), pattern(2 + i as u8, 4096).as_slice());
+    }
+    assert_eq!(pg_of_offset(&state.borrow(), 0).1.epoch, PgEpoch(3));
+    writer.write(0, pattern(40, 4096), 0..4096).await.expect("write with both replicas again");
+    assert_eq!(b.stored(0, 4096).await.unwrap(), pattern(40, 4096).as_slice(), "B takes writes again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_answering_is_taken_out_after_the_replica_timeout() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17812))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    // B's address accepts connections and reads requests, and never answers: a stopped process.
+    let stalled = TcpListener::bind(&state.borrow().nodes[&NODE_B].data_addr).await.unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = stalled.accept().await.unwrap();
+            held.push(stream);
+        }
+    });
+    let writer = a.engine.writer(VOLUME, OwnerEpoch(1));
+
+    let started = Instant::now();
+    writer.write(0, pattern(1, 4096), 0..4096).await.expect("the write completes on A alone");
+    let stalled_for = started.elapsed();
+
+    assert!(stalled_for >= REPLICA_TIMEOUT, "{stalled_for:?}");
+    assert!(stalled_for < REPLICA_TIMEOUT * 3, "one timeout and one PG change: {stalled_for:?}");
+    assert!(pg_of_offset(&state.borrow(), 0).1.is_degraded());
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_wait() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17813))));
+    let mut a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let mut b = TestNode::start(NODE_B, &state, dir.path(), true).await;
+    let topology = StateTopology::new(NODE_A, state.clone());
+    let config = EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(2) };
+    // A writer on a third node, C, so that both replicas are remote and both can die.
+    let c_state = {
+        let mut s = (**state.borrow()).clone();
+        s.apply(&ClusterCommand::AddNode(Node {
+            id: NodeId(3),
+            api_addr: String::new(),
+            data_addr: "127.0.0.4:17813".into(),
+        }))
+        .unwrap();
+        s.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(3) }).unwrap();
+        s
+    };
+    state.send_replace(Arc::new(c_state));
+    let c_topology: Arc<dyn Topology> = Arc::new(topology.for_node(NodeId(3)));
+    let c_dirty = DirtyLog::open(&dir.path().join("c-dirty.redb")).unwrap();
+    let c_replica = Arc::new(ReplicaService::new(Arc::new(DiskSet::default()), c_topology.clone(), c_dirty));
+    let c = Engine::new(c_replica, c_topology, config);
+    let writer = c.writer(VOLUME, OwnerEpoch(2));
+    writer.write(0, pattern(1, 4096), 0..4096).await.expect("write with both replicas");
+
+    b.kill().await;
+    a.kill().await;
+    let failed = writer.write(0, pattern(2, 4096), 0..4096).await;
+
+    assert!(matches!(failed, Err(VolumeError::Unavailable { .. })), "{failed:?}");
+    let message = failed.unwrap_err().to_string();
+    assert!(message.contains("cluster status"), "the error says where to look: {message}");
+    let (_, placement) = pg_of_offset(&state.borrow(), 0);
+    assert_eq!(placement.acting().count(), 1, "the last acting replica is never taken out");
+}
+
+async fn raw_request(stream: &mut TcpStream, request: Request) -> Option<(ResponseHeader, Vec<u8>)> {
+    stream.write_all(&request.encode()).await.ok()?;
+    let mut header = [0u8; RESPONSE_HEADER_BYTES];
+    stream.read_exact(&mut header).await.ok()?;
+    let header = ResponseHeader::parse(&header).unwrap();
+    let mut payload = vec![0u8; header.payload_len as usize];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((header, payload))
+}
+
+fn read_request(disk: DiskId, cluster: ClusterId, pg: PgId) -> Request {
+    Request {
+        op: Op::Read,
+        resync: false,
+        id: 7,
+        volume: VOLUME,
+        extent: ExtentIndex(0),
+        offset_bytes: 0,
+        len_bytes: 4096,
+        owner_epoch: OwnerEpoch(0),
+        pg,
+        pg_epoch: PgEpoch(1),
+        disk,
+        cluster,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_another_target_and_garbage_are_refused_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17814))));
+    let _a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let addr = state.borrow().nodes[&NODE_A].data_addr.clone();
+    let (pg, _) = pg_of_offset(&state.borrow(), 0);
+
+    let mut other_cluster = TcpStream::connect(&addr).await.unwrap();
+    let (refused, message) =
+        raw_request(&mut other_cluster, read_request(disk_of(NODE_A), ClusterId(1), pg)).await.unwrap();
+    let mut other_disk = TcpStream::connect(&addr).await.unwrap();
+    let (refused_disk, _) = raw_request(&mut other_disk, read_request(disk_of(NODE_B), CLUSTER, pg)).await.unwrap();
+    let mut garbage = TcpStream::connect(&addr).await.unwrap();
+    garbage.write_all(&[0x5a; REQUEST_HEADER_BYTES]).await.unwrap();
+    let mut rest = Vec::new();
+    let garbage_closed = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut rest)).await;
+    let mut good = TcpStream::connect(&addr).await.unwrap();
+    let (served, _) = raw_request(&mut good, read_request(disk_of(NODE_A), CLUSTER, pg)).await.unwrap();
+
+    assert_eq!(refused.status, Status::WrongTarget);
+    assert!(String::from_utf8_lossy(&message).contains("cluster"), "{}", String::from_utf8_lossy(&message));
+    assert_eq!(refused_disk.status, Status::WrongTarget);
+    let mut after = [0u8; 1];
+    assert_eq!(other_cluster.read(&mut after).await.unwrap(), 0, "the connection is closed after a wrong target");
+    assert!(matches!(garbage_closed, Ok(Ok(0))), "garbage closes the connection: {garbage_closed:?}");
+    assert_eq!(served.status, Status::Unallocated, "the server goes on serving good requests");
+}
+
+/// A peer that answers every read with `reply_len` bytes of 0xee after the header, sending
+/// the first `send_now` of them at once and the rest after `stall`.
+async fn lying_peer(addr: &str, reply_len: u32, send_now: usize, stall: Duration) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut header = [0u8; REQUEST_HEADER_BYTES];
+                while stream.read_exact(&mut header).await.is_ok() {
+                    let request = Request::parse(&header).unwrap();
+                    let reply = ResponseHeader {
+                        status: Status::Ok,
+                        id: request.id,
+                        owner_epoch: OwnerEpoch(1),
+                        pg_epoch: PgEpoch(1),
+                        payload_len: reply_len,
+                    };
+                    let payload = vec![0xeeu8; reply_len as usize];
+                    let _ = stream.write_all(&reply.encode()).await;
+                    let _ = stream.write_all(&payload[..send_now]).await;
+                    tokio::time::sleep(stall).await;
+                    let _ = stream.write_all(&payload[send_now..]).await;
+                }
+            });
+        }
+    })
+}
+
+/// Node A reading a volume whose only replica is on node B (a 1-replica pool on B's disk).
+fn remote_only(port: u16) -> ClusterState {
+    let mut state = cluster(port);
+    let pgs = vec![vec![disk_of(NODE_B)]; 4];
+    state.apply(&ClusterCommand::CreatePool { name: "remote".into(), replicas: 1, min_size: 1, pgs }).unwrap();
+    state
+        .apply(&ClusterCommand::CreateVolume { name: "far".into(), pool: PoolId(1), size_bytes: EXTENT_SIZE_BYTES })
+        .unwrap();
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_reply_of_the_wrong_length_is_refused_and_never_fills_the_callers_memory() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17815))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let peer = lying_peer(&state.borrow().nodes[&NODE_B].data_addr.clone(), 8192, 8192, Duration::ZERO).await;
+    let target = Arc::new(AlignedBuf::copy_from(&[0x11u8; 8192]));
+
+    let result = a.engine.read_into(VolumeId(1), 0, target.clone(), 0..4096).await;
+
+    assert!(matches!(result, Err(VolumeError::NoReplicaReadable { .. })), "{result:?}");
+    let message = format!("{:?}", result.unwrap_err());
+    assert!(message.contains("ReplyLength"), "{message}");
+    assert!(target.as_slice().iter().all(|&b| b == 0x11), "nothing of the bad reply reached the caller");
+    peer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_timed_out_never_writes_into_the_callers_memory_afterwards() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17816))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    // Half the reply now, the rest long after the reader's timeout.
+    let peer = lying_peer(&state.borrow().nodes[&NODE_B].data_addr.clone(), 4096, 2048, REPLICA_TIMEOUT * 2).await;
+    let target = Arc::new(AlignedBuf::copy_from(&[0x11u8; 4096]));
+
+    let result = a.engine.read_into(VolumeId(1), 0, target.clone(), 0..4096).await;
+    let when_returned = target.as_slice().to_vec();
+    tokio::time::sleep(REPLICA_TIMEOUT * 3).await;
+
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(target.as_slice(), &when_returned[..], "the stalled peer's late bytes did not land");
+    assert!(target.as_slice()[2048..].iter().all(|&b| b == 0x11));
+    peer.abort();
+}
