@@ -260,8 +260,12 @@ pub(crate) fn volume_info(state: &model::ClusterState, volume: &model::Volume) -
         pool: volume.pool,
         pool_name: pool.map(|p| p.name.clone()).unwrap_or_default(),
         replicas: pool.map(|p| p.replicas).unwrap_or_default(),
+        min_size: pool.map(|p| p.min_size).unwrap_or_default(),
         owner: volume.owner,
         owner_epoch: volume.owner_epoch,
+        pgs_degraded: pool.map(|p| p.pgs_degraded()).unwrap_or_default(),
+        pgs: pool.map(|p| p.pg_count()).unwrap_or_default(),
+        degraded: pool.map(|p| p.degraded(state)).unwrap_or_default(),
     }
 }
 

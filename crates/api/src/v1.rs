@@ -55,8 +55,15 @@ pub struct VolumeInfo {
     pub pool: PoolId,
     pub pool_name: String,
     pub replicas: u8,
+    /// Replicas that must hold a write before it is acknowledged.
+    pub min_size: u8,
     pub owner: Option<NodeId>,
     pub owner_epoch: OwnerEpoch,
+    /// Placement groups of the volume's pool with a replica out, of `pgs`.
+    pub pgs_degraded: u32,
+    pub pgs: u32,
+    /// Why it is degraded, one line per replica out; empty when whole.
+    pub degraded: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -88,8 +88,17 @@ pub fn volume_table(volumes: &[v1::VolumeInfo]) -> String {
 
 pub fn volume_details(v: &v1::VolumeInfo) -> String {
     let owner = v.owner.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
-    format!(
-        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\npool:        {} ({} replicas)\nowner:       {owner}\nowner epoch: {}",
-        v.name, v.id, format_size(v.size_bytes), v.size_bytes, v.pool_name, v.replicas, v.owner_epoch.0
-    )
+    let mut text = format!(
+        "name:        {}\nid:          {}\nsize:        {} ({} bytes)\npool:        {} ({} replicas, writes need {})\nowner:       {owner}\nowner epoch: {}",
+        v.name, v.id, format_size(v.size_bytes), v.size_bytes, v.pool_name, v.replicas, v.min_size, v.owner_epoch.0
+    );
+    if v.degraded.is_empty() {
+        text.push_str("\nhealth:      whole");
+    } else {
+        text.push_str(&format!("\nhealth:      degraded ({} of {} PGs)", v.pgs_degraded, v.pgs));
+        for line in &v.degraded {
+            text.push_str(&format!("\n  {line}"));
+        }
+    }
+    text
 }

@@ -6,8 +6,8 @@ use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
 use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, TypeConfig};
 use model::{
-    ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, DiskReport, Node, NodeId, NodeReport,
-    OwnerEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
+    ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport, OwnerEpoch,
+    Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft};
@@ -48,7 +48,7 @@ struct Inner {
     state: watch::Receiver<Arc<ClusterState>>,
     transport: Arc<dyn PeerTransport>,
     seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
-    local_report: Box<dyn Fn() -> Vec<DiskReport> + Send + Sync>,
+    local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
 }
 
 impl Cluster {
@@ -57,7 +57,7 @@ impl Cluster {
     pub async fn start(
         config: ClusterConfig,
         transport: Arc<dyn PeerTransport>,
-        local_report: Box<dyn Fn() -> Vec<DiskReport> + Send + Sync>,
+        local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     ) -> Result<Self, ClusterError> {
         let id = load_or_create_node_id(&config.data_dir)?;
         let db_path = config.data_dir.join("cluster.redb");
@@ -84,7 +84,7 @@ impl Cluster {
     }
 
     fn local_report(&self) -> NodeReport {
-        NodeReport { node: self.node_id(), disks: (self.inner.local_report)() }
+        NodeReport { node: self.node_id(), ..(self.inner.local_report)() }
     }
 
     pub fn node(&self) -> &Node {
@@ -364,6 +364,7 @@ impl Cluster {
                     })
                     .collect();
                 NodeStatus {
+                    resync: report.map(|r| r.resync),
                     id: node.id,
                     api_addr: node.api_addr.clone(),
                     data_addr: node.data_addr.clone(),
@@ -381,6 +382,10 @@ impl Cluster {
         if state.cluster.is_none() {
             problems.push("not initialised: run `converge cluster init`".into());
         }
+        for pool in state.pools.values() {
+            problems.extend(pool.degraded(&state));
+        }
+        let pgs_degraded = state.pools.values().map(|p| p.pgs_degraded()).sum();
         ClusterStatus {
             cluster_id: state.cluster.as_ref().map(|c| c.id),
             this_node: self.node_id(),
@@ -388,6 +393,7 @@ impl Cluster {
             healthy: problems.is_empty(),
             problems,
             nodes,
+            pgs_degraded,
         }
     }
 

@@ -12,6 +12,9 @@ pub struct ClusterStatus {
     /// What makes the cluster unhealthy, one line each.
     pub problems: Vec<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Placement groups with a replica out, over every pool.
+    #[serde(default)]
+    pub pgs_degraded: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -22,6 +25,9 @@ pub struct NodeStatus {
     pub up: bool,
     pub voter: bool,
     pub disks: Vec<DiskStatus>,
+    /// What the node's resyncs copied since it started; `None` while it is down.
+    #[serde(default)]
+    pub resync: Option<model::ResyncReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

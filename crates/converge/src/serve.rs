@@ -65,9 +65,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let disks = Arc::new(DiskSet::default());
     let reports = disks.clone();
+    let resync_stats = Arc::new(ResyncStats::default());
+    let resync_report = resync_stats.clone();
     let config =
         ClusterConfig { data_dir: args.data_dir.clone(), api_addr: args.listen.clone(), data_addr: data_addr.clone() };
-    let cluster = Cluster::start(config, Arc::new(HttpTransport::new()), Box::new(move || reports.reports())).await?;
+    let cluster = Cluster::start(
+        config,
+        Arc::new(HttpTransport::new()),
+        Box::new(move || model::NodeReport {
+            node: NodeId(0),
+            disks: reports.reports(),
+            resync: resync_report.report(),
+        }),
+    )
+    .await?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let dirty_path = args.data_dir.join("dirty.redb");
     let dirty = DirtyLog::open(&dirty_path).with_context(|| format!("opening {}", dirty_path.display()))?;
@@ -75,7 +86,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let vm_dir = args.data_dir.join("vms");
     let config = EngineConfig { replica_timeout: Duration::from_millis(args.replica_timeout_ms), ..Default::default() };
     let engine = Engine::new(replica.clone(), topology, config);
-    let resync_stats = Arc::new(ResyncStats::default());
     let services = NodeServices::new(cluster.clone(), disks.clone(), engine.clone(), vm_dir.clone());
 
     let accel = hypervisor::detect_accel();

@@ -26,7 +26,11 @@ fn guest() -> PathBuf {
 
 /// Block b is its number as 8 hex digits, repeated over 4 KiB (as the guest's awk makes it).
 fn pattern() -> Vec<u8> {
-    (0..PATTERN_BLOCKS).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
+    pattern_of(PATTERN_BLOCKS)
+}
+
+fn pattern_of(blocks: usize) -> Vec<u8> {
+    (0..blocks).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
 }
 
 /// Creates a VM of the test guest: root filesystem imported onto its first disk, direct
@@ -124,4 +128,59 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     assert_eq!(stopped["state"]["state"], "stopped", "{stopped}");
     assert!(text.contains("GUEST: power button pressed, shutting down"), "a graceful stop: {text}");
     assert_eq!(volumes, serde_json::json!([]), "deleting the VM deleted its volumes");
+}
+
+/// Blocks the writer guest writes, one 4 KiB block every 64 KiB: guest/rootfs-init.
+const WRITER_BLOCKS: usize = 2000;
+const WRITER_STRIDE_BYTES: usize = 64 << 10;
+/// The nodes' replica timeout in this test is the default, 3 s; a Raft round is well under 1 s.
+const LONGEST_WRITE_MS: u64 = 3000 + 1000;
+
+/// Bytes every node's resyncs copied, as `cluster status` reports them.
+fn bytes_resynced(node: &NodeProcess) -> u64 {
+    let status = json(&node.cli(&["--json", "cluster", "status"]));
+    status["nodes"].as_array().unwrap().iter().map(|n| n["resync"]["bytes_copied"].as_u64().unwrap_or(0)).sum()
+}
+
+#[test]
+fn a_guest_writing_through_the_death_of_a_replica_node_sees_no_error_and_loses_nothing() {
+    let guest = guest();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut nodes = cluster(dir.path(), [37, 38, 39], 18920);
+    let cmdline = "console=ttyS0 panic=-1 quiet gmode=writer";
+    create_guest_vm(&nodes[0], &guest, "writer", &["64M", "160M,replicas=2"], cmdline);
+    nodes[0].cli(&["vm", "start", "writer", "--node", &nodes[0].addr]);
+    wait_until("the guest writes", GUEST_TIMEOUT, || console(&nodes[0], "writer").contains("WRITER progress 250"));
+
+    nodes[1].sigkill();
+    wait_for_guest_poweroff(&nodes[0], "writer");
+    let text = console(&nodes[2], "writer");
+    let degraded = volume(&nodes[2], "writer-disk1");
+    let exported = dir.path().join("writer-disk1.raw");
+    nodes[2].cli(&["volume", "export", "writer-disk1", exported.to_str().unwrap()]);
+
+    let done = text.lines().find(|l| l.contains("GUEST: WRITER done")).unwrap_or_else(|| panic!("{text}"));
+    assert!(done.contains(&format!("writes={WRITER_BLOCKS} failed=0 ")), "no write failed in the guest: {done}");
+    let longest: u64 = done.split("max_write_ms=").nth(1).unwrap().trim().parse().unwrap();
+    assert!(longest <= LONGEST_WRITE_MS, "the longest write took {longest} ms");
+    assert!(degraded["pgs_degraded"].as_u64().unwrap() > 0, "the volume shows degraded: {degraded}");
+    assert!(degraded["degraded"][0].as_str().unwrap().contains("until it is resynced"), "{degraded}");
+    let bytes = std::fs::read(&exported).unwrap();
+    let pattern = pattern_of(WRITER_BLOCKS);
+    for block in 0..WRITER_BLOCKS {
+        let at = block * WRITER_STRIDE_BYTES;
+        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "block {block} is intact");
+    }
+
+    nodes[1].restart();
+    wait_until("node 2 is resynced", Duration::from_secs(120), || {
+        json(&nodes[0].cli(&["--json", "cluster", "status"]))["pgs_degraded"] == 0
+    });
+    let resynced = bytes_resynced(&nodes[2]);
+    assert!(resynced > 0, "something was resynced");
+    // Everything the guest wrote is 8 MiB; whole extents would be 4 MiB each.
+    let written = (WRITER_BLOCKS * 4096) as u64;
+    assert!(resynced <= 2 * written, "resync copied {resynced} bytes for at most {written} written");
+    let status = json(&nodes[2].cli(&["--json", "cluster", "status"]));
+    assert_eq!(status["healthy"], true, "{status}");
 }

@@ -13,7 +13,7 @@ mod vm;
 
 pub use command::{ClusterCommand, CommandError, CommandOutcome};
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
-pub use report::{DiskHealth, DiskReport, NodeReport};
+pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 pub use units::{
     extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT, REPLICAS_MAX,

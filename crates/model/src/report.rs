@@ -8,6 +8,15 @@ use serde::{Deserialize, Serialize};
 pub struct NodeReport {
     pub node: NodeId,
     pub disks: Vec<DiskReport>,
+    #[serde(default)]
+    pub resync: ResyncReport,
+}
+
+/// What a node's resyncs copied since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncReport {
+    pub bytes_copied: u64,
+    pub replicas_brought_in: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -133,6 +133,35 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Why the pool is degraded, one line per replica out, or nothing when every PG is
+    /// whole. Every volume of the pool spreads over all its PGs, so this is also why its
+    /// volumes are degraded.
+    pub fn degraded(&self, state: &ClusterState) -> Vec<String> {
+        let mut out: BTreeMap<DiskId, (u32, &str)> = BTreeMap::new();
+        for pg in &self.pgs {
+            for (disk, why) in &pg.out {
+                let entry = out.entry(*disk).or_insert((0, &why.reason));
+                entry.0 += 1;
+            }
+        }
+        out.into_iter()
+            .map(|(disk, (pgs, reason))| {
+                let node = state.disks.get(&disk).map(|d| d.node.to_string()).unwrap_or_default();
+                format!(
+                    "{disk} on {node} is out of {pgs} of {} PGs of {} until it is resynced: {reason}",
+                    self.pgs.len(),
+                    self.name
+                )
+            })
+            .collect()
+    }
+
+    pub fn pgs_degraded(&self) -> u32 {
+        self.pgs.iter().filter(|pg| pg.is_degraded()).count() as u32
+    }
+}
+
 impl Volume {
     pub fn extent_count(&self) -> u64 {
         self.size_bytes.div_ceil(EXTENT_SIZE_BYTES)

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 /// Byte ranges tracked per extent; past this the whole extent counts as changed, which
 /// bounds memory per extent against random small writes.
-pub const RANGES_PER_EXTENT_MAX: usize = 64;
+pub const RANGES_PER_EXTENT_MAX: usize = 256;
 
 /// (pool, pg, volume, extent) of every extent written while its PG was degraded.
 const DIRTY: TableDefinition<(u32, u32, u64, u64), ()> = TableDefinition::new("dirty_extents");

@@ -40,6 +40,15 @@ pub struct ResyncStats {
     pub replicas_brought_in: AtomicU64,
 }
 
+impl ResyncStats {
+    pub fn report(&self) -> model::ResyncReport {
+        model::ResyncReport {
+            bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            replicas_brought_in: self.replicas_brought_in.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ResyncError {
     #[error("the PG moved on while resyncing")]
