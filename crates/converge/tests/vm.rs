@@ -180,6 +180,7 @@ fn a_guest_writing_through_the_death_of_a_replica_node_sees_no_error_and_loses_n
     assert!(resynced > 0, "something was resynced");
     // Everything the guest wrote is 8 MiB; whole extents would be 4 MiB each.
     let written = (WRITER_BLOCKS * 4096) as u64;
+    println!("longest guest write {longest} ms; resync copied {resynced} bytes; the guest wrote {written} in all");
     assert!(resynced <= 2 * written, "resync copied {resynced} bytes for at most {written} written");
     let status = json(&nodes[2].cli(&["--json", "cluster", "status"]));
     assert_eq!(status["healthy"], true, "{status}");

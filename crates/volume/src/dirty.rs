@@ -48,11 +48,17 @@ impl DirtyExtent {
 }
 
 type PgKey = (PoolId, PgId);
+type PgExtents = BTreeMap<(VolumeId, ExtentIndex), DirtyExtent>;
+
+/// The whole extent as one range.
+fn whole_extent() -> Vec<Range<u32>> {
+    std::iter::once(0..EXTENT_SIZE_BYTES as u32).collect()
+}
 
 pub struct DirtyLog {
     path: PathBuf,
     db: Arc<Database>,
-    pgs: Mutex<HashMap<PgKey, BTreeMap<(VolumeId, ExtentIndex), DirtyExtent>>>,
+    pgs: Mutex<HashMap<PgKey, PgExtents>>,
 }
 
 impl DirtyLog {
@@ -68,8 +74,7 @@ impl DirtyLog {
                     let (key, _) = entry.map_err(|e| error(e.into()))?;
                     let (pool, pg, volume, extent) = key.value();
                     let (volume, extent) = (VolumeId(volume), ExtentIndex(extent));
-                    let whole =
-                        DirtyExtent { volume, extent, ranges: vec![0..EXTENT_SIZE_BYTES as u32], generation: 1 };
+                    let whole = DirtyExtent { volume, extent, ranges: whole_extent(), generation: 1 };
                     pgs.entry((PoolId(pool), PgId(pg))).or_default().insert((volume, extent), whole);
                 }
             }
@@ -189,7 +194,7 @@ fn add_range(ranges: &mut Vec<Range<u32>>, range: Range<u32>) {
     let at = ranges.partition_point(|r| r.start < start);
     ranges.insert(at, start..end);
     if ranges.len() > RANGES_PER_EXTENT_MAX {
-        *ranges = vec![0..EXTENT_SIZE_BYTES as u32];
+        *ranges = whole_extent();
     }
 }
 
@@ -214,7 +219,7 @@ mod tests {
         for i in 0..=RANGES_PER_EXTENT_MAX as u32 {
             add_range(&mut ranges, i * 8192..i * 8192 + 4096);
         }
-        assert_eq!(ranges, vec![0..EXTENT_SIZE_BYTES as u32]);
+        assert_eq!(ranges, whole_extent());
     }
 
     proptest! {
@@ -247,7 +252,7 @@ mod tests {
 
         let extents = reopened.snapshot(PoolId(0), PgId(3));
         assert_eq!(extents.len(), 1);
-        assert_eq!(extents[0].ranges, vec![0..EXTENT_SIZE_BYTES as u32]);
+        assert_eq!(extents[0].ranges, whole_extent());
         reopened.clear(PoolId(0), PgId(3)).await.unwrap();
         drop(reopened);
         assert!(DirtyLog::open(&path).unwrap().pgs().is_empty(), "a cleared PG stays cleared");
