@@ -102,7 +102,9 @@ pub fn admit(request: &Request, local: bool, state: &ClusterState, gates: Gates)
                 format!("{} is out of {pg} since {} ({}): it is resynced first", request.disk, out.since, out.reason);
             refuse(Status::Out, message)
         }
-        (true, Some(_)) => Admission::Accept { pool: pool.id, record_dirty: false },
+        // While another replica is still out, the copy is recorded too: this replica may be
+        // the PG's resync source later, and its record must cover what it received.
+        (true, Some(_)) => Admission::Accept { pool: pool.id, record_dirty: placement.out.len() > 1 },
         (true, None) => refuse(Status::Invalid, format!("{} is acting in {pg}: it takes no resync copy", request.disk)),
     }
 }

@@ -140,6 +140,14 @@ impl ReplicaService {
             }
         }
         let reply = self.io(&request, payload).await.with_epochs(&state, &request);
+        if record_dirty || record_dirty_now {
+            // Raised again now that the data is on disk: a resync pass that read the range
+            // before it landed sees the extent as changed and copies it again.
+            let range = request.offset_bytes..request.offset_bytes + request.len_bytes;
+            if let Err(e) = self.dirty.record(pool, request.pg, request.volume, request.extent, range).await {
+                return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
+            }
+        }
         drop(held);
         reply
     }
@@ -236,8 +244,13 @@ impl ReplicaService {
             if !clean {
                 continue;
             }
-            // Wait out changes in flight that were recorded for the degraded set.
+            // Wait out changes in flight that were recorded for the degraded set, and judge
+            // again on the state after them: a replica may have been taken out meanwhile.
             let _frozen = self.freeze_pg(pool, pg).await;
+            let state = self.topology.state();
+            if state.pools.get(&pool).and_then(|p| p.pgs.get(pg.0 as usize)).is_some_and(|p| p.is_degraded()) {
+                continue;
+            }
             if let Err(e) = self.dirty.clear(pool, pg).await {
                 tracing::warn!(%pool, %pg, error = %error_chain(&e), "forgetting a whole PG's changes failed");
             }

@@ -26,10 +26,13 @@ use tokio::sync::Semaphore;
 const RESYNC_TICK: Duration = Duration::from_secs(1);
 /// PGs this node resyncs at once.
 const RESYNC_PGS_PARALLEL: usize = 4;
-/// Copy passes made while writes go on, before the final pass with the PG frozen.
+/// Copy passes made while writes go on, before the final pass with the PG frozen (a pass
+/// with nothing to copy costs nothing).
 const LIVE_PASSES_MAX: usize = 4;
 /// The final, frozen pass starts once a live pass leaves no more than this to copy.
 const FROZEN_PASS_BYTES_MAX: u64 = 8 << 20;
+/// How long the source stays frozen after a bring-in whose commit it could not confirm.
+const BRING_IN_WAIT: Duration = Duration::from_secs(30);
 /// Largest single copy request.
 const COPY_CHUNK_BYTES: u32 = 1 << 20;
 
@@ -53,6 +56,8 @@ impl ResyncStats {
 enum ResyncError {
     #[error("the PG moved on while resyncing")]
     Moved,
+    #[error("{left} bytes still changing after the live passes; the PG is not frozen for that much")]
+    Busy { left: u64 },
     #[error("copying {extent} of {volume} to {disk}: {reason}")]
     Copy { volume: VolumeId, extent: ExtentIndex, disk: DiskId, reason: String },
     #[error("reading {extent} of {volume} here: {reason}")]
@@ -138,11 +143,12 @@ async fn resync(
     let mut bytes = 0;
     for _ in 0..LIVE_PASSES_MAX {
         let todo = changed_since(engine, pool, pg, &copied);
-        let todo_bytes: u64 = todo.iter().map(DirtyExtent::bytes).sum();
         bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
-        if todo_bytes <= FROZEN_PASS_BYTES_MAX {
-            break;
-        }
+    }
+    // The frozen pass holds this PG's writes here: only when little is left to copy.
+    let left: u64 = changed_since(engine, pool, pg, &copied).iter().map(DirtyExtent::bytes).sum();
+    if left > FROZEN_PASS_BYTES_MAX {
+        return Err(ResyncError::Busy { left });
     }
     let frozen = engine.replica().freeze_pg(pool, pg).await;
     if epoch_now() != Some((seen, true, source)) {
@@ -151,7 +157,17 @@ async fn resync(
     let todo = changed_since(engine, pool, pg, &copied);
     bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
     let change = PgChange::BringIn { pool, pg, disk: target.disk, seen };
-    topology.change_pg(change).await.map_err(|e| ResyncError::BringIn { disk: target.disk, reason: e.to_string() })?;
+    if let Err(e) = topology.change_pg(change).await {
+        // "Not committed" may mean "not known yet": stay frozen until this node's state
+        // moves past `seen` (or a bound passes), so no write lands here at `seen` after a
+        // late commit brought the replica in without it.
+        let mut watch = topology.watch();
+        let moved = watch
+            .wait_for(|s| s.pools.get(&pool).and_then(|p| p.pgs.get(pg.0 as usize)).is_some_and(|p| p.epoch > seen));
+        let _ = tokio::time::timeout(BRING_IN_WAIT, moved).await;
+        drop(frozen);
+        return Err(ResyncError::BringIn { disk: target.disk, reason: e.to_string() });
+    }
     drop(frozen);
     stats.replicas_brought_in.fetch_add(1, Ordering::Relaxed);
     Ok(bytes)
