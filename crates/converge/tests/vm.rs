@@ -184,4 +184,12 @@ fn a_guest_writing_through_the_death_of_a_replica_node_sees_no_error_and_loses_n
     assert!(resynced <= 2 * written, "resync copied {resynced} bytes for at most {written} written");
     let status = json(&nodes[2].cli(&["--json", "cluster", "status"]));
     assert_eq!(status["healthy"], true, "{status}");
+    // Node 2 reads its own replicas first: an export through it checks what resync copied.
+    let through_node_2 = dir.path().join("writer-disk1-node2.raw");
+    nodes[1].cli(&["volume", "export", "writer-disk1", through_node_2.to_str().unwrap()]);
+    let bytes = std::fs::read(&through_node_2).unwrap();
+    for block in 0..WRITER_BLOCKS {
+        let at = block * WRITER_STRIDE_BYTES;
+        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "block {block} resynced to node 2");
+    }
 }
