@@ -298,7 +298,16 @@ impl Cluster {
     /// Makes this node the volume's writer with a new owner epoch, and waits until this node
     /// has applied it (so its own replica server agrees).
     pub async fn acquire_volume(&self, volume: VolumeId) -> Result<OwnerEpoch, ClusterError> {
-        let command = ClusterCommand::AcquireVolume { volume, node: self.node_id() };
+        self.acquire(volume, false).await
+    }
+
+    /// Like `acquire_volume`, but refused while a VM using the volume runs.
+    pub async fn acquire_idle_volume(&self, volume: VolumeId) -> Result<OwnerEpoch, ClusterError> {
+        self.acquire(volume, true).await
+    }
+
+    async fn acquire(&self, volume: VolumeId, unless_vm_running: bool) -> Result<OwnerEpoch, ClusterError> {
+        let command = ClusterCommand::AcquireVolume { volume, node: self.node_id(), unless_vm_running };
         let CommandOutcome::VolumeAcquired(epoch) = self.propose(command).await? else {
             return Err(ClusterError::Refused("acquiring the volume gave no epoch".into()));
         };

@@ -78,6 +78,7 @@ impl ClusterError {
                 | CommandError::VmRunningElsewhere { .. }
                 | CommandError::VmNotStopped(_)
                 | CommandError::StalePgEpoch { .. }
+                | CommandError::VolumeBusy { .. }
                 | CommandError::LastReplica { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }
                 | CommandError::InvalidSize(_)

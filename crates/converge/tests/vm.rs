@@ -115,6 +115,9 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     let volumes_after = nodes[0].cli(&["--json", "volume", "list"]);
     let elsewhere = run(&nodes[0].addr, &["vm", "start", "idle", "--node", &nodes[2].addr]).unwrap_err();
     let delete_running = run(&nodes[0].addr, &["vm", "delete", "idle"]).unwrap_err();
+    let image = dir.path().join("small.raw");
+    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    let import_running = run(&nodes[2].addr, &["volume", "import", "idle-disk0", image.to_str().unwrap()]).unwrap_err();
     nodes[2].cli(&["vm", "stop", "idle"]);
     let stopped = vm_state(&nodes[0], "idle");
     let text = console(&nodes[0], "idle");
@@ -125,6 +128,7 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     assert_eq!(volumes_after, volumes_before, "a refused create touches no volume");
     assert!(elsewhere.contains("stop it first, or start it with --force"), "{elsewhere}");
     assert!(delete_running.contains("stop it before deleting it"), "{delete_running}");
+    assert!(import_running.contains("which is running: stop the VM first"), "{import_running}");
     assert_eq!(stopped["state"]["state"], "stopped", "{stopped}");
     assert!(text.contains("GUEST: power button pressed, shutting down"), "a graceful stop: {text}");
     assert_eq!(volumes, serde_json::json!([]), "deleting the VM deleted its volumes");

@@ -31,10 +31,14 @@ pub enum ClusterCommand {
     DeleteVolume {
         volume: VolumeId,
     },
-    /// Makes `node` the volume's only writer, with the next owner epoch.
+    /// Makes `node` the volume's only writer, with the next owner epoch. With
+    /// `unless_vm_running`, refused while a VM using the volume runs or is meant to (an
+    /// import must not take a running guest's disk away from it).
     AcquireVolume {
         volume: VolumeId,
         node: NodeId,
+        #[serde(default)]
+        unless_vm_running: bool,
     },
     CreateVm {
         spec: VmSpec,
@@ -131,6 +135,8 @@ pub enum CommandError {
     VmRunningElsewhere { vm: String, node: NodeId },
     #[error("VM {0} is not stopped: stop it before deleting it")]
     VmNotStopped(String),
+    #[error("Volume {volume} is a disk of VM {vm}, which is running: stop the VM first (`converge vm stop {vm}`)")]
+    VolumeBusy { volume: VolumeId, vm: String },
     #[error("{pg} of pool {pool} does not exist")]
     UnknownPg { pool: PoolId, pg: PgId },
     #[error("{disk} holds no replica of {pg} of pool {pool}")]
@@ -234,9 +240,12 @@ impl ClusterState {
                 }
                 Ok(CommandOutcome::PgChanged(found.epoch))
             }
-            ClusterCommand::AcquireVolume { volume, node } => {
+            ClusterCommand::AcquireVolume { volume, node, unless_vm_running } => {
                 if !self.nodes.contains_key(node) {
                     return Err(CommandError::UnknownNode(*node));
+                }
+                if let Some(vm) = self.vm_using(*volume).filter(|vm| *unless_vm_running && vm.is_active()) {
+                    return Err(CommandError::VolumeBusy { volume: *volume, vm: vm.spec.name.clone() });
                 }
                 let v = self.volumes.get_mut(volume).ok_or(CommandError::UnknownVolume(*volume))?;
                 v.owner = Some(*node);
@@ -443,8 +452,10 @@ mod tests {
         let create = ClusterCommand::CreateVolume { name: "db".into(), pool: PoolId(0), size_bytes: 1 << 30 };
         assert_eq!(state.apply(&create), Ok(CommandOutcome::VolumeCreated(VolumeId(0))));
 
-        let first = state.apply(&ClusterCommand::AcquireVolume { volume: VolumeId(0), node: NODE_A });
-        let second = state.apply(&ClusterCommand::AcquireVolume { volume: VolumeId(0), node: NODE_B });
+        let first =
+            state.apply(&ClusterCommand::AcquireVolume { volume: VolumeId(0), node: NODE_A, unless_vm_running: false });
+        let second =
+            state.apply(&ClusterCommand::AcquireVolume { volume: VolumeId(0), node: NODE_B, unless_vm_running: false });
 
         assert_eq!(first, Ok(CommandOutcome::VolumeAcquired(OwnerEpoch(1))));
         assert_eq!(second, Ok(CommandOutcome::VolumeAcquired(OwnerEpoch(2))));
@@ -655,6 +666,22 @@ mod tests {
         assert!(matches!(state.apply(&early), Err(CommandError::StalePgEpoch { .. })));
         assert_eq!(state.apply(&current), Ok(CommandOutcome::PgChanged(PgEpoch(3))));
         assert_eq!(state.pools[&PoolId(0)].pgs[0].acting().count(), 2);
+    }
+
+    #[test]
+    fn an_import_cannot_take_the_disk_of_a_running_vm_but_the_vm_itself_can() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let disk = state.vms[&vm].spec.disks[0];
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+
+        let import =
+            state.apply(&ClusterCommand::AcquireVolume { volume: disk, node: NODE_B, unless_vm_running: true });
+        let vm_start =
+            state.apply(&ClusterCommand::AcquireVolume { volume: disk, node: NODE_A, unless_vm_running: false });
+
+        assert_eq!(import, Err(CommandError::VolumeBusy { volume: disk, vm: "web".into() }));
+        assert_eq!(vm_start, Ok(CommandOutcome::VolumeAcquired(OwnerEpoch(1))));
     }
 
     #[test]

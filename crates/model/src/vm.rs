@@ -89,6 +89,14 @@ pub struct VmObserved {
     pub state: VmRunState,
 }
 
+impl Vm {
+    /// Whether the VM runs, or is meant to: its disks are in use.
+    pub fn is_active(&self) -> bool {
+        self.desired != VmDesired::Stopped
+            || !matches!(self.observed.state, VmRunState::Stopped | VmRunState::Failed { .. })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vm {
     pub id: VmId,

@@ -94,10 +94,15 @@ impl BlkDevice {
     /// Pops every available chain, checks it, and starts it on the runtime.
     fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
         let mem = self.mem.memory();
-        let chains: Vec<_> = vring.get_mut().get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect();
-        for chain in chains {
-            // In flight from the moment it is popped, so stopping the queue waits for it.
-            let generation = self.in_flight[queue].begin();
+        // Each chain counts as in flight before the queue's lock is released: a queue stop
+        // that comes between popping and counting would otherwise start a new generation
+        // that this request then completes into.
+        let chains: Vec<_> = {
+            let mut guard = vring.get_mut();
+            let popped = guard.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?;
+            popped.map(|chain| (self.in_flight[queue].begin(), chain)).collect()
+        };
+        for (generation, chain) in chains {
             let head = chain.head_index();
             // Bounded by the queue size: a chain longer than that is not a valid chain.
             let descriptors: Vec<Descriptor> = chain

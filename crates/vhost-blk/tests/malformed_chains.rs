@@ -333,10 +333,11 @@ async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
     for command in &commands {
         state.apply(command).expect("setup command applies");
     }
-    let epoch = match state.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE }) {
-        Ok(CommandOutcome::VolumeAcquired(epoch)) => epoch,
-        other => panic!("acquiring the volume: {other:?}"),
-    };
+    let epoch =
+        match state.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE, unless_vm_running: false }) {
+            Ok(CommandOutcome::VolumeAcquired(epoch)) => epoch,
+            other => panic!("acquiring the volume: {other:?}"),
+        };
 
     let identity = DiskIdentity { disk: DISK, node: NODE, cluster: ClusterId(1) };
     let disk = LocalDisk::create(&dir.join("disk.img"), Some(DISK_BYTES), identity).await.expect("disk");

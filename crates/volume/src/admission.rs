@@ -146,7 +146,7 @@ mod tests {
             pgs: vec![vec![DISK_A, DISK_B]],
         });
         apply(ClusterCommand::CreateVolume { name: "v".into(), pool: PoolId(0), size_bytes: EXTENT_SIZE_BYTES });
-        apply(ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(1) });
+        apply(ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(1), unless_vm_running: false });
         state
     }
 
@@ -206,7 +206,9 @@ mod tests {
     #[test]
     fn a_write_from_an_older_owner_is_fenced() {
         let mut state = state();
-        state.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(2) }).unwrap();
+        state
+            .apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(2), unless_vm_running: false })
+            .unwrap();
         assert_eq!(status(admit(&write(DISK_A), true, &state, Gates::default())), Status::StaleOwnerEpoch);
     }
 

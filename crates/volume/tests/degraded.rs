@@ -53,7 +53,7 @@ fn cluster(port: u16) -> ClusterState {
     let pgs = vec![vec![disk_of(NODE_A), disk_of(NODE_B)]; 4];
     apply(ClusterCommand::CreatePool { name: "replicated-2".into(), replicas: 2, min_size: 1, pgs });
     apply(ClusterCommand::CreateVolume { name: "v".into(), pool: PoolId(0), size_bytes: 4 * EXTENT_SIZE_BYTES });
-    apply(ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_A });
+    apply(ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_A, unless_vm_running: false });
     state
 }
 
@@ -217,7 +217,7 @@ async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_w
             data_addr: "127.0.0.4:17813".into(),
         }))
         .unwrap();
-        s.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(3) }).unwrap();
+        s.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(3), unless_vm_running: false }).unwrap();
         s
     };
     state.send_replace(Arc::new(c_state));

@@ -70,7 +70,8 @@ fn pattern(seed: u8) -> Arc<AlignedBuf> {
 
 async fn acquire(state: &SharedState, node: NodeId) -> OwnerEpoch {
     let mut next = (**state.borrow()).clone();
-    let outcome = next.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node }).expect("acquire");
+    let outcome =
+        next.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node, unless_vm_running: false }).expect("acquire");
     state.send_replace(Arc::new(next));
     match outcome {
         model::CommandOutcome::VolumeAcquired(epoch) => epoch,
@@ -154,7 +155,7 @@ async fn a_read_from_a_remote_replica_lands_in_the_callers_memory_and_unwritten_
     let far = VolumeId(1);
     let mut next = (**state.borrow()).clone();
     let Ok(model::CommandOutcome::VolumeAcquired(epoch)) =
-        next.apply(&ClusterCommand::AcquireVolume { volume: far, node: NODE_A })
+        next.apply(&ClusterCommand::AcquireVolume { volume: far, node: NODE_A, unless_vm_running: false })
     else {
         panic!("acquire")
     };
