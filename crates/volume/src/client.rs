@@ -16,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -27,6 +26,25 @@ struct Waiter {
     done: oneshot::Sender<Result<Reply, ReplicaError>>,
     request: Request,
     into: Option<ReadTarget>,
+    /// True while the caller still takes the reply's data into `into`. The receiver holds
+    /// the lock across each receive into the caller's memory; the caller closes it, under
+    /// the lock, whenever it stops waiting (answer, timeout, or its future dropped), so no
+    /// byte lands there after that.
+    landing: Arc<Mutex<bool>>,
+}
+
+/// Closes a request's landing when its caller stops waiting, however it stops.
+struct CloseLanding<'a> {
+    pending: &'a Pending,
+    id: u64,
+    landing: Arc<Mutex<bool>>,
+}
+
+impl Drop for CloseLanding<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().expect("pending lock").remove(&self.id);
+        *self.landing.lock().expect("landing lock") = false;
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
@@ -94,9 +112,6 @@ struct Connection {
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
-    /// The task that receives replies; aborted (and waited for) when a read that may be
-    /// receiving into its caller's memory gives up.
-    receiver: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Connection {
@@ -110,14 +125,13 @@ impl Connection {
         let (reader, writer) = stream.into_split();
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        let receiver = tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
+        tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
         Ok(Connection {
             addr: addr.to_string(),
             writer: tokio::sync::Mutex::new(writer),
             pending,
             next_id: AtomicU64::new(1),
             alive,
-            receiver: tokio::sync::Mutex::new(Some(receiver)),
         })
     }
 
@@ -131,8 +145,10 @@ impl Connection {
         let deadline = tokio::time::Instant::now() + timeout;
         request.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, reply) = oneshot::channel();
-        let reads_into_caller = into.is_some();
-        self.pending.lock().expect("pending lock").insert(request.id, Waiter { done, request, into });
+        let landing = Arc::new(Mutex::new(true));
+        let waiter = Waiter { done, request, into, landing: landing.clone() };
+        self.pending.lock().expect("pending lock").insert(request.id, waiter);
+        let _close = CloseLanding { pending: &self.pending, id: request.id, landing };
         // A frame sent only in part (an error, a timeout, or a caller that gave up) leaves the
         // stream unframed: the guard then retires the connection so nothing is sent after it.
         let mut guard = RetireUnlessSent { alive: &self.alive, sent: false };
@@ -172,13 +188,8 @@ impl Connection {
             Ok(Err(_)) => Err(CallError::Failed(ReplicaError::ConnectionLost { addr: self.addr.clone() })),
             Err(_) => {
                 // A peer that does not answer in time is not trusted with the next request.
+                // The landing closes as this returns, so a stalled reply fills nothing later.
                 self.alive.store(false, Ordering::Release);
-                let still_waiting = self.pending.lock().expect("pending lock").remove(&request.id).is_some();
-                if !still_waiting && reads_into_caller {
-                    // The receiver took this request's reply and may be filling the caller's
-                    // memory from a stalled peer: stop it for good before returning.
-                    self.stop_receiver().await;
-                }
                 Err(CallError::Failed(self.give_up(timeout, true)))
             }
         }
@@ -189,19 +200,6 @@ impl Connection {
             ReplicaError::Timeout { addr: self.addr.clone(), timeout_ms: timeout.as_millis() as u64 }
         } else {
             ReplicaError::ConnectionLost { addr: self.addr.clone() }
-        }
-    }
-
-    /// Ends the receive task and waits until it has stopped: after this, no reply data is
-    /// written anywhere. The requests still waiting fail with a lost connection.
-    async fn stop_receiver(&self) {
-        let mut receiver = self.receiver.lock().await;
-        if let Some(task) = receiver.take() {
-            task.abort();
-            let _ = task.await;
-        }
-        for (_, waiter) in self.pending.lock().expect("pending lock").drain() {
-            let _ = waiter.done.send(Err(ReplicaError::ConnectionLost { addr: self.addr.clone() }));
         }
     }
 }
@@ -244,8 +242,8 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
         }
         let len = header.payload_len as usize;
         let direct = match (&waiter, header.status) {
-            (Some(Waiter { into: Some((target, range)), .. }), Status::Ok) if len > 0 => {
-                Some((target.clone(), range.clone()))
+            (Some(Waiter { into: Some((target, range)), landing, .. }), Status::Ok) if len > 0 => {
+                Some((target.clone(), range.clone(), landing.clone()))
             }
             _ => None,
         };
@@ -256,8 +254,8 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
             data: None,
             message: String::new(),
         };
-        let reply = if let Some((target, range)) = direct {
-            if receive_into(&reader, &target, range).await.is_err() {
+        let reply = if let Some((target, range, landing)) = direct {
+            if receive_into(&reader, &target, range, &landing).await.is_err() {
                 break lost();
             }
             epochs(Status::Ok)
@@ -283,13 +281,27 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
 }
 
 /// Reads a read reply's payload from the socket straight into the caller's memory.
-async fn receive_into(reader: &OwnedReadHalf, target: &Arc<dyn IoMemory>, range: Range<usize>) -> std::io::Result<()> {
+/// Fails once the caller has stopped waiting: the rest of the payload is then unread and the
+/// connection ends.
+async fn receive_into(
+    reader: &OwnedReadHalf,
+    target: &Arc<dyn IoMemory>,
+    range: Range<usize>,
+    landing: &Mutex<bool>,
+) -> std::io::Result<()> {
     let stream = reader.as_ref();
     let fd = stream.as_raw_fd();
     let mut done = 0;
     while done < range.len() {
         stream.readable().await?;
-        match stream.try_io(Interest::READABLE, || target.recv_into(fd, range.start + done, range.len() - done)) {
+        let receive = || {
+            let open = landing.lock().expect("landing lock");
+            if !*open {
+                return Err(std::io::Error::other("the caller stopped waiting for this read"));
+            }
+            target.recv_into(fd, range.start + done, range.len() - done)
+        };
+        match stream.try_io(Interest::READABLE, receive) {
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -370,3 +370,23 @@ async fn a_read_that_timed_out_never_writes_into_the_callers_memory_afterwards()
     assert!(target.as_slice()[2048..].iter().all(|&b| b == 0x11));
     peer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_caller_gave_up_never_writes_into_its_memory_afterwards() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17817))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let peer = lying_peer(&state.borrow().nodes[&NODE_B].data_addr.clone(), 4096, 2048, REPLICA_TIMEOUT / 2).await;
+    let target = Arc::new(AlignedBuf::copy_from(&[0x11u8; 4096]));
+
+    // The caller drops the read (a guest request cancelled, a client gone) mid-payload.
+    let read = a.engine.read_into(VolumeId(1), 0, target.clone(), 0..4096);
+    let gave_up = tokio::time::timeout(REPLICA_TIMEOUT / 4, read).await;
+    let when_dropped = target.as_slice().to_vec();
+    tokio::time::sleep(REPLICA_TIMEOUT).await;
+
+    assert!(gave_up.is_err(), "the caller gave up first");
+    assert_eq!(target.as_slice(), &when_dropped[..], "the late bytes did not land");
+    assert!(target.as_slice()[2048..].iter().all(|&b| b == 0x11));
+    peer.abort();
+}
