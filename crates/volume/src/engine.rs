@@ -28,6 +28,8 @@ pub const REPLICA_TIMEOUT_DEFAULT: Duration = Duration::from_secs(3);
 /// How long an IO waits for its PG to have enough acting replicas (or for Raft to take a
 /// failed one out) before it fails to the guest.
 pub const IO_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Rounds over a PG's replicas a read makes when its view of the PG turns out to be old.
+const READ_ROUNDS_MAX: usize = 3;
 /// Pause between attempts to commit a PG change while Raft has no leader.
 const PG_CHANGE_RETRY: Duration = Duration::from_millis(200);
 
@@ -162,20 +164,31 @@ impl Engine {
             return Err(VolumeError::OutOfRange { volume: id, offset_bytes, len_bytes, size_bytes: volume.size_bytes });
         };
         let piece = piece.clone();
-        let set = replicas_of(&self.inner.topology.state(), &volume, piece.extent)?;
         let this = self.inner.topology.this_node();
-        let mut order = set.replicas.clone();
-        order.sort_by_key(|r| (r.node != this, !self.inner.topology.is_up(r.node)));
         let mut last = None;
-        for replica in &order {
-            let request = request(&set, replica, Op::Read, id, &piece, len_bytes, OwnerEpoch(0));
-            match self.send(replica, request, payload()).await.and_then(accepted) {
-                Ok(reply) => return Ok(reply),
-                Err(e) => {
-                    tracing::debug!(disk = %replica.disk, error = %e, "read from replica failed; trying the next");
-                    last = Some((replica.clone(), e));
+        for _ in 0..READ_ROUNDS_MAX {
+            let set = replicas_of(&self.inner.topology.state(), &volume, piece.extent)?;
+            let mut order = set.replicas.clone();
+            order.sort_by_key(|r| (r.node != this, !self.inner.topology.is_up(r.node)));
+            let mut behind = false;
+            for replica in &order {
+                let request = request(&set, replica, Op::Read, id, &piece, len_bytes, OwnerEpoch(0));
+                match self.send(replica, request, payload()).await.and_then(accepted) {
+                    Ok(reply) => return Ok(reply),
+                    Err(e) => {
+                        tracing::debug!(disk = %replica.disk, error = %e, "read from replica failed; trying the next");
+                        behind |= matches!(e, ReplicaError::Refused { status: Status::StalePgEpoch | Status::Out, .. });
+                        last = Some((replica.clone(), e));
+                    }
                 }
             }
+            if !behind {
+                break;
+            }
+            // This node's view of the PG is older than a replica's: read again once it
+            // has caught up.
+            let deadline = Instant::now() + self.inner.config.replica_timeout;
+            self.wait_for_pg(&set, &volume, piece.extent, |e| e > set.pg_epoch, deadline).await;
         }
         let (replica, source) = last.expect("a PG has at least one acting replica");
         Err(VolumeError::NoReplicaReadable {
