@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Address of the data path (replica traffic) [default: the --listen host, port + 1].
     #[arg(long)]
     pub data_listen: Option<String>,
+    /// The IP address other nodes reach this node at, for both ports [default: the --listen
+    /// address]. Needed when --listen is 0.0.0.0 or ::.
+    #[arg(long)]
+    pub advertise: Option<std::net::IpAddr>,
     /// How long a replica may take to answer a write before it is taken out of its
     /// placement group and the write goes on with the others.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=60_000))]

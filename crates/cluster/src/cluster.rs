@@ -224,6 +224,7 @@ impl Cluster {
         if info.join_secret != token {
             return Err(ClusterError::BadToken);
         }
+        policy::check_advertised(&node, state.nodes.values())?;
         let raft = &self.inner.raft;
         let leader = raft.current_leader().await;
         if leader != Some(self.node_id().0) {

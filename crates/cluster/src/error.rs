@@ -16,6 +16,8 @@ pub enum ClusterError {
     Command(#[from] CommandError),
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Address(#[from] policy::AddressError),
     #[error("No {what} named {name:?}")]
     NotFound { what: &'static str, name: String },
     #[error("{0}")]
@@ -57,7 +59,10 @@ impl ClusterError {
         use ClusterErrorKind::*;
         match self {
             ClusterError::NotInitialized | ClusterError::AlreadyMember(_) => Conflict,
-            ClusterError::BadToken | ClusterError::Placement(_) | ClusterError::Refused(_) => Invalid,
+            ClusterError::BadToken
+            | ClusterError::Placement(_)
+            | ClusterError::Address(_)
+            | ClusterError::Refused(_) => Invalid,
             ClusterError::NoLeader { .. } | ClusterError::Peer { .. } => Unavailable,
             ClusterError::NotFound { .. } => NotFound,
             ClusterError::Command(c) => match c {

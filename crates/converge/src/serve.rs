@@ -9,6 +9,7 @@ use cluster::{Cluster, ClusterConfig};
 use model::PgEpoch;
 use model::{ClusterState, NodeId};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,21 +55,26 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let api_listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let data_addr = match args.data_listen {
-        Some(addr) => addr,
-        None => {
-            let api = api_listener.local_addr()?;
-            format!("{}:{}", api.ip(), api.port() + 1)
-        }
+    let api_local = api_listener.local_addr()?;
+    let data_listen = match &args.data_listen {
+        Some(addr) => addr.clone(),
+        None => SocketAddr::new(api_local.ip(), api_local.port() + 1).to_string(),
     };
-    let data_listener = TcpListener::bind(&data_addr).await.with_context(|| format!("listening on {data_addr}"))?;
+    let data_listener = TcpListener::bind(&data_listen).await.with_context(|| format!("listening on {data_listen}"))?;
+    // Peers are told the --advertise address (default: the address listened on), with the
+    // ports actually bound.
+    let advertised = args.advertise.unwrap_or(api_local.ip());
+    let api_addr = SocketAddr::new(advertised, api_local.port()).to_string();
+    let data_addr = SocketAddr::new(advertised, data_listener.local_addr()?.port()).to_string();
+    let this = model::Node { id: NodeId(0), api_addr: api_addr.clone(), data_addr: data_addr.clone() };
+    policy::check_advertised(&this, []).context("checking the addresses this node advertises")?;
 
     let disks = Arc::new(DiskSet::default());
     let reports = disks.clone();
     let resync_stats = Arc::new(ResyncStats::default());
     let resync_report = resync_stats.clone();
     let config =
-        ClusterConfig { data_dir: args.data_dir.clone(), api_addr: args.listen.clone(), data_addr: data_addr.clone() };
+        ClusterConfig { data_dir: args.data_dir.clone(), api_addr: api_addr.clone(), data_addr: data_addr.clone() };
     let cluster = Cluster::start(
         config,
         Arc::new(HttpTransport::new()),
@@ -79,6 +85,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }),
     )
     .await?;
+    policy::check_advertised(cluster.node(), cluster.state().nodes.values())
+        .context("checking this node's addresses against the cluster's members")?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let dirty_path = args.data_dir.join("dirty.redb");
     let dirty = DirtyLog::open(&dirty_path).with_context(|| format!("opening {}", dirty_path.display()))?;
@@ -97,7 +105,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tokio::spawn(volume::serve(data_listener, replica));
     tokio::spawn(volume::resync_loop(engine.clone(), resync_stats));
     tokio::spawn(vms.run());
-    tracing::info!(node = %cluster.node_id(), api = %args.listen, data = %data_addr, ?accel, "converge node serving");
+    tracing::info!(node = %cluster.node_id(), api = %api_addr, data = %data_addr, listen = %args.listen, ?accel, "converge node serving");
     axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal()).await?;
     cluster.shutdown().await;
     Ok(())

@@ -105,3 +105,40 @@ fn a_disk_missing_after_a_restart_is_reported_failed_with_the_reason() {
     assert_eq!(health["state"], "failed", "{status}");
     assert!(health["reason"].as_str().unwrap().contains("does not exist"), "{status}");
 }
+
+#[test]
+fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let unspecified = Command::new(common::BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("nowhere"))
+        .args(["--listen", "0.0.0.0:18760"])
+        .output()
+        .unwrap();
+    let first = NodeProcess::start_with(
+        dir.path(),
+        "v4",
+        "127.0.0.21:18761",
+        &["--listen", "0.0.0.0:18761", "--advertise", "127.0.0.21"],
+    );
+    let second = NodeProcess::start_with(dir.path(), "v6", "[::1]:18763", &["--listen", "[::1]:18763"]);
+    let token = json(&first.cli(&["--json", "cluster", "init"]))["token"].as_str().unwrap().to_string();
+    second.cli(&["cluster", "join", "--peer", &first.addr, "--token", &token]);
+    let status = json(&second.cli(&["--json", "cluster", "status"]));
+
+    let error = String::from_utf8_lossy(&unspecified.stderr);
+    assert!(!unspecified.status.success());
+    assert!(error.contains("--advertise"), "the refusal says what to do: {error}");
+    let addresses: Vec<(&str, &str)> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["api_addr"].as_str().unwrap(), n["data_addr"].as_str().unwrap()))
+        .collect();
+    assert!(addresses.contains(&("127.0.0.21:18761", "127.0.0.21:18762")), "{addresses:?}");
+    assert!(addresses.contains(&("[::1]:18763", "[::1]:18764")), "{addresses:?}");
+    wait_until("both nodes see each other up", Duration::from_secs(20), || {
+        let status = json(&first.cli(&["--json", "cluster", "status"]));
+        status["nodes"].as_array().unwrap().iter().all(|n| n["up"] == true)
+    });
+}

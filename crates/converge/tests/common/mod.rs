@@ -14,17 +14,26 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct NodeProcess {
     child: Option<Child>,
+    /// Where the CLI reaches the node.
     pub addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// `converge serve` arguments besides --data-dir.
+    serve_args: Vec<String>,
 }
 
 impl NodeProcess {
     pub fn start(dir: &Path, ip: u8, port: u16) -> Self {
         let addr = format!("127.0.0.{ip}:{port}");
-        let data_dir = dir.join(format!("node-{ip}"));
-        let log = dir.join(format!("node-{ip}.log"));
-        let mut node = NodeProcess { child: None, addr, data_dir, log };
+        Self::start_with(dir, &format!("node-{ip}"), &addr, &["--listen", &addr])
+    }
+
+    /// A node named `name` under `dir`, reached at `addr`, served with `serve_args`.
+    pub fn start_with(dir: &Path, name: &str, addr: &str, serve_args: &[&str]) -> Self {
+        let data_dir = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        let serve_args = serve_args.iter().map(|a| a.to_string()).collect();
+        let mut node = NodeProcess { child: None, addr: addr.to_string(), data_dir, log, serve_args };
         node.restart();
         node
     }
@@ -35,7 +44,7 @@ impl NodeProcess {
         let child = Command::new(BIN)
             .args(["serve", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen", &self.addr])
+            .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
