@@ -60,10 +60,13 @@ impl Cluster {
         local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     ) -> Result<Self, ClusterError> {
         let id = load_or_create_node_id(&config.data_dir)?;
+        let node = Node { id, api_addr: config.api_addr, data_addr: config.data_addr };
         let db_path = config.data_dir.join("cluster.redb");
         let db = open_database(&db_path)
             .map_err(|source| ClusterError::Database { path: db_path.display().to_string(), source })?;
         let (machine, state) = StateMachineStore::open(db.clone()).map_err(|e| ClusterError::Raft(e.to_string()))?;
+        // The addresses peers will be told: reachable, and of the same kind as the members'.
+        policy::check_advertised(&node, state.borrow().nodes.values())?;
         let raft_config = Config {
             cluster_name: "converge".into(),
             heartbeat_interval: 250,
@@ -77,7 +80,6 @@ impl Cluster {
         let raft = Raft::new(id.0, Arc::new(raft_config), network, LogStore::new(db), machine)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let node = Node { id, api_addr: config.api_addr, data_addr: config.data_addr };
         let inner = Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report });
         tokio::spawn(ping_loop(Arc::downgrade(&inner)));
         Ok(Cluster { inner })

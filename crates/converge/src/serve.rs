@@ -66,8 +66,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let advertised = args.advertise.unwrap_or(api_local.ip());
     let api_addr = SocketAddr::new(advertised, api_local.port()).to_string();
     let data_addr = SocketAddr::new(advertised, data_listener.local_addr()?.port()).to_string();
-    let this = model::Node { id: NodeId(0), api_addr: api_addr.clone(), data_addr: data_addr.clone() };
-    policy::check_advertised(&this, []).context("checking the addresses this node advertises")?;
 
     let disks = Arc::new(DiskSet::default());
     let reports = disks.clone();
@@ -85,8 +83,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }),
     )
     .await?;
-    policy::check_advertised(cluster.node(), cluster.state().nodes.values())
-        .context("checking this node's addresses against the cluster's members")?;
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let dirty_path = args.data_dir.join("dirty.redb");
     let dirty = DirtyLog::open(&dirty_path).with_context(|| format!("opening {}", dirty_path.display()))?;
