@@ -88,6 +88,15 @@ impl Host for NodeHost {
                     source: None,
                 })?;
                 let engine = self.services.engine().clone();
+                // The last owner may have died with writes in flight: its replicas agree
+                // before the guest reads anything.
+                let reconciled = engine
+                    .reconcile(volume, epoch)
+                    .await
+                    .map_err(|e| HostError::new(format!("reconciling {} after its last owner", info.name), e))?;
+                if reconciled.ranges > 0 {
+                    tracing::info!(volume = %info.name, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
+                }
                 let target = DiskTarget {
                     volume,
                     size_bytes: info.size_bytes,

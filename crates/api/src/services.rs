@@ -159,6 +159,7 @@ impl NodeServices {
     {
         let volume = self.inner.cluster.volume(name)?;
         let owner_epoch = self.inner.cluster.acquire_idle_volume(volume.id).await?;
+        self.inner.engine.reconcile(volume.id, owner_epoch).await?;
         let writer = self.inner.engine.writer(volume.id, owner_epoch);
         let mut in_flight = FuturesUnordered::new();
         let mut chunk = AlignedBuf::zeroed(TRANSFER_CHUNK_BYTES);

@@ -16,7 +16,9 @@ use std::time::Duration;
 use store::DiskSet;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use volume::{DirtyLog, Engine, EngineConfig, PgChange, PgChangeError, ReplicaService, ResyncStats, Topology};
+use volume::{
+    ActiveLog, DirtyLog, Engine, EngineConfig, PgChange, PgChangeError, ReplicaService, ResyncStats, Topology,
+};
 
 /// The engine's view of the cluster, backed by the published Raft state.
 struct ClusterTopology(Cluster);
@@ -86,7 +88,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let topology: Arc<dyn Topology> = Arc::new(ClusterTopology(cluster.clone()));
     let dirty_path = args.data_dir.join("dirty.redb");
     let dirty = DirtyLog::open(&dirty_path).with_context(|| format!("opening {}", dirty_path.display()))?;
-    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
+    let active_path = args.data_dir.join("active.redb");
+    let active = ActiveLog::open(&active_path).with_context(|| format!("opening {}", active_path.display()))?;
+    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
     let vm_dir = args.data_dir.join("vms");
     let config = EngineConfig { replica_timeout: Duration::from_millis(args.replica_timeout_ms), ..Default::default() };
     let engine = Engine::new(replica.clone(), topology, config);

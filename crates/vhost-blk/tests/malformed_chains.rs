@@ -18,7 +18,7 @@ use vhost_blk::{BlkDevice, DiskTarget, GuestMemory, QUEUE_SIZE};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology};
+use volume::{ActiveLog, DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology};
 
 const NODE: NodeId = NodeId(1);
 const DISK: DiskId = DiskId(10);
@@ -345,7 +345,8 @@ async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
     disks.insert(disk);
     let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(NODE, Arc::new(watch::Sender::new(Arc::new(state)))));
     let dirty = DirtyLog::open(&dir.join("dirty.redb")).expect("dirty log");
-    let replica = Arc::new(ReplicaService::new(disks, topology.clone(), dirty));
+    let active = ActiveLog::open(&dir.join("active.redb")).expect("activity log");
+    let replica = Arc::new(ReplicaService::new(disks, topology.clone(), dirty, active));
     let engine = Engine::new(replica, topology, EngineConfig::default());
     DiskTarget {
         volume: VOLUME,

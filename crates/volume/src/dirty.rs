@@ -51,7 +51,7 @@ type PgKey = (PoolId, PgId);
 type PgExtents = BTreeMap<(VolumeId, ExtentIndex), DirtyExtent>;
 
 /// The whole extent as one range.
-fn whole_extent() -> Vec<Range<u32>> {
+pub(crate) fn whole_extent() -> Vec<Range<u32>> {
     std::iter::once(0..EXTENT_SIZE_BYTES as u32).collect()
 }
 
@@ -181,7 +181,7 @@ impl DirtyLog {
 
 /// Adds `range` to sorted, disjoint `ranges`, merging neighbours; past
 /// `RANGES_PER_EXTENT_MAX` the whole extent counts as changed.
-fn add_range(ranges: &mut Vec<Range<u32>>, range: Range<u32>) {
+pub(crate) fn add_range(ranges: &mut Vec<Range<u32>>, range: Range<u32>) {
     let (mut start, mut end) = (range.start, range.end);
     ranges.retain(|r| {
         let touches = r.start <= end && start <= r.end;

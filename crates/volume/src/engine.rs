@@ -10,8 +10,10 @@ use crate::overlap::{OverlapQueue, WriteId};
 use crate::replica::{error_chain, Payload, ReplicaService, Reply};
 use crate::topology::{replicas_of, PgChange, PgChangeError, Replica, ReplicaSet, Topology};
 use crate::verdict::{verdict, Answer, Verdict};
-use crate::wire::{Op, Request, Status};
-use model::{extent_of, ExtentIndex, OwnerEpoch, PgEpoch, Volume, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES};
+use crate::wire::{ActiveRange, Op, Request, Status};
+use model::{
+    extent_of, ExtentIndex, OwnerEpoch, PgEpoch, PgId, Volume, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES,
+};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -46,6 +48,20 @@ impl Default for EngineConfig {
         EngineConfig { replica_timeout: REPLICA_TIMEOUT_DEFAULT, io_wait: IO_WAIT_MAX }
     }
 }
+
+/// What a new owner's `reconcile` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Ranges older owners wrote recently, now identical on every acting replica.
+    pub ranges: usize,
+    pub bytes: u64,
+    /// Replicas that could not be asked: the first write to reach them takes them out, and
+    /// their own record is copied over when they are resynced.
+    pub unreachable: usize,
+}
+
+/// Largest single copy `reconcile` makes.
+const RECONCILE_CHUNK_BYTES: u32 = 1 << 20;
 
 #[derive(Clone)]
 pub struct Engine {
@@ -200,6 +216,71 @@ impl Engine {
         })
     }
 
+    /// Makes every acting replica of what older owners of `volume` wrote recently identical,
+    /// as its new owner at `epoch`, before the volume serves IO: an owner that died with
+    /// writes in flight may have left one on some replicas and not on others. Each replica
+    /// first fences the older owners, then lists their recent ranges; one version of each
+    /// (read from the first replica that serves it) is written to all.
+    pub async fn reconcile(&self, volume: VolumeId, epoch: OwnerEpoch) -> Result<Reconciled, VolumeError> {
+        let state = self.inner.topology.state();
+        let info = state.volumes.get(&volume).cloned().ok_or(VolumeError::UnknownVolume(volume))?;
+        let pool = state.pools.get(&info.pool).ok_or(VolumeError::UnknownVolume(volume))?;
+        let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
+        let disks: std::collections::BTreeSet<model::DiskId> = pool.pgs.iter().flat_map(|pg| pg.acting()).collect();
+        let mut done = Reconciled::default();
+        let mut asked = Vec::new();
+        let mut ranges: std::collections::BTreeMap<ExtentIndex, Vec<Range<u32>>> = Default::default();
+        for disk in disks {
+            let Some(replica) = replica_of(&state, disk) else { continue };
+            let list = activity_request(Op::ListActive, volume, epoch, disk, PgId(0), cluster);
+            let listed = match self.send(&replica, list, Payload::None).await.and_then(accepted) {
+                Ok(reply) => ActiveRange::parse_all(reply.data.as_ref().map(|d| d.as_slice()).unwrap_or_default())
+                    .map_err(|source| ReplicaError::Protocol { addr: replica.data_addr.clone(), source }),
+                Err(e) => Err(e),
+            };
+            match listed {
+                Ok(listed) => {
+                    for range in listed.into_iter().filter(|r| r.volume == volume) {
+                        let end = range.offset_bytes + range.len_bytes;
+                        crate::dirty::add_range(ranges.entry(range.extent).or_default(), range.offset_bytes..end);
+                    }
+                    asked.push(replica);
+                }
+                Err(e) => {
+                    tracing::warn!(%volume, %disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote");
+                    done.unreachable += 1;
+                }
+            }
+        }
+        let writer = self.writer(volume, epoch);
+        for (extent, extent_ranges) in ranges {
+            for range in extent_ranges {
+                let mut at = range.start;
+                while at < range.end {
+                    let len = (range.end - at).min(RECONCILE_CHUNK_BYTES);
+                    let offset = extent.0 * EXTENT_SIZE_BYTES + u64::from(at);
+                    if offset + u64::from(len) > info.size_bytes {
+                        break;
+                    }
+                    match self.read(volume, offset, u64::from(len)).await? {
+                        Some(data) => writer.write(offset, Arc::new(data), 0..len as usize).await?,
+                        None => writer.zero(offset, u64::from(len)).await?,
+                    }
+                    done.bytes += u64::from(len);
+                    at += len;
+                }
+                done.ranges += 1;
+            }
+        }
+        for replica in asked {
+            let forget = activity_request(Op::ForgetActive, volume, epoch, replica.disk, PgId(0), cluster);
+            if let Err(e) = self.send(&replica, forget, Payload::None).await.and_then(accepted) {
+                tracing::debug!(%volume, disk = %replica.disk, error = %error_chain(&e), "forgetting reconciled ranges failed");
+            }
+        }
+        Ok(done)
+    }
+
     /// Sends one request to one replica and waits for its answer, at most the replica
     /// timeout. The local replica's IO runs in a task of its own, so giving up on it never
     /// cancels disk IO halfway.
@@ -343,6 +424,38 @@ impl Engine {
                 return;
             }
         }
+    }
+}
+
+/// Where a disk is, for a request to it.
+pub(crate) fn replica_of(state: &model::ClusterState, disk: model::DiskId) -> Option<Replica> {
+    let node = state.disks.get(&disk)?.node;
+    let data_addr = state.nodes.get(&node)?.data_addr.clone();
+    Some(Replica { disk, node, data_addr })
+}
+
+/// A `ListActive` or `ForgetActive` request: no range, the owner epoch of the asker.
+pub(crate) fn activity_request(
+    op: Op,
+    volume: VolumeId,
+    owner_epoch: OwnerEpoch,
+    disk: model::DiskId,
+    pg: PgId,
+    cluster: model::ClusterId,
+) -> Request {
+    Request {
+        op,
+        resync: false,
+        id: 0,
+        volume,
+        extent: ExtentIndex(0),
+        offset_bytes: 0,
+        len_bytes: 0,
+        owner_epoch,
+        pg,
+        pg_epoch: PgEpoch(0),
+        disk,
+        cluster,
     }
 }
 

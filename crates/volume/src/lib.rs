@@ -5,6 +5,7 @@
 //! Never looks at guest memory layout or Raft internals: the cluster reaches it through
 //! the `Topology` trait, which the composition root implements.
 
+mod active;
 pub mod admission;
 mod client;
 mod dirty;
@@ -19,8 +20,11 @@ mod topology;
 pub mod verdict;
 pub mod wire;
 
+pub use active::{ActiveError, ActiveLog, ACTIVE_IDLE};
 pub use dirty::{DirtyError, DirtyExtent, DirtyLog};
-pub use engine::{Engine, EngineConfig, VolumeWriter, IO_WAIT_MAX, REPLICA_TIMEOUT_DEFAULT, WRITES_IN_FLIGHT_MAX};
+pub use engine::{
+    Engine, EngineConfig, Reconciled, VolumeWriter, IO_WAIT_MAX, REPLICA_TIMEOUT_DEFAULT, WRITES_IN_FLIGHT_MAX,
+};
 pub use error::{ReplicaError, VolumeError, VolumeErrorKind};
 pub use gc::collect_garbage;
 pub use overlap::{OverlapQueue, WriteId};

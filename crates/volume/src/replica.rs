@@ -8,10 +8,11 @@
 //! or an old acting set sent lands after something sent for a newer one (DESIGN invariants
 //! 3 and 5), even when a request outlives its sender's timeout.
 
+use crate::active::ActiveLog;
 use crate::admission::{admit, Admission, Gates, Refusal};
 use crate::dirty::DirtyLog;
 use crate::topology::Topology;
-use crate::wire::{Op, Request, Status, MESSAGE_MAX_BYTES};
+use crate::wire::{Op, Request, Status, ALL_VOLUMES, MESSAGE_MAX_BYTES};
 use model::{ClusterState, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -75,6 +76,7 @@ pub struct ReplicaService {
     disks: Arc<DiskSet>,
     topology: Arc<dyn Topology>,
     dirty: DirtyLog,
+    active: ActiveLog,
     owner_gates: Mutex<HashMap<VolumeId, Gate<OwnerEpoch>>>,
     pg_gates: Mutex<HashMap<(PoolId, PgId), Gate<PgEpoch>>>,
 }
@@ -87,8 +89,12 @@ struct Held {
 }
 
 impl ReplicaService {
-    pub fn new(disks: Arc<DiskSet>, topology: Arc<dyn Topology>, dirty: DirtyLog) -> Self {
-        ReplicaService { disks, topology, dirty, owner_gates: Default::default(), pg_gates: Default::default() }
+    pub fn new(disks: Arc<DiskSet>, topology: Arc<dyn Topology>, dirty: DirtyLog, active: ActiveLog) -> Self {
+        ReplicaService { disks, topology, dirty, active, owner_gates: Default::default(), pg_gates: Default::default() }
+    }
+
+    pub fn active(&self) -> &ActiveLog {
+        &self.active
     }
 
     pub fn disks(&self) -> &Arc<DiskSet> {
@@ -120,6 +126,9 @@ impl ReplicaService {
     /// the reply.
     pub async fn handle(&self, request: Request, payload: Payload) -> Reply {
         let local = self.disks.contains(request.disk);
+        if matches!(request.op, Op::ListActive | Op::ForgetActive) {
+            return self.activity(&request, local).await;
+        }
         let (state, pool, record_dirty) = match self.decide(&request, local, Gates::default()).await {
             Ok(accepted) => accepted,
             Err(reply) => return reply,
@@ -133,9 +142,15 @@ impl ReplicaService {
             Ok(accepted) => accepted,
             Err(reply) => return reply,
         };
+        let range = request.offset_bytes..request.offset_bytes + request.len_bytes;
         if record_dirty || record_dirty_now {
-            let range = request.offset_bytes..request.offset_bytes + request.len_bytes;
-            if let Err(e) = self.dirty.record(pool, request.pg, request.volume, request.extent, range).await {
+            if let Err(e) = self.dirty.record(pool, request.pg, request.volume, request.extent, range.clone()).await {
+                return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
+            }
+        }
+        if !request.resync {
+            let recorded = self.active.record(request.volume, request.extent, range, request.owner_epoch).await;
+            if let Err(e) = recorded {
                 return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
             }
         }
@@ -150,6 +165,80 @@ impl ReplicaService {
         }
         drop(held);
         reply
+    }
+
+    /// Serves `ListActive` and `ForgetActive`: the activity log, for a new owner making the
+    /// replicas of what its predecessor wrote identical, and for resync.
+    async fn activity(&self, request: &Request, local: bool) -> Reply {
+        let ours = self.topology.state().cluster.as_ref().is_some_and(|c| c.id == request.cluster);
+        if !ours || !local {
+            let message = format!("{} of cluster {} is not a disk of this node", request.disk, request.cluster);
+            return Reply::refuse(Status::WrongTarget, message);
+        }
+        let all = request.volume == ALL_VOLUMES;
+        let result = match (request.op, all) {
+            (Op::ListActive, true) => {
+                // For a resync source: what older owners wrote here, of volumes whose owner
+                // has moved on since (the current owner's writes are in the dirty records).
+                let state = self.topology.state();
+                Ok(self.active.list(|volume, epoch| state.volumes.get(&volume).is_some_and(|v| v.owner_epoch > epoch)))
+            }
+            (Op::ListActive, false) => {
+                // Fence the older owners first: once the gate is raised, none of their writes
+                // is in flight here and none lands later, so the list is complete.
+                if let Err(reply) = self.owner_known(request).await {
+                    return reply;
+                }
+                let gate = self.owner_gates.lock().expect("gates lock").entry(request.volume).or_default().clone();
+                let _held = raise_and_hold(gate, request.owner_epoch).await;
+                let (volume, below) = (request.volume, request.owner_epoch);
+                Ok(self.active.list(|v, epoch| v == volume && epoch < below))
+            }
+            (Op::ForgetActive, false) => {
+                let (volume, below) = (request.volume, request.owner_epoch);
+                self.active.forget(|v, _, epoch| v == volume && epoch < below).await.map(|_| Vec::new())
+            }
+            (Op::ForgetActive, true) => {
+                // Entries of the request's PG whose volume has moved on to a newer owner, or
+                // is gone: the resync that just finished copied them.
+                let state = self.topology.state();
+                let (pg, disk) = (request.pg, request.disk);
+                let moved_on = |volume: VolumeId, extent, epoch: OwnerEpoch| {
+                    let Some(v) = state.volumes.get(&volume) else { return volume < state.next_volume_id };
+                    let in_pg = state.pools.get(&v.pool).is_some_and(|p| {
+                        let (this_pg, placement) = p.pg_for(volume, extent);
+                        this_pg == pg && placement.disks.contains(&disk)
+                    });
+                    in_pg && v.owner_epoch > epoch
+                };
+                self.active.forget(moved_on).await.map(|_| Vec::new())
+            }
+            _ => unreachable!("only activity ops come here"),
+        };
+        match result {
+            Ok(ranges) => {
+                let mut bytes = Vec::with_capacity(ranges.len() * crate::wire::ACTIVE_RANGE_BYTES);
+                ranges.iter().for_each(|r| r.encode(&mut bytes));
+                let data = (!bytes.is_empty()).then(|| AlignedBuf::copy_from(&bytes));
+                Reply::ok(data)
+            }
+            Err(e) => Reply::refuse(Status::DeviceError, error_chain(&e)),
+        }
+    }
+
+    /// Waits (bounded) until this node knows the request's owner epoch for its volume.
+    async fn owner_known(&self, request: &Request) -> Result<(), Reply> {
+        let mut watch = self.topology.watch();
+        let known =
+            |s: &ClusterState| s.volumes.get(&request.volume).is_some_and(|v| v.owner_epoch >= request.owner_epoch);
+        let waited = tokio::time::timeout(EPOCH_WAIT, watch.wait_for(|s| known(s))).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Reply::refuse(
+                Status::EpochUnknown,
+                format!("{} at {} is not known here yet", request.volume, request.owner_epoch),
+            )),
+        }
     }
 
     /// Admits `request`, waiting (up to `EPOCH_WAIT`) for a state that knows its epochs.
@@ -233,8 +322,17 @@ impl ReplicaService {
                 }),
             },
             Op::Zero => disk.zero(volume, extent, offset, len).await.map(|()| Reply::ok(None)),
+            Op::ListActive | Op::ForgetActive => unreachable!("activity ops are served before IO"),
         };
         result.unwrap_or_else(store_refusal)
+    }
+
+    /// Drops the activity of current owners that has been idle long enough.
+    pub async fn prune_activity(&self, state: &ClusterState) {
+        let owner = |volume| state.volumes.get(&volume).map(|v| v.owner_epoch);
+        if let Err(e) = self.active.prune(owner).await {
+            tracing::warn!(error = %error_chain(&e), "pruning the activity log failed");
+        }
     }
 
     /// Forgets the recorded changes of every PG that is whole again in `state`.

@@ -9,13 +9,13 @@
 //! the new acting set, the returning replica included. Every copy is stamped with the PG
 //! epoch the replica was out at: once it is back in, or out again, a late copy is refused.
 
-use crate::engine::Engine;
+use crate::engine::{activity_request, Engine};
 use crate::replica::Payload;
 use crate::topology::{PgChange, Replica};
-use crate::wire::{Op, Request, Status};
+use crate::wire::{ActiveRange, Op, Request, Status, ALL_VOLUMES};
 use crate::DirtyExtent;
 use model::{ClusterState, DiskId, ExtentIndex, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,6 +81,7 @@ pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
         }
         let state = topology.state();
         engine.replica().forget_clean_pgs(&state).await;
+        engine.replica().prune_activity(&state).await;
         for (pool, pg, target) in resyncs_due(&engine, &state) {
             if !running.lock().expect("running lock").insert((pool, pg)) {
                 continue;
@@ -140,7 +141,10 @@ async fn resync(
     };
     let Some((seen, true, source)) = epoch_now() else { return Err(ResyncError::Moved) };
     let mut copied: HashMap<(VolumeId, ExtentIndex), u64> = HashMap::new();
-    let mut bytes = 0;
+    // What the returning replica itself wrote last for owners that have since moved on: it
+    // may hold a write the others never got (its owner died with it in flight).
+    let own = target_activity(engine, &target, pool, pg).await?;
+    let mut bytes = copy(engine, stats, (source, &target), pg, seen, &own, &mut HashMap::new()).await?;
     for _ in 0..LIVE_PASSES_MAX {
         let todo = changed_since(engine, pool, pg, &copied);
         bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
@@ -170,7 +174,55 @@ async fn resync(
     }
     drop(frozen);
     stats.replicas_brought_in.fetch_add(1, Ordering::Relaxed);
+    let cluster = topology.state().cluster.as_ref().map(|c| c.id).unwrap_or_default();
+    let forget = activity_request(Op::ForgetActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
+    if let Err(e) = engine.send(&target, forget, Payload::None).await {
+        tracing::debug!(%pg, disk = %target.disk, error = %e, "forgetting a resynced replica's activity failed");
+    }
     Ok(bytes)
+}
+
+/// The ranges the returning replica wrote for volumes of this PG, by its own record.
+async fn target_activity(
+    engine: &Engine,
+    target: &Replica,
+    pool: PoolId,
+    pg: PgId,
+) -> Result<Vec<DirtyExtent>, ResyncError> {
+    let state = engine.replica().topology().state();
+    let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
+    let list = activity_request(Op::ListActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
+    let asked = |reason: String| ResyncError::Copy {
+        volume: ALL_VOLUMES,
+        extent: ExtentIndex(0),
+        disk: target.disk,
+        reason: format!("asking what it wrote last: {reason}"),
+    };
+    let reply = engine.send(target, list, Payload::None).await.map_err(|e| asked(e.to_string()))?;
+    if reply.status != Status::Ok {
+        return Err(asked(format!("it answered {:?}: {}", reply.status, reply.message)));
+    }
+    let listed = ActiveRange::parse_all(reply.data.as_ref().map(|d| d.as_slice()).unwrap_or_default())
+        .map_err(|e| asked(e.to_string()))?;
+    let mut extents: BTreeMap<(VolumeId, ExtentIndex), DirtyExtent> = BTreeMap::new();
+    for range in listed {
+        let in_pg = state
+            .volumes
+            .get(&range.volume)
+            .and_then(|v| state.pools.get(&v.pool))
+            .is_some_and(|p| p.id == pool && p.pg_for(range.volume, range.extent).0 == pg);
+        if !in_pg {
+            continue;
+        }
+        let entry = extents.entry((range.volume, range.extent)).or_insert_with(|| DirtyExtent {
+            volume: range.volume,
+            extent: range.extent,
+            ranges: Vec::new(),
+            generation: 0,
+        });
+        crate::dirty::add_range(&mut entry.ranges, range.offset_bytes..range.offset_bytes + range.len_bytes);
+    }
+    Ok(extents.into_values().collect())
 }
 
 /// The recorded changes of a PG not yet copied at their current generation.

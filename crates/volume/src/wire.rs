@@ -36,6 +36,70 @@ pub enum Op {
     Read,
     /// Discard or write-zeroes: the range reads as zeros afterwards.
     Zero,
+    /// A new owner (its owner epoch in the request) fences older owners on the disk, then
+    /// gets the ranges of the volume that older owners wrote recently, as `ActiveRange`s: a
+    /// write the old owner had in flight may be on some replicas and not on others. With
+    /// `ALL_VOLUMES`, every range on record on the disk (a resync source asks a returning
+    /// replica). No range in the header (offset and length 0).
+    ListActive,
+    /// Forgets the ranges the volume's owners older than the request's owner epoch wrote:
+    /// the new owner has made every replica of them identical. With `ALL_VOLUMES`, those of
+    /// every volume whose owner epoch has moved past them, in the request's PG.
+    ForgetActive,
+}
+
+/// `volume` of a `ListActive` or `ForgetActive` that is about every volume.
+pub const ALL_VOLUMES: VolumeId = VolumeId(u64::MAX);
+
+/// One entry of a `ListActive` reply (16 bytes: volume-relative extent u64, offset u32,
+/// len u32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveRange {
+    pub volume: VolumeId,
+    pub extent: ExtentIndex,
+    pub offset_bytes: u32,
+    pub len_bytes: u32,
+}
+
+/// Bytes of one `ActiveRange` on the wire: volume u64, extent u64, offset u32, len u32.
+pub const ACTIVE_RANGE_BYTES: usize = 24;
+
+impl ActiveRange {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.extent.0.to_le_bytes());
+        out.extend_from_slice(&self.offset_bytes.to_le_bytes());
+        out.extend_from_slice(&self.len_bytes.to_le_bytes());
+    }
+
+    /// Parses a `ListActive` reply; every range must be sector-aligned within one extent.
+    pub fn parse_all(bytes: &[u8]) -> Result<Vec<ActiveRange>, WireError> {
+        if !bytes.len().is_multiple_of(ACTIVE_RANGE_BYTES) {
+            return Err(WireError::ReplyLength { expected: ACTIVE_RANGE_BYTES as u32, got: bytes.len() as u32 });
+        }
+        bytes
+            .chunks_exact(ACTIVE_RANGE_BYTES)
+            .map(|b| {
+                let range = ActiveRange {
+                    volume: VolumeId(u64_at(b, 0)),
+                    extent: ExtentIndex(u64_at(b, 8)),
+                    offset_bytes: u32_at(b, 16),
+                    len_bytes: u32_at(b, 20),
+                };
+                check_range(range.offset_bytes, range.len_bytes)?;
+                Ok(range)
+            })
+            .collect()
+    }
+}
+
+fn check_range(offset: u32, len: u32) -> Result<(), WireError> {
+    let sector = SECTOR_SIZE_BYTES as u32;
+    let inside = u64::from(offset) + u64::from(len) <= EXTENT_SIZE_BYTES;
+    if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || !inside {
+        return Err(WireError::BadRange { offset, len });
+    }
+    Ok(())
 }
 
 /// A request whose header was checked: known op and flags, sector-aligned range inside one
@@ -85,15 +149,17 @@ impl Request {
     pub fn payload_bytes(&self) -> usize {
         match self.op {
             Op::Write => self.len_bytes as usize,
-            Op::Read | Op::Zero => 0,
+            Op::Read | Op::Zero | Op::ListActive | Op::ForgetActive => 0,
         }
     }
 
-    /// Bytes of payload a successful reply carries: the data of a read, nothing otherwise.
-    pub fn reply_bytes(&self) -> u32 {
+    /// Bytes of payload a successful reply carries: the data of a read, nothing for a data
+    /// change; `None` for a `ListActive`, whose reply is any number of `ActiveRange`s.
+    pub fn reply_bytes(&self) -> Option<u32> {
         match self.op {
-            Op::Read => self.len_bytes,
-            Op::Write | Op::Zero => 0,
+            Op::Read => Some(self.len_bytes),
+            Op::Write | Op::Zero | Op::ForgetActive => Some(0),
+            Op::ListActive => None,
         }
     }
 
@@ -109,6 +175,8 @@ impl Request {
             Op::Write => 1,
             Op::Read => 2,
             Op::Zero => 3,
+            Op::ListActive => 4,
+            Op::ForgetActive => 5,
         };
         out[5] = if self.resync { FLAG_RESYNC } else { 0 };
         out[8..16].copy_from_slice(&self.id.to_le_bytes());
@@ -133,19 +201,21 @@ impl Request {
             1 => Op::Write,
             2 => Op::Read,
             3 => Op::Zero,
+            4 => Op::ListActive,
+            5 => Op::ForgetActive,
             other => return Err(WireError::UnknownOp(other)),
         };
         let resync = match bytes[5] {
             0 => false,
-            FLAG_RESYNC if op != Op::Read => true,
+            FLAG_RESYNC if matches!(op, Op::Write | Op::Zero) => true,
             flags => return Err(WireError::BadFlags(flags, bytes[4])),
         };
         let offset = u32_at(bytes, 32);
         let len = u32_at(bytes, 36);
-        let sector = SECTOR_SIZE_BYTES as u32;
-        let inside = u64::from(offset) + u64::from(len) <= EXTENT_SIZE_BYTES;
-        if len == 0 || !offset.is_multiple_of(sector) || !len.is_multiple_of(sector) || !inside {
-            return Err(WireError::BadRange { offset, len });
+        match op {
+            Op::ListActive | Op::ForgetActive if offset == 0 && len == 0 => {}
+            Op::ListActive | Op::ForgetActive => return Err(WireError::BadRange { offset, len }),
+            Op::Write | Op::Read | Op::Zero => check_range(offset, len)?,
         }
         Ok(Request {
             op,
@@ -270,14 +340,18 @@ impl ResponseHeader {
     /// Checks the payload length against what `request` asked for: an Ok reply carries
     /// exactly the bytes of a read and nothing for a write; a refusal carries only a message.
     pub fn check_against(&self, request: &Request) -> Result<(), WireError> {
-        let expected = match self.status {
-            Status::Ok => request.reply_bytes(),
-            _ => return Ok(()),
-        };
-        if self.payload_len != expected {
-            return Err(WireError::ReplyLength { expected, got: self.payload_len });
+        if self.status != Status::Ok {
+            return Ok(());
         }
-        Ok(())
+        match request.reply_bytes() {
+            Some(expected) if self.payload_len != expected => {
+                Err(WireError::ReplyLength { expected, got: self.payload_len })
+            }
+            None if !(self.payload_len as usize).is_multiple_of(ACTIVE_RANGE_BYTES) => {
+                Err(WireError::ReplyLength { expected: ACTIVE_RANGE_BYTES as u32, got: self.payload_len })
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use volume::wire::{Op, Request, ResponseHeader, Status, REQUEST_HEADER_BYTES, RESPONSE_HEADER_BYTES};
-use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, ResyncStats, StateTopology, Topology, VolumeError};
+use volume::{
+    ActiveLog, DirtyLog, Engine, EngineConfig, ReplicaService, ResyncStats, StateTopology, Topology, VolumeError,
+};
 
 const NODE_A: NodeId = NodeId(1);
 const NODE_B: NodeId = NodeId(2);
@@ -77,7 +79,8 @@ impl TestNode {
         disks.insert(disk);
         let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(node, state.clone()));
         let dirty = DirtyLog::open(&dir.join(format!("{node}-dirty.redb"))).expect("dirty log");
-        let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
+        let active = ActiveLog::open(&dir.join(format!("{node}-active.redb"))).expect("activity log");
+        let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
         let addr = state.borrow().nodes[&node].data_addr.clone();
         let server = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = server.block_on_listener(&addr);
@@ -223,7 +226,8 @@ async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_w
     state.send_replace(Arc::new(c_state));
     let c_topology: Arc<dyn Topology> = Arc::new(topology.for_node(NodeId(3)));
     let c_dirty = DirtyLog::open(&dir.path().join("c-dirty.redb")).unwrap();
-    let c_replica = Arc::new(ReplicaService::new(Arc::new(DiskSet::default()), c_topology.clone(), c_dirty));
+    let c_active = ActiveLog::open(&dir.path().join("c-active.redb")).unwrap();
+    let c_replica = Arc::new(ReplicaService::new(Arc::new(DiskSet::default()), c_topology.clone(), c_dirty, c_active));
     let c = Engine::new(c_replica, c_topology, config);
     let writer = c.writer(VOLUME, OwnerEpoch(2));
     writer.write(0, pattern(1, 4096), 0..4096).await.expect("write with both replicas");
@@ -389,4 +393,44 @@ async fn a_read_whose_caller_gave_up_never_writes_into_its_memory_afterwards() {
     assert_eq!(target.as_slice(), &when_dropped[..], "the late bytes did not land");
     assert!(target.as_slice()[2048..].iter().all(|&b| b == 0x11));
     peer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_in_flight() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17818))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let b = TestNode::start(NODE_B, &state, dir.path(), true).await;
+    a.engine.writer(VOLUME, OwnerEpoch(1)).write(0, pattern(1, 8192), 0..8192).await.expect("acknowledged write");
+    // The owner dies with its next write in flight: it reached B, and never A.
+    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
+    let in_flight = Request {
+        op: Op::Write,
+        len_bytes: 4096,
+        owner_epoch: OwnerEpoch(1),
+        pg_epoch: placement.epoch,
+        ..read_request(disk_of(NODE_B), CLUSTER, pg)
+    };
+    let mut to_b = TcpStream::connect(&state.borrow().nodes[&NODE_B].data_addr.clone()).await.unwrap();
+    to_b.write_all(&in_flight.encode()).await.unwrap();
+    to_b.write_all(pattern(2, 4096).as_slice()).await.unwrap();
+    let mut header = [0u8; RESPONSE_HEADER_BYTES];
+    to_b.read_exact(&mut header).await.unwrap();
+    assert_eq!(ResponseHeader::parse(&header).unwrap().status, Status::Ok);
+    assert_ne!(a.stored(0, 4096).await, b.stored(0, 4096).await, "the replicas differ where the write was in flight");
+
+    let topology = StateTopology::new(NODE_B, state.clone());
+    topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
+    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile");
+    let again = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile again");
+
+    assert_eq!(a.stored(0, 8192).await, b.stored(0, 8192).await, "one version on both replicas");
+    assert_eq!((reconciled.ranges, reconciled.bytes, reconciled.unreachable), (1, 8192, 0));
+    assert_eq!(again.ranges, 0, "what was reconciled is forgotten");
+    let late = Request { id: 9, disk: disk_of(NODE_A), ..in_flight };
+    let mut old_owner = TcpStream::connect(&state.borrow().nodes[&NODE_A].data_addr.clone()).await.unwrap();
+    old_owner.write_all(&late.encode()).await.unwrap();
+    old_owner.write_all(pattern(3, 4096).as_slice()).await.unwrap();
+    old_owner.read_exact(&mut header).await.unwrap();
+    assert_eq!(ResponseHeader::parse(&header).unwrap().status, Status::StaleOwnerEpoch, "the old owner is fenced");
 }

@@ -8,7 +8,7 @@ use model::{
 use std::sync::Arc;
 use store::{AlignedBuf, DiskIdentity, DiskSet, LocalDisk};
 use tokio::sync::watch;
-use volume::{DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology, VolumeError};
+use volume::{ActiveLog, DirtyLog, Engine, EngineConfig, ReplicaService, StateTopology, Topology, VolumeError};
 
 type SharedState = Arc<watch::Sender<Arc<ClusterState>>>;
 
@@ -56,7 +56,8 @@ async fn start_node(node: NodeId, state: &SharedState, dir: &std::path::Path) ->
     disks.insert(disk);
     let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(node, state.clone()));
     let dirty = DirtyLog::open(&dir.join(format!("{node}-dirty.redb"))).expect("dirty log");
-    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty));
+    let active = ActiveLog::open(&dir.join(format!("{node}-active.redb"))).expect("activity log");
+    let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
     let addr = state.borrow().nodes[&node].data_addr.clone();
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind data address");
     tokio::spawn(volume::serve(listener, replica.clone()));

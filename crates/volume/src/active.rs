@@ -1,0 +1,195 @@
+//! The activity log: which ranges of which extents the owners of volumes wrote here
+//! recently, so that when an owner dies with writes in flight, the next owner can make every
+//! replica of those ranges identical before the volume serves IO again (a write may have
+//! reached some replicas and not others).
+//!
+//! As with the dirty log, the extents are on disk (a redb table, committed before the first
+//! write to an extent is acknowledged) and the ranges in memory; after a restart the extents
+//! on record count as wholly written and stay until a new owner or a resync has dealt with
+//! them. Entries of the current owner that saw no write for `ACTIVE_IDLE` are dropped: no
+//! write can still be in flight to them (a write gives up after the engine's IO wait).
+
+use crate::dirty::{add_range, whole_extent};
+use crate::wire::{ActiveRange, ACTIVE_RANGE_BYTES, PAYLOAD_MAX_BYTES};
+use model::{ExtentIndex, OwnerEpoch, VolumeId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Idle time after which the current owner's entries are dropped; well past the longest a
+/// write can be in flight (`IO_WAIT_MAX`).
+pub const ACTIVE_IDLE: Duration = Duration::from_secs(90);
+/// Most ranges one `ListActive` reply carries; past it, extents are listed whole.
+const LISTED_RANGES_MAX: usize = PAYLOAD_MAX_BYTES as usize / ACTIVE_RANGE_BYTES;
+
+const _: () = assert!(ACTIVE_IDLE.as_secs() > 2 * crate::engine::IO_WAIT_MAX.as_secs());
+
+/// (volume, extent) → owner epoch of every extent written recently.
+const ACTIVE: TableDefinition<(u64, u64), u64> = TableDefinition::new("active_extents");
+
+#[derive(Debug, thiserror::Error)]
+#[error("Recording active extents in {path}")]
+pub struct ActiveError {
+    path: PathBuf,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+struct Active {
+    owner_epoch: OwnerEpoch,
+    ranges: Vec<Range<u32>>,
+    /// `None` for entries found on disk at start: kept until dealt with.
+    last_write: Option<Instant>,
+}
+
+pub struct ActiveLog {
+    path: PathBuf,
+    db: Arc<Database>,
+    extents: Mutex<BTreeMap<(VolumeId, ExtentIndex), Active>>,
+}
+
+type Boxed = Box<dyn std::error::Error + Send + Sync>;
+
+impl ActiveLog {
+    pub fn open(path: &Path) -> Result<Self, ActiveError> {
+        let error = |source: Boxed| ActiveError { path: path.into(), source };
+        let db = Database::create(path).map_err(|e| error(e.into()))?;
+        let mut extents = BTreeMap::new();
+        let tx = db.begin_read().map_err(|e| error(e.into()))?;
+        match tx.open_table(ACTIVE) {
+            Ok(table) => {
+                for entry in table.iter().map_err(|e| error(e.into()))? {
+                    let (key, epoch) = entry.map_err(|e| error(e.into()))?;
+                    let (volume, extent) = key.value();
+                    let active =
+                        Active { owner_epoch: OwnerEpoch(epoch.value()), ranges: whole_extent(), last_write: None };
+                    extents.insert((VolumeId(volume), ExtentIndex(extent)), active);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(error(e.into())),
+        }
+        drop(tx);
+        Ok(ActiveLog { path: path.into(), db: Arc::new(db), extents: Mutex::new(extents) })
+    }
+
+    /// Records that the owner at `epoch` wrote `range` of the extent; returns once the
+    /// extent is on record durably.
+    pub async fn record(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        range: Range<u32>,
+        epoch: OwnerEpoch,
+    ) -> Result<(), ActiveError> {
+        {
+            let mut extents = self.extents.lock().expect("active lock");
+            if let Some(active) = extents.get_mut(&(volume, extent)).filter(|a| a.owner_epoch >= epoch) {
+                add_range(&mut active.ranges, range);
+                if active.last_write.is_some() {
+                    active.last_write = Some(Instant::now());
+                }
+                return Ok(());
+            }
+        }
+        self.write(move |table| table.insert((volume.0, extent.0), epoch.0).map(drop)).await?;
+        let mut extents = self.extents.lock().expect("active lock");
+        let active = extents.entry((volume, extent)).or_insert(Active {
+            owner_epoch: epoch,
+            ranges: Vec::new(),
+            last_write: Some(Instant::now()),
+        });
+        // An older owner's entry stays whole: its ranges are still to be dealt with.
+        active.owner_epoch = active.owner_epoch.max(epoch);
+        add_range(&mut active.ranges, range);
+        Ok(())
+    }
+
+    /// The ranges on record of the entries `pick` chooses (by volume and owner epoch).
+    pub fn list(&self, pick: impl Fn(VolumeId, OwnerEpoch) -> bool) -> Vec<ActiveRange> {
+        let extents = self.extents.lock().expect("active lock");
+        let chosen = extents.iter().filter(|((v, _), a)| pick(*v, a.owner_epoch));
+        let mut listed: Vec<ActiveRange> = chosen
+            .flat_map(|((volume, extent), a)| {
+                a.ranges.iter().map(|r| ActiveRange {
+                    volume: *volume,
+                    extent: *extent,
+                    offset_bytes: r.start,
+                    len_bytes: r.end - r.start,
+                })
+            })
+            .collect();
+        if listed.len() > LISTED_RANGES_MAX {
+            listed.dedup_by_key(|r| (r.volume, r.extent));
+            for range in &mut listed {
+                (range.offset_bytes, range.len_bytes) = (0, model::EXTENT_SIZE_BYTES as u32);
+            }
+            listed.truncate(LISTED_RANGES_MAX);
+        }
+        listed
+    }
+
+    /// Forgets the entries `forget` picks (by volume, extent and owner epoch).
+    pub async fn forget(
+        &self,
+        forget: impl Fn(VolumeId, ExtentIndex, OwnerEpoch) -> bool,
+    ) -> Result<usize, ActiveError> {
+        let gone: Vec<(VolumeId, ExtentIndex)> = {
+            let extents = self.extents.lock().expect("active lock");
+            extents.iter().filter(|((v, e), a)| forget(*v, *e, a.owner_epoch)).map(|(k, _)| *k).collect()
+        };
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<(u64, u64)> = gone.iter().map(|(v, e)| (v.0, e.0)).collect();
+        self.write(move |table| {
+            for key in &keys {
+                table.remove(*key)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut extents = self.extents.lock().expect("active lock");
+        for key in &gone {
+            extents.remove(key);
+        }
+        Ok(gone.len())
+    }
+
+    /// Drops entries of the current owners that saw no write for `ACTIVE_IDLE`.
+    pub async fn prune(&self, owner_epoch: impl Fn(VolumeId) -> Option<OwnerEpoch>) -> Result<usize, ActiveError> {
+        let idle: std::collections::HashSet<(VolumeId, ExtentIndex)> = {
+            let extents = self.extents.lock().expect("active lock");
+            extents
+                .iter()
+                .filter(|((v, _), a)| {
+                    a.last_write.is_some_and(|at| at.elapsed() > ACTIVE_IDLE) && owner_epoch(*v) == Some(a.owner_epoch)
+                })
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        self.forget(|v, e, _| idle.contains(&(v, e))).await
+    }
+
+    async fn write(
+        &self,
+        change: impl FnOnce(&mut redb::Table<(u64, u64), u64>) -> Result<(), redb::StorageError> + Send + 'static,
+    ) -> Result<(), ActiveError> {
+        let db = self.db.clone();
+        let done = tokio::task::spawn_blocking(move || -> Result<(), Boxed> {
+            let tx = db.begin_write()?;
+            change(&mut tx.open_table(ACTIVE)?)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(ActiveError { path: self.path.clone(), source }),
+            Err(join) => Err(ActiveError { path: self.path.clone(), source: join.into() }),
+        }
+    }
+}
