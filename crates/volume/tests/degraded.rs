@@ -434,3 +434,47 @@ async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_i
     old_owner.read_exact(&mut header).await.unwrap();
     assert_eq!(ResponseHeader::parse(&header).unwrap().status, Status::StaleOwnerEpoch, "the old owner is fenced");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_died_with_its_local_replica_gets_that_replica_made_identical_when_it_returns() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17819))));
+    let mut a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let b = TestNode::start(NODE_B, &state, dir.path(), true).await;
+    a.engine.writer(VOLUME, OwnerEpoch(1)).write(0, pattern(1, 8192), 0..8192).await.expect("acknowledged write");
+    // Owner A dies with its next write in flight: it reached A's own replica, not B's.
+    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
+    let in_flight = Request {
+        op: Op::Write,
+        len_bytes: 4096,
+        owner_epoch: OwnerEpoch(1),
+        pg_epoch: placement.epoch,
+        ..read_request(disk_of(NODE_A), CLUSTER, pg)
+    };
+    let mut to_a = TcpStream::connect(&state.borrow().nodes[&NODE_A].data_addr.clone()).await.unwrap();
+    to_a.write_all(&in_flight.encode()).await.unwrap();
+    to_a.write_all(pattern(2, 4096).as_slice()).await.unwrap();
+    let mut header = [0u8; RESPONSE_HEADER_BYTES];
+    to_a.read_exact(&mut header).await.unwrap();
+    a.kill().await;
+
+    let topology = StateTopology::new(NODE_B, state.clone());
+    topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
+    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile with A gone");
+    b.engine.writer(VOLUME, OwnerEpoch(2)).write(65536, pattern(3, 4096), 0..4096).await.expect("B writes on");
+    drop(a);
+    let a = TestNode::start(NODE_A, &state, dir.path(), false).await;
+    let differs_before_resync = a.stored(0, 4096).await != b.stored(0, 4096).await;
+    let resync = tokio::spawn(volume::resync_loop(b.engine.clone(), Arc::new(ResyncStats::default())));
+    let mut watch = state.subscribe();
+    tokio::time::timeout(Duration::from_secs(20), watch.wait_for(|s| !pg_of_offset(s, 0).1.is_degraded()))
+        .await
+        .expect("A is brought back in")
+        .unwrap();
+    resync.abort();
+
+    assert_eq!(reconciled.unreachable, 1, "A could not be asked while it was down");
+    assert!(differs_before_resync, "A came back holding the write B never got");
+    assert_eq!(a.stored(0, 8192).await, b.stored(0, 8192).await, "A holds B's version after resync");
+    assert_eq!(a.stored(65536, 4096).await.unwrap(), pattern(3, 4096).as_slice(), "and what B wrote meanwhile");
+}
