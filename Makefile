@@ -1,7 +1,7 @@
 # converge: the two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: setup build test check fuzz demo demo-stop bench clean
+.PHONY: setup build test check fuzz demo demo-stop bench torture clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,12 @@ fuzz: setup
 
 test: setup check fuzz
 	scripts/test.sh
+
+# Many fault cycles on real processes (3 and 5 nodes); prints cycles, faults, writes and
+# anomalies. `make test` runs a short version of the same tests.
+CYCLES ?= 20
+torture: setup
+	CONVERGE_TORTURE_CYCLES=$(CYCLES) $(CARGO) test --release -p converge --test torture -- --nocapture --test-threads 1
 
 demo: build
 	@scripts/demo.sh

@@ -20,6 +20,7 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/data", get(export_volume).put(import_volume))
+        .route("/v1/volumes/{name}/blocks/{offset}", get(read_blocks).put(write_blocks))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
@@ -89,6 +90,28 @@ async fn export_volume(State(node): State<NodeServices>, Path(name): Path<String
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct BlockRead {
+    len: u64,
+}
+
+async fn read_blocks(
+    State(node): State<NodeServices>,
+    Path((name, offset)): Path<(String, u64)>,
+    Query(read): Query<BlockRead>,
+) -> Result<Vec<u8>, ApiError> {
+    node.read_blocks(&name, offset, read.len).await
+}
+
+async fn write_blocks(
+    State(node): State<NodeServices>,
+    Path((name, offset)): Path<(String, u64)>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    node.write_blocks(&name, offset, body).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {

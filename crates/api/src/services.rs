@@ -30,16 +30,81 @@ struct Inner {
     /// Where the hypervisor keeps each VM's runtime files (console log among them).
     vm_dir: std::path::PathBuf,
     http: reqwest::Client,
+    /// Volumes this node writes through the block API, with the writer it holds for each.
+    block_writers: tokio::sync::Mutex<std::collections::HashMap<model::VolumeId, Arc<volume::VolumeWriter>>>,
 }
+
+/// Largest block API request: bounds the memory one call holds.
+pub const BLOCK_IO_MAX_BYTES: usize = 1 << 20;
 
 impl NodeServices {
     pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine, vm_dir: std::path::PathBuf) -> Self {
         let http = reqwest::Client::new();
-        NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http }) }
+        let block_writers = Default::default();
+        NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http, block_writers }) }
     }
 
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// Writes `data` at `offset_bytes` of a volume through this node, which becomes the
+    /// volume's owner on its first write (acquire, then reconcile what the last owner wrote).
+    /// A volume a running VM uses is refused; a writer fenced by a newer owner is dropped, so
+    /// the next call takes the volume back.
+    pub async fn write_blocks(&self, name: &str, offset_bytes: u64, data: Bytes) -> Result<(), ApiError> {
+        let len = data.len();
+        if len == 0 || len > BLOCK_IO_MAX_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "a block write carries 1 to {BLOCK_IO_MAX_BYTES} bytes, not {len}"
+            )));
+        }
+        let volume = self.inner.cluster.volume(name)?;
+        let writer = self.block_writer(volume.id).await?;
+        let buf: Arc<dyn store::IoMemory> = Arc::new(AlignedBuf::copy_from(&data));
+        match writer.write(offset_bytes, buf, 0..len).await {
+            Err(e @ volume::VolumeError::Fenced { .. }) => {
+                self.inner.block_writers.lock().await.remove(&volume.id);
+                Err(e.into())
+            }
+            result => Ok(result?),
+        }
+    }
+
+    /// Reads `len_bytes` at `offset_bytes` of a volume through this node.
+    pub async fn read_blocks(&self, name: &str, offset_bytes: u64, len_bytes: u64) -> Result<Vec<u8>, ApiError> {
+        if len_bytes == 0 || len_bytes > BLOCK_IO_MAX_BYTES as u64 {
+            return Err(ApiError::bad_request(format!("a block read asks for 1 to {BLOCK_IO_MAX_BYTES} bytes")));
+        }
+        let volume = self.inner.cluster.volume(name)?;
+        let mut out = Vec::with_capacity(len_bytes as usize);
+        let mut at = offset_bytes;
+        while at < offset_bytes + len_bytes {
+            let (_, within) = model::extent_of(at);
+            let n = (model::EXTENT_SIZE_BYTES - within).min(offset_bytes + len_bytes - at);
+            match self.inner.engine.read(volume.id, at, n).await? {
+                Some(data) => out.extend_from_slice(data.as_slice()),
+                None => out.resize(out.len() + n as usize, 0),
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    async fn block_writer(&self, volume: model::VolumeId) -> Result<Arc<volume::VolumeWriter>, ApiError> {
+        let mut writers = self.inner.block_writers.lock().await;
+        let current = self.inner.cluster.state().volumes.get(&volume).map(|v| v.owner_epoch);
+        if let Some(writer) = writers.get(&volume).filter(|w| Some(w.epoch()) == current) {
+            return Ok(writer.clone());
+        }
+        let epoch = self.inner.cluster.acquire_idle_volume(volume).await?;
+        let reconciled = self.inner.engine.reconcile(volume, epoch).await?;
+        if reconciled.ranges > 0 {
+            tracing::info!(%volume, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
+        }
+        let writer = Arc::new(self.inner.engine.writer(volume, epoch));
+        writers.insert(volume, writer.clone());
+        Ok(writer)
     }
 
     pub fn vm_dir(&self) -> &Path {

@@ -57,6 +57,17 @@ impl NodeProcess {
         }
     }
 
+    /// Sends `signal` (STOP, CONT, ...) to the node's process, by its pid.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status().expect("bash runs");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn sigkill(&mut self) {
         let mut child = self.child.take().expect("running");
         child.kill().expect("SIGKILL");
@@ -99,7 +110,7 @@ pub fn json(text: &str) -> serde_json::Value {
 }
 
 /// Starts nodes on 127.0.0.{ips}, forms a cluster and gives each a 1 GiB file disk.
-pub fn cluster(dir: &Path, ips: [u8; 3], port: u16) -> Vec<NodeProcess> {
+pub fn cluster<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> Vec<NodeProcess> {
     let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
     let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().expect("token").to_string();
     for node in &nodes[1..] {
