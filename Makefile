@@ -1,7 +1,7 @@
 # converge: the two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: setup build test check fuzz demo demo-stop bench torture clean
+.PHONY: setup build test check fuzz demo demo-stop bench torture sim clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,12 @@ fuzz: setup
 
 test: setup check fuzz
 	scripts/test.sh
+
+# The deterministic simulator over many seeds; prints seeds per second and what the seeds
+# did. `make test` runs a bounded number of seeds.
+SEEDS ?= 10000
+sim:
+	$(CARGO) run --release -p sim -- $(SEEDS)
 
 # Many fault cycles on real processes (3 and 5 nodes); prints cycles, faults, writes and
 # anomalies. `make test` runs a short version of the same tests.

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-const WORKSPACE_CRATES: [&str; 10] =
-    ["model", "policy", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli", "converge"];
+const WORKSPACE_CRATES: [&str; 11] =
+    ["model", "policy", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli", "converge", "sim"];
 
 fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
     BTreeMap::from([
@@ -19,6 +19,8 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("api", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor"]),
         ("cli", vec!["model", "api"]),
         ("converge", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
+        // dev layer: drives the pure decisions, never the binary
+        ("sim", vec!["model", "volume"]),
     ])
 }
 
