@@ -94,7 +94,7 @@ impl NodeServices {
     async fn block_writer(&self, volume: model::VolumeId) -> Result<Arc<volume::VolumeWriter>, ApiError> {
         let mut writers = self.inner.block_writers.lock().await;
         let current = self.inner.cluster.state().volumes.get(&volume).map(|v| v.owner_epoch);
-        if let Some(writer) = writers.get(&volume).filter(|w| Some(w.epoch()) == current) {
+        if let Some(writer) = writers.get(&volume).filter(|w| Some(w.epoch()) == current && !w.is_stopped()) {
             return Ok(writer.clone());
         }
         let epoch = self.inner.cluster.acquire_idle_volume(volume).await?;

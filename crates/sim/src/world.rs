@@ -593,6 +593,7 @@ impl World {
                 pg_epoch: set.pg_epoch,
                 disk: replica.disk,
                 cluster: set.cluster,
+                seq: 0,
             };
             let body = Body::Write { request, version, write: id, attempt, first_seen: None };
             self.send(node, replica.node, body);
@@ -837,6 +838,7 @@ impl World {
             pg_epoch: PgEpoch(0),
             disk: disk.id,
             cluster: CLUSTER,
+            seq: 0,
         };
         self.apply_write(&request, 0)
     }

@@ -6,8 +6,9 @@
 //! As with the dirty log, the extents are on disk (a redb table, committed before the first
 //! write to an extent is acknowledged) and the ranges in memory; after a restart the extents
 //! on record count as wholly written and stay until a new owner or a resync has dealt with
-//! them. Entries of the current owner that saw no write for `ACTIVE_IDLE` are dropped: no
-//! write can still be in flight to them (a write gives up after the engine's IO wait).
+//! them. The live owner settles its entries: it says which of its writes (by sequence
+//! number) every acting replica has acknowledged, and entries written only by those go. An
+//! owner that died settles nothing, so what it had in flight stays on record for the next.
 
 use crate::dirty::{add_range, whole_extent};
 use crate::wire::{ActiveRange, ACTIVE_RANGE_BYTES, PAYLOAD_MAX_BYTES};
@@ -17,15 +18,9 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-/// Idle time after which the current owner's entries are dropped; well past the longest a
-/// write can be in flight (`IO_WAIT_MAX`).
-pub const ACTIVE_IDLE: Duration = Duration::from_secs(90);
 /// Most ranges one `ListActive` reply carries; past it, extents are listed whole.
 const LISTED_RANGES_MAX: usize = PAYLOAD_MAX_BYTES as usize / ACTIVE_RANGE_BYTES;
-
-const _: () = assert!(ACTIVE_IDLE.as_secs() > 2 * crate::engine::IO_WAIT_MAX.as_secs());
 
 /// (volume, extent) → owner epoch of every extent written recently.
 const ACTIVE: TableDefinition<(u64, u64), u64> = TableDefinition::new("active_extents");
@@ -41,14 +36,18 @@ pub struct ActiveError {
 struct Active {
     owner_epoch: OwnerEpoch,
     ranges: Vec<Range<u32>>,
-    /// `None` for entries found on disk at start: kept until dealt with.
-    last_write: Option<Instant>,
+    /// The newest write sequence number recorded; `u64::MAX` for entries found on disk at
+    /// start, which no settle removes.
+    newest_seq: u64,
 }
 
 pub struct ActiveLog {
     path: PathBuf,
     db: Arc<Database>,
     extents: Mutex<BTreeMap<(VolumeId, ExtentIndex), Active>>,
+    /// Serialises changes (memory and disk together), so a forget never removes an entry a
+    /// write is adding to at the same time.
+    changes: tokio::sync::Mutex<()>,
 }
 
 type Boxed = Box<dyn std::error::Error + Send + Sync>;
@@ -65,7 +64,7 @@ impl ActiveLog {
                     let (key, epoch) = entry.map_err(|e| error(e.into()))?;
                     let (volume, extent) = key.value();
                     let active =
-                        Active { owner_epoch: OwnerEpoch(epoch.value()), ranges: whole_extent(), last_write: None };
+                        Active { owner_epoch: OwnerEpoch(epoch.value()), ranges: whole_extent(), newest_seq: u64::MAX };
                     extents.insert((VolumeId(volume), ExtentIndex(extent)), active);
                 }
             }
@@ -73,37 +72,49 @@ impl ActiveLog {
             Err(e) => return Err(error(e.into())),
         }
         drop(tx);
-        Ok(ActiveLog { path: path.into(), db: Arc::new(db), extents: Mutex::new(extents) })
+        Ok(ActiveLog {
+            path: path.into(),
+            db: Arc::new(db),
+            extents: Mutex::new(extents),
+            changes: tokio::sync::Mutex::new(()),
+        })
     }
 
-    /// Records that the owner at `epoch` wrote `range` of the extent; returns once the
-    /// extent is on record durably.
+    /// Records that the owner at `epoch` wrote `range` of the extent with write `seq`;
+    /// returns once the extent is on record durably.
     pub async fn record(
         &self,
         volume: VolumeId,
         extent: ExtentIndex,
         range: Range<u32>,
         epoch: OwnerEpoch,
+        seq: u64,
     ) -> Result<(), ActiveError> {
-        {
+        let _change = self.changes.lock().await;
+        let known = {
             let mut extents = self.extents.lock().expect("active lock");
-            if let Some(active) = extents.get_mut(&(volume, extent)).filter(|a| a.owner_epoch >= epoch) {
-                add_range(&mut active.ranges, range);
-                if active.last_write.is_some() {
-                    active.last_write = Some(Instant::now());
+            match extents.get_mut(&(volume, extent)).filter(|a| a.owner_epoch >= epoch) {
+                Some(active) => {
+                    add_range(&mut active.ranges, range.clone());
+                    active.newest_seq = active.newest_seq.max(seq);
+                    true
                 }
-                return Ok(());
+                None => false,
             }
+        };
+        if known {
+            return Ok(());
         }
         self.write(move |table| table.insert((volume.0, extent.0), epoch.0).map(drop)).await?;
         let mut extents = self.extents.lock().expect("active lock");
         let active = extents.entry((volume, extent)).or_insert(Active {
             owner_epoch: epoch,
             ranges: Vec::new(),
-            last_write: Some(Instant::now()),
+            newest_seq: seq,
         });
-        // An older owner's entry stays whole: its ranges are still to be dealt with.
+        // An older owner's entry stays: its ranges are still to be dealt with.
         active.owner_epoch = active.owner_epoch.max(epoch);
+        active.newest_seq = active.newest_seq.max(seq);
         add_range(&mut active.ranges, range);
         Ok(())
     }
@@ -119,6 +130,7 @@ impl ActiveLog {
                     extent: *extent,
                     offset_bytes: r.start,
                     len_bytes: r.end - r.start,
+                    owner_epoch: a.owner_epoch,
                 })
             })
             .collect();
@@ -132,14 +144,15 @@ impl ActiveLog {
         listed
     }
 
-    /// Forgets the entries `forget` picks (by volume, extent and owner epoch).
+    /// Forgets the entries `forget` picks (by volume, extent, owner epoch and newest write).
     pub async fn forget(
         &self,
-        forget: impl Fn(VolumeId, ExtentIndex, OwnerEpoch) -> bool,
+        forget: impl Fn(VolumeId, ExtentIndex, OwnerEpoch, u64) -> bool,
     ) -> Result<usize, ActiveError> {
+        let _change = self.changes.lock().await;
         let gone: Vec<(VolumeId, ExtentIndex)> = {
             let extents = self.extents.lock().expect("active lock");
-            extents.iter().filter(|((v, e), a)| forget(*v, *e, a.owner_epoch)).map(|(k, _)| *k).collect()
+            extents.iter().filter(|((v, e), a)| forget(*v, *e, a.owner_epoch, a.newest_seq)).map(|(k, _)| *k).collect()
         };
         if gone.is_empty() {
             return Ok(0);
@@ -159,19 +172,9 @@ impl ActiveLog {
         Ok(gone.len())
     }
 
-    /// Drops entries of the current owners that saw no write for `ACTIVE_IDLE`.
-    pub async fn prune(&self, owner_epoch: impl Fn(VolumeId) -> Option<OwnerEpoch>) -> Result<usize, ActiveError> {
-        let idle: std::collections::HashSet<(VolumeId, ExtentIndex)> = {
-            let extents = self.extents.lock().expect("active lock");
-            extents
-                .iter()
-                .filter(|((v, _), a)| {
-                    a.last_write.is_some_and(|at| at.elapsed() > ACTIVE_IDLE) && owner_epoch(*v) == Some(a.owner_epoch)
-                })
-                .map(|(k, _)| *k)
-                .collect()
-        };
-        self.forget(|v, e, _| idle.contains(&(v, e))).await
+    /// The owner at `epoch` settled every write of its own below `seq`.
+    pub async fn settle(&self, volume: VolumeId, epoch: OwnerEpoch, seq: u64) -> Result<usize, ActiveError> {
+        self.forget(|v, _, e, newest| v == volume && e == epoch && newest < seq).await
     }
 
     async fn write(

@@ -175,6 +175,7 @@ mod tests {
             pg_epoch: PgEpoch(1),
             disk,
             cluster: CLUSTER,
+            seq: 0,
         }
     }
 

@@ -5,7 +5,7 @@
 //! that fails is taken out by a Raft change and the write goes on with the rest.
 
 use crate::client::PeerPool;
-use crate::error::{ReplicaError, VolumeError};
+use crate::error::{ReplicaError, VolumeError, VolumeErrorKind};
 use crate::overlap::{OverlapQueue, WriteId};
 use crate::replica::{error_chain, Payload, ReplicaService, Reply};
 use crate::topology::{replicas_of, PgChange, PgChangeError, Replica, ReplicaSet, Topology};
@@ -32,6 +32,8 @@ pub const REPLICA_TIMEOUT_DEFAULT: Duration = Duration::from_secs(3);
 pub const IO_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Rounds over a PG's replicas a read makes when its view of the PG turns out to be old.
 const READ_ROUNDS_MAX: usize = 3;
+/// How often a writer settles its finished writes on the replicas' activity logs by default.
+const SETTLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between attempts to commit a PG change while Raft has no leader.
 const PG_CHANGE_RETRY: Duration = Duration::from_millis(200);
 
@@ -41,11 +43,17 @@ const _: () = assert!(IO_WAIT_MAX.as_millis() > 2 * REPLICA_TIMEOUT_DEFAULT.as_m
 pub struct EngineConfig {
     pub replica_timeout: Duration,
     pub io_wait: Duration,
+    /// How often a writer settles its finished writes on the replicas' activity logs.
+    pub settle_interval: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { replica_timeout: REPLICA_TIMEOUT_DEFAULT, io_wait: IO_WAIT_MAX }
+        EngineConfig {
+            replica_timeout: REPLICA_TIMEOUT_DEFAULT,
+            io_wait: IO_WAIT_MAX,
+            settle_interval: SETTLE_INTERVAL,
+        }
     }
 }
 
@@ -117,6 +125,8 @@ impl Engine {
             epoch,
             gate: Mutex::new(Gate::default()),
             slots: Semaphore::new(WRITES_IN_FLIGHT_MAX),
+            stopped: Default::default(),
+            last_settle: Mutex::new(Instant::now()),
         }
     }
 
@@ -229,11 +239,14 @@ impl Engine {
         let disks: std::collections::BTreeSet<model::DiskId> = pool.pgs.iter().flat_map(|pg| pg.acting()).collect();
         let mut done = Reconciled::default();
         let mut asked = Vec::new();
+        let mut unasked = Vec::new();
         let mut ranges: std::collections::BTreeMap<ExtentIndex, Vec<Range<u32>>> = Default::default();
         for disk in disks {
             let Some(replica) = replica_of(&state, disk) else { continue };
             let list = activity_request(Op::ListActive, volume, epoch, disk, PgId(0), cluster);
-            let listed = match self.send(&replica, list, Payload::None).await.and_then(accepted) {
+            // The replica may first wait to learn the new owner epoch (`EPOCH_WAIT`).
+            let timeout = self.inner.config.replica_timeout + crate::replica::EPOCH_WAIT;
+            let listed = match self.send_within(&replica, list, Payload::None, timeout).await.and_then(accepted) {
                 Ok(reply) => ActiveRange::parse_all(reply.data.as_ref().map(|d| d.as_slice()).unwrap_or_default())
                     .map_err(|source| ReplicaError::Protocol { addr: replica.data_addr.clone(), source }),
                 Err(e) => Err(e),
@@ -247,21 +260,28 @@ impl Engine {
                     asked.push(replica);
                 }
                 Err(e) => {
-                    tracing::warn!(%volume, %disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote");
+                    tracing::warn!(%volume, %disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote; taking it out");
                     done.unreachable += 1;
+                    unasked.push((disk, error_chain(&e)));
                 }
             }
+        }
+        // A replica that could not be asked may hold a write the others lack: it leaves the
+        // acting sets now, and its own record is copied over when it is resynced.
+        for (disk, reason) in unasked {
+            self.take_out_everywhere(volume, disk, reason).await?;
         }
         let writer = self.writer(volume, epoch);
         for (extent, extent_ranges) in ranges {
             for range in extent_ranges {
                 let mut at = range.start;
                 while at < range.end {
-                    let len = (range.end - at).min(RECONCILE_CHUNK_BYTES);
                     let offset = extent.0 * EXTENT_SIZE_BYTES + u64::from(at);
-                    if offset + u64::from(len) > info.size_bytes {
+                    if offset >= info.size_bytes {
                         break;
                     }
+                    // A range past a volume's end (a whole last extent) stops at the end.
+                    let len = (range.end - at).min(RECONCILE_CHUNK_BYTES).min((info.size_bytes - offset) as u32);
                     match self.read(volume, offset, u64::from(len)).await? {
                         Some(data) => writer.write(offset, Arc::new(data), 0..len as usize).await?,
                         None => writer.zero(offset, u64::from(len)).await?,
@@ -281,6 +301,66 @@ impl Engine {
         Ok(done)
     }
 
+    /// Takes `disk` out of every PG of the volume's pool where it is acting; fails if it is
+    /// the last acting replica of one (then nothing can be made consistent without it).
+    async fn take_out_everywhere(
+        &self,
+        volume: VolumeId,
+        disk: model::DiskId,
+        reason: String,
+    ) -> Result<(), VolumeError> {
+        let deadline = Instant::now() + self.inner.config.io_wait;
+        let state = self.inner.topology.state();
+        let info = state.volumes.get(&volume).cloned().ok_or(VolumeError::UnknownVolume(volume))?;
+        let Some(pool) = state.pools.get(&info.pool) else { return Err(VolumeError::UnknownVolume(volume)) };
+        for (index, pg) in pool.pgs.iter().enumerate().filter(|(_, pg)| pg.is_acting(disk)) {
+            let change = PgChange::TakeOut {
+                pool: pool.id,
+                pg: PgId(index as u32),
+                disk,
+                seen: pg.epoch,
+                reason: reason.clone(),
+            };
+            loop {
+                match self.inner.topology.change_pg(change.clone()).await {
+                    Ok(_) | Err(PgChangeError::Stale { .. }) => break,
+                    Err(PgChangeError::LastReplica) => {
+                        return Err(VolumeError::Unavailable {
+                            volume,
+                            extent: ExtentIndex(0),
+                            waited_ms: 0,
+                            problem: format!("{disk} could not be asked what the last owner wrote, and it is the last acting replica of pg-{index}: {reason}"),
+                        })
+                    }
+                    Err(PgChangeError::Unavailable { reason: why }) if Instant::now() < deadline => {
+                        tracing::debug!(%disk, %why, "taking an unasked replica out must wait for Raft");
+                        tokio::time::sleep(PG_CHANGE_RETRY).await;
+                    }
+                    Err(PgChangeError::Unavailable { reason: why }) => {
+                        return Err(VolumeError::Unavailable { volume, extent: ExtentIndex(0), waited_ms: self.inner.config.io_wait.as_millis() as u64, problem: why })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every acting replica of the volume's pool that the owner at `epoch` settled its
+    /// writes below `seq`. Best effort: an entry left unsettled costs a reconcile copy later.
+    async fn settle(&self, volume: VolumeId, epoch: OwnerEpoch, seq: u64) {
+        let state = self.inner.topology.state();
+        let Some(pool) = state.volumes.get(&volume).and_then(|v| state.pools.get(&v.pool)) else { return };
+        let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
+        let disks: std::collections::BTreeSet<model::DiskId> = pool.pgs.iter().flat_map(|pg| pg.acting()).collect();
+        for disk in disks {
+            let Some(replica) = replica_of(&state, disk) else { continue };
+            let settle = Request { seq, ..activity_request(Op::Settle, volume, epoch, disk, PgId(0), cluster) };
+            if let Err(e) = self.send(&replica, settle, Payload::None).await.and_then(accepted) {
+                tracing::debug!(%volume, %disk, error = %error_chain(&e), "settling finished writes failed");
+            }
+        }
+    }
+
     /// Sends one request to one replica and waits for its answer, at most the replica
     /// timeout. The local replica's IO runs in a task of its own, so giving up on it never
     /// cancels disk IO halfway.
@@ -290,7 +370,16 @@ impl Engine {
         request: Request,
         payload: Payload,
     ) -> Result<Reply, ReplicaError> {
-        let timeout = self.inner.config.replica_timeout;
+        self.send_within(replica, request, payload, self.inner.config.replica_timeout).await
+    }
+
+    async fn send_within(
+        &self,
+        replica: &Replica,
+        request: Request,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<Reply, ReplicaError> {
         if replica.node == self.inner.topology.this_node() {
             if let Payload::ReadInto(..) = payload {
                 // The disk reads straight into the caller's memory: a read given up on could
@@ -327,7 +416,7 @@ impl Engine {
     async fn fan_out(
         &self,
         volume: &Volume,
-        epoch: OwnerEpoch,
+        (epoch, seq): (OwnerEpoch, u64),
         op: Op,
         piece: &Piece,
         payload: Option<&Arc<dyn IoMemory>>,
@@ -337,7 +426,7 @@ impl Engine {
             let set = replicas_of(&self.inner.topology.state(), volume, piece.extent)?;
             let len = piece.buf_range.len() as u64;
             let sends = set.replicas.iter().map(|replica| {
-                let request = request(&set, replica, op, volume.id, piece, len, epoch);
+                let request = Request { seq, ..request(&set, replica, op, volume.id, piece, len, epoch) };
                 let payload = match payload {
                     Some(buf) => Payload::Write(buf.clone(), piece.buf_range.clone()),
                     None => Payload::None,
@@ -456,6 +545,7 @@ pub(crate) fn activity_request(
         pg_epoch: PgEpoch(0),
         disk,
         cluster,
+        seq: 0,
     }
 }
 
@@ -481,6 +571,7 @@ fn request(
         pg_epoch: set.pg_epoch,
         disk: replica.disk,
         cluster: set.cluster,
+        seq: 0,
     }
 }
 
@@ -523,6 +614,11 @@ pub struct VolumeWriter {
     epoch: OwnerEpoch,
     gate: Mutex<Gate>,
     slots: Semaphore,
+    /// Set once a write failed with its outcome unknown, or the writer was fenced: no write
+    /// after it could be trusted to land after it, so none is made, and nothing is settled.
+    /// The volume must be opened again (a new owner epoch reconciles it).
+    stopped: std::sync::atomic::AtomicBool,
+    last_settle: Mutex<Instant>,
 }
 
 /// Completes a write in the gate when dropped, even if the caller gave up on it.
@@ -564,24 +660,76 @@ impl VolumeWriter {
         assert!(range.end <= buf.io_len(), "write range past its buffer");
         let len = range.len() as u64;
         let volume = self.engine.volume(self.volume, offset_bytes, len)?;
-        let _admitted = self.admit(offset_bytes..offset_bytes + len).await;
+        self.check_running()?;
+        let admitted = self.admit(offset_bytes..offset_bytes + len).await;
+        let seq = admitted.id.0 + 1;
         let writes = pieces(offset_bytes, len).into_iter().map(|mut piece| {
             piece.buf_range = piece.buf_range.start + range.start..piece.buf_range.end + range.start;
             let (engine, volume, buf) = (&self.engine, &volume, &buf);
-            async move { engine.fan_out(volume, self.epoch, Op::Write, &piece, Some(buf)).await }
+            async move { engine.fan_out(volume, (self.epoch, seq), Op::Write, &piece, Some(buf)).await }
         });
-        futures_util::future::join_all(writes).await.into_iter().collect()
+        let result = futures_util::future::join_all(writes).await.into_iter().collect();
+        self.finish(admitted, result)
     }
 
     /// Makes a range read as zeros on every replica (discard and write-zeroes).
     pub async fn zero(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeError> {
         let volume = self.engine.volume(self.volume, offset_bytes, len_bytes)?;
-        let _admitted = self.admit(offset_bytes..offset_bytes + len_bytes).await;
+        self.check_running()?;
+        let admitted = self.admit(offset_bytes..offset_bytes + len_bytes).await;
+        let seq = admitted.id.0 + 1;
         let zeros = pieces(offset_bytes, len_bytes).into_iter().map(|piece| {
             let (engine, volume) = (&self.engine, &volume);
-            async move { engine.fan_out(volume, self.epoch, Op::Zero, &piece, None).await }
+            async move { engine.fan_out(volume, (self.epoch, seq), Op::Zero, &piece, None).await }
         });
-        futures_util::future::join_all(zeros).await.into_iter().collect()
+        let result = futures_util::future::join_all(zeros).await.into_iter().collect();
+        self.finish(admitted, result)
+    }
+
+    /// Whether this writer stopped (see `stopped`): its owner must open the volume again.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn check_running(&self) -> Result<(), VolumeError> {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(VolumeError::WriterStopped { volume: self.volume });
+        }
+        Ok(())
+    }
+
+    /// Ends a write: a failure whose outcome is unknown (or a newer owner) stops this writer
+    /// before the write's range is freed; a success now and then settles what is done.
+    fn finish(&self, admitted: Admitted<'_>, result: Result<(), VolumeError>) -> Result<(), VolumeError> {
+        if let Err(e) = &result {
+            if matches!(e.kind(), VolumeErrorKind::Unavailable | VolumeErrorKind::Fenced) {
+                self.stopped.store(true, std::sync::atomic::Ordering::Release);
+                tracing::warn!(volume = %self.volume, error = %e, "volume writer stopped: the volume must be opened again");
+            }
+        }
+        drop(admitted);
+        if result.is_ok() {
+            self.maybe_settle();
+        }
+        result
+    }
+
+    /// At most every `SETTLE_INTERVAL`: tells the replicas that every write of this writer
+    /// older than the oldest still in flight is settled.
+    fn maybe_settle(&self) {
+        {
+            let mut last = self.last_settle.lock().expect("settle lock");
+            if last.elapsed() < self.engine.inner.config.settle_interval {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let below = {
+            let gate = self.gate.lock().expect("gate lock");
+            gate.queue.oldest().unwrap_or(gate.queue.next_id()).0 + 1
+        };
+        let (engine, volume, epoch) = (self.engine.clone(), self.volume, self.epoch);
+        tokio::spawn(async move { engine.settle(volume, epoch, below).await });
     }
 
     async fn admit(&self, range: Range<u64>) -> Admitted<'_> {

@@ -51,6 +51,10 @@ pub enum VolumeError {
         "IO to {extent} of {volume} gave up after {waited_ms} ms: {problem}; check `converge cluster status` for nodes and disks that are down"
     )]
     Unavailable { volume: VolumeId, extent: ExtentIndex, waited_ms: u64, problem: String },
+    #[error(
+        "Writes to {volume} stopped after a write whose outcome is unknown: open the volume again (restart the VM) so its replicas are made identical"
+    )]
+    WriterStopped { volume: VolumeId },
     #[error("No replica of {extent} of {volume} could be read; last error from {disk} ({node})")]
     NoReplicaReadable {
         volume: VolumeId,
@@ -77,9 +81,10 @@ impl VolumeError {
         match self {
             VolumeError::UnknownVolume(_) | VolumeError::OutOfRange { .. } => VolumeErrorKind::Invalid,
             VolumeError::Fenced { .. } => VolumeErrorKind::Fenced,
-            VolumeError::Replica { .. } | VolumeError::NoReplicaReadable { .. } | VolumeError::Unavailable { .. } => {
-                VolumeErrorKind::Unavailable
-            }
+            VolumeError::Replica { .. }
+            | VolumeError::NoReplicaReadable { .. }
+            | VolumeError::Unavailable { .. }
+            | VolumeError::WriterStopped { .. } => VolumeErrorKind::Unavailable,
         }
     }
 }

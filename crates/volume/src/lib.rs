@@ -20,7 +20,7 @@ mod topology;
 pub mod verdict;
 pub mod wire;
 
-pub use active::{ActiveError, ActiveLog, ACTIVE_IDLE};
+pub use active::{ActiveError, ActiveLog};
 pub use dirty::{DirtyError, DirtyExtent, DirtyLog};
 pub use engine::{
     Engine, EngineConfig, Reconciled, VolumeWriter, IO_WAIT_MAX, REPLICA_TIMEOUT_DEFAULT, WRITES_IN_FLIGHT_MAX,

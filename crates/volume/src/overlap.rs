@@ -57,6 +57,16 @@ impl OverlapQueue {
         started
     }
 
+    /// The oldest write still in flight or waiting.
+    pub fn oldest(&self) -> Option<WriteId> {
+        self.in_flight.iter().chain(self.waiting.iter()).map(|(id, _)| *id).min()
+    }
+
+    /// The id the next write will get.
+    pub fn next_id(&self) -> WriteId {
+        WriteId(self.next)
+    }
+
     pub fn check_invariants(&self) {
         for (i, (_, a)) in self.in_flight.iter().enumerate() {
             for (_, b) in &self.in_flight[i + 1..] {

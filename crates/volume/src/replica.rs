@@ -126,7 +126,7 @@ impl ReplicaService {
     /// the reply.
     pub async fn handle(&self, request: Request, payload: Payload) -> Reply {
         let local = self.disks.contains(request.disk);
-        if matches!(request.op, Op::ListActive | Op::ForgetActive) {
+        if matches!(request.op, Op::ListActive | Op::ForgetActive | Op::Settle) {
             return self.activity(&request, local).await;
         }
         let (state, pool, record_dirty) = match self.decide(&request, local, Gates::default()).await {
@@ -149,7 +149,8 @@ impl ReplicaService {
             }
         }
         if !request.resync {
-            let recorded = self.active.record(request.volume, request.extent, range, request.owner_epoch).await;
+            let recorded =
+                self.active.record(request.volume, request.extent, range, request.owner_epoch, request.seq).await;
             if let Err(e) = recorded {
                 return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
             }
@@ -178,10 +179,15 @@ impl ReplicaService {
         let all = request.volume == ALL_VOLUMES;
         let result = match (request.op, all) {
             (Op::ListActive, true) => {
-                // For a resync source: what older owners wrote here, of volumes whose owner
-                // has moved on since (the current owner's writes are in the dirty records).
-                let state = self.topology.state();
-                Ok(self.active.list(|volume, epoch| state.volumes.get(&volume).is_some_and(|v| v.owner_epoch > epoch)))
+                // For a resync source: everything on record in the request's PG, whatever
+                // owner wrote it (copying more from the source than needed is harmless).
+                let in_pg = self.in_pg(request);
+                Ok(self
+                    .active
+                    .list(|volume, _| volume != ALL_VOLUMES)
+                    .into_iter()
+                    .filter(|r| in_pg(r.volume, r.extent))
+                    .collect())
             }
             (Op::ListActive, false) => {
                 // Fence the older owners first: once the gate is raised, none of their writes
@@ -196,22 +202,23 @@ impl ReplicaService {
             }
             (Op::ForgetActive, false) => {
                 let (volume, below) = (request.volume, request.owner_epoch);
-                self.active.forget(|v, _, epoch| v == volume && epoch < below).await.map(|_| Vec::new())
+                self.active.forget(|v, _, epoch, _| v == volume && epoch < below).await.map(|_| Vec::new())
             }
             (Op::ForgetActive, true) => {
-                // Entries of the request's PG whose volume has moved on to a newer owner, or
-                // is gone: the resync that just finished copied them.
-                let state = self.topology.state();
-                let (pg, disk) = (request.pg, request.disk);
-                let moved_on = |volume: VolumeId, extent, epoch: OwnerEpoch| {
-                    let Some(v) = state.volumes.get(&volume) else { return volume < state.next_volume_id };
-                    let in_pg = state.pools.get(&v.pool).is_some_and(|p| {
-                        let (this_pg, placement) = p.pg_for(volume, extent);
-                        this_pg == pg && placement.disks.contains(&disk)
-                    });
-                    in_pg && v.owner_epoch > epoch
-                };
-                self.active.forget(moved_on).await.map(|_| Vec::new())
+                // The resync source copied everything on record in the PG to this replica,
+                // which takes no owner write there until it is back in.
+                let in_pg = self.in_pg(request);
+                self.active.forget(|v, e, _, _| in_pg(v, e)).await.map(|_| Vec::new())
+            }
+            (Op::Settle, _) => {
+                let current = self.topology.state().volumes.get(&request.volume).map(|v| v.owner_epoch);
+                if current != Some(request.owner_epoch) {
+                    return Reply::refuse(
+                        Status::StaleOwnerEpoch,
+                        format!("{} is not the owner's epoch", request.owner_epoch),
+                    );
+                }
+                self.active.settle(request.volume, request.owner_epoch, request.seq).await.map(|_| Vec::new())
             }
             _ => unreachable!("only activity ops come here"),
         };
@@ -223,6 +230,19 @@ impl ReplicaService {
                 Reply::ok(data)
             }
             Err(e) => Reply::refuse(Status::DeviceError, error_chain(&e)),
+        }
+    }
+
+    /// Whether an extent of a volume lies in the request's PG, on the request's disk.
+    fn in_pg(&self, request: &Request) -> impl Fn(VolumeId, model::ExtentIndex) -> bool {
+        let state = self.topology.state();
+        let (pg, disk) = (request.pg, request.disk);
+        move |volume, extent| {
+            let Some(v) = state.volumes.get(&volume) else { return false };
+            state.pools.get(&v.pool).is_some_and(|p| {
+                let (this_pg, placement) = p.pg_for(volume, extent);
+                this_pg == pg && placement.disks.contains(&disk)
+            })
         }
     }
 
@@ -322,17 +342,9 @@ impl ReplicaService {
                 }),
             },
             Op::Zero => disk.zero(volume, extent, offset, len).await.map(|()| Reply::ok(None)),
-            Op::ListActive | Op::ForgetActive => unreachable!("activity ops are served before IO"),
+            Op::ListActive | Op::ForgetActive | Op::Settle => unreachable!("activity ops are served before IO"),
         };
         result.unwrap_or_else(store_refusal)
-    }
-
-    /// Drops the activity of current owners that has been idle long enough.
-    pub async fn prune_activity(&self, state: &ClusterState) {
-        let owner = |volume| state.volumes.get(&volume).map(|v| v.owner_epoch);
-        if let Err(e) = self.active.prune(owner).await {
-            tracing::warn!(error = %error_chain(&e), "pruning the activity log failed");
-        }
     }
 
     /// Forgets the recorded changes of every PG that is whole again in `state`.

@@ -81,7 +81,6 @@ pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
         }
         let state = topology.state();
         engine.replica().forget_clean_pgs(&state).await;
-        engine.replica().prune_activity(&state).await;
         for (pool, pg, target) in resyncs_due(&engine, &state) {
             if !running.lock().expect("running lock").insert((pool, pg)) {
                 continue;
@@ -143,7 +142,7 @@ async fn resync(
     let mut copied: HashMap<(VolumeId, ExtentIndex), u64> = HashMap::new();
     // What the returning replica itself wrote last for owners that have since moved on: it
     // may hold a write the others never got (its owner died with it in flight).
-    let own = target_activity(engine, &target, pool, pg).await?;
+    let (own, owners_then) = target_activity(engine, &target, pool, pg).await?;
     let mut bytes = copy(engine, stats, (source, &target), pg, seen, &own, &mut HashMap::new()).await?;
     for _ in 0..LIVE_PASSES_MAX {
         let todo = changed_since(engine, pool, pg, &copied);
@@ -155,11 +154,22 @@ async fn resync(
         return Err(ResyncError::Busy { left });
     }
     let frozen = engine.replica().freeze_pg(pool, pg).await;
-    if epoch_now() != Some((seen, true, source)) {
+    // A volume that changed owners since the target's record was read may have entries the
+    // copy left out (they were the current owner's then): look again later.
+    if epoch_now() != Some((seen, true, source)) || owner_epochs(&topology.state(), pool) != owners_then {
         return Err(ResyncError::Moved);
     }
     let todo = changed_since(engine, pool, pg, &copied);
     bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
+    // Everything the target had on record in this PG was copied over it from here; it takes
+    // no owner write in the PG until it is back in, so its record can go now.
+    let cluster = topology.state().cluster.as_ref().map(|c| c.id).unwrap_or_default();
+    let forget = activity_request(Op::ForgetActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
+    match engine.send(&target, forget, Payload::None).await {
+        Ok(reply) if reply.status == Status::Ok => {}
+        Ok(reply) => return Err(ResyncError::BringIn { disk: target.disk, reason: reply.message }),
+        Err(e) => return Err(ResyncError::BringIn { disk: target.disk, reason: e.to_string() }),
+    }
     let change = PgChange::BringIn { pool, pg, disk: target.disk, seen };
     if let Err(e) = topology.change_pg(change).await {
         // "Not committed" may mean "not known yet": stay frozen until this node's state
@@ -174,22 +184,25 @@ async fn resync(
     }
     drop(frozen);
     stats.replicas_brought_in.fetch_add(1, Ordering::Relaxed);
-    let cluster = topology.state().cluster.as_ref().map(|c| c.id).unwrap_or_default();
-    let forget = activity_request(Op::ForgetActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
-    if let Err(e) = engine.send(&target, forget, Payload::None).await {
-        tracing::debug!(%pg, disk = %target.disk, error = %e, "forgetting a resynced replica's activity failed");
-    }
     Ok(bytes)
 }
 
-/// The ranges the returning replica wrote for volumes of this PG, by its own record.
+/// The owner epoch of every volume of a pool.
+fn owner_epochs(state: &model::ClusterState, pool: PoolId) -> BTreeMap<VolumeId, OwnerEpoch> {
+    state.volumes.values().filter(|v| v.pool == pool).map(|v| (v.id, v.owner_epoch)).collect()
+}
+
+/// The ranges the returning replica has on record in this PG from owners that have moved
+/// on since (by this node's state; the current owners' writes are in the dirty records),
+/// and the owner epochs they were judged by.
 async fn target_activity(
     engine: &Engine,
     target: &Replica,
     pool: PoolId,
     pg: PgId,
-) -> Result<Vec<DirtyExtent>, ResyncError> {
+) -> Result<(Vec<DirtyExtent>, BTreeMap<VolumeId, OwnerEpoch>), ResyncError> {
     let state = engine.replica().topology().state();
+    let owners = owner_epochs(&state, pool);
     let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
     let list = activity_request(Op::ListActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
     let asked = |reason: String| ResyncError::Copy {
@@ -211,7 +224,8 @@ async fn target_activity(
             .get(&range.volume)
             .and_then(|v| state.pools.get(&v.pool))
             .is_some_and(|p| p.id == pool && p.pg_for(range.volume, range.extent).0 == pg);
-        if !in_pg {
+        let moved_on = owners.get(&range.volume).is_some_and(|current| *current > range.owner_epoch);
+        if !in_pg || !moved_on {
             continue;
         }
         let entry = extents.entry((range.volume, range.extent)).or_insert_with(|| DirtyExtent {
@@ -222,7 +236,7 @@ async fn target_activity(
         });
         crate::dirty::add_range(&mut entry.ranges, range.offset_bytes..range.offset_bytes + range.len_bytes);
     }
-    Ok(extents.into_values().collect())
+    Ok((extents.into_values().collect(), owners))
 }
 
 /// The recorded changes of a PG not yet copied at their current generation.
@@ -279,6 +293,7 @@ async fn copy(
                     pg_epoch: seen,
                     disk: target.disk,
                     cluster,
+                    seq: 0,
                 };
                 let payload = match data {
                     Some(buf) => Payload::Write(Arc::new(buf) as Arc<dyn IoMemory>, 0..len as usize),

@@ -3,9 +3,9 @@
 //! carry the request id and may come in any order.
 //!
 //! ```text
-//! request  (88 B): magic "CVQ2" | op u8 | flags u8 | pad 2 | id u64 | volume u64 | extent u64
+//! request  (96 B): magic "CVQ2" | op u8 | flags u8 | pad 2 | id u64 | volume u64 | extent u64
 //!                  | offset u32 | len u32 | owner_epoch u64 | pg_epoch u64 | pg u32 | pad 4
-//!                  | target disk u64 | cluster u128
+//!                  | target disk u64 | cluster u128 | seq u64
 //! response (40 B): magic "CVA2" | status u8 | pad 3 | id u64 | owner_epoch u64 | pg_epoch u64
 //!                  | payload_len u32 | pad 4
 //! ```
@@ -18,7 +18,7 @@ use model::{
     ClusterId, DiskId, ExtentIndex, OwnerEpoch, PgEpoch, PgId, VolumeId, EXTENT_SIZE_BYTES, SECTOR_SIZE_BYTES,
 };
 
-pub const REQUEST_HEADER_BYTES: usize = 88;
+pub const REQUEST_HEADER_BYTES: usize = 96;
 pub const RESPONSE_HEADER_BYTES: usize = 40;
 const REQUEST_MAGIC: [u8; 4] = *b"CVQ2";
 const RESPONSE_MAGIC: [u8; 4] = *b"CVA2";
@@ -43,26 +43,32 @@ pub enum Op {
     /// replica). No range in the header (offset and length 0).
     ListActive,
     /// Forgets the ranges the volume's owners older than the request's owner epoch wrote:
-    /// the new owner has made every replica of them identical. With `ALL_VOLUMES`, those of
-    /// every volume whose owner epoch has moved past them, in the request's PG.
+    /// the new owner has made every replica of them identical. With `ALL_VOLUMES`, every
+    /// range on record in the request's PG (a resync source, once it copied them).
     ForgetActive,
+    /// The owner (its epoch in the request) says every write of its own with a sequence
+    /// number below the request's `seq` is settled (acknowledged by every acting replica):
+    /// their ranges need no reconciling any more.
+    Settle,
 }
 
 /// `volume` of a `ListActive` or `ForgetActive` that is about every volume.
 pub const ALL_VOLUMES: VolumeId = VolumeId(u64::MAX);
 
-/// One entry of a `ListActive` reply (16 bytes: volume-relative extent u64, offset u32,
-/// len u32).
+/// One entry of a `ListActive` reply: a range an owner wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActiveRange {
     pub volume: VolumeId,
     pub extent: ExtentIndex,
     pub offset_bytes: u32,
     pub len_bytes: u32,
+    /// The newest owner that wrote it.
+    pub owner_epoch: OwnerEpoch,
 }
 
-/// Bytes of one `ActiveRange` on the wire: volume u64, extent u64, offset u32, len u32.
-pub const ACTIVE_RANGE_BYTES: usize = 24;
+/// Bytes of one `ActiveRange` on the wire: volume u64, extent u64, offset u32, len u32,
+/// owner epoch u64.
+pub const ACTIVE_RANGE_BYTES: usize = 32;
 
 impl ActiveRange {
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -70,6 +76,7 @@ impl ActiveRange {
         out.extend_from_slice(&self.extent.0.to_le_bytes());
         out.extend_from_slice(&self.offset_bytes.to_le_bytes());
         out.extend_from_slice(&self.len_bytes.to_le_bytes());
+        out.extend_from_slice(&self.owner_epoch.0.to_le_bytes());
     }
 
     /// Parses a `ListActive` reply; every range must be sector-aligned within one extent.
@@ -85,6 +92,7 @@ impl ActiveRange {
                     extent: ExtentIndex(u64_at(b, 8)),
                     offset_bytes: u32_at(b, 16),
                     len_bytes: u32_at(b, 20),
+                    owner_epoch: OwnerEpoch(u64_at(b, 24)),
                 };
                 check_range(range.offset_bytes, range.len_bytes)?;
                 Ok(range)
@@ -122,6 +130,9 @@ pub struct Request {
     /// The disk the request is for.
     pub disk: DiskId,
     pub cluster: ClusterId,
+    /// A write's sequence number within its owner's writes (the same for every piece and
+    /// every resend of one write); the settle point of a `Settle`; 0 otherwise.
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -149,7 +160,7 @@ impl Request {
     pub fn payload_bytes(&self) -> usize {
         match self.op {
             Op::Write => self.len_bytes as usize,
-            Op::Read | Op::Zero | Op::ListActive | Op::ForgetActive => 0,
+            Op::Read | Op::Zero | Op::ListActive | Op::ForgetActive | Op::Settle => 0,
         }
     }
 
@@ -158,7 +169,7 @@ impl Request {
     pub fn reply_bytes(&self) -> Option<u32> {
         match self.op {
             Op::Read => Some(self.len_bytes),
-            Op::Write | Op::Zero | Op::ForgetActive => Some(0),
+            Op::Write | Op::Zero | Op::ForgetActive | Op::Settle => Some(0),
             Op::ListActive => None,
         }
     }
@@ -177,6 +188,7 @@ impl Request {
             Op::Zero => 3,
             Op::ListActive => 4,
             Op::ForgetActive => 5,
+            Op::Settle => 6,
         };
         out[5] = if self.resync { FLAG_RESYNC } else { 0 };
         out[8..16].copy_from_slice(&self.id.to_le_bytes());
@@ -189,6 +201,7 @@ impl Request {
         out[56..60].copy_from_slice(&self.pg.0.to_le_bytes());
         out[64..72].copy_from_slice(&self.disk.0.to_le_bytes());
         out[72..88].copy_from_slice(&self.cluster.0.to_le_bytes());
+        out[88..96].copy_from_slice(&self.seq.to_le_bytes());
         out
     }
 
@@ -203,6 +216,7 @@ impl Request {
             3 => Op::Zero,
             4 => Op::ListActive,
             5 => Op::ForgetActive,
+            6 => Op::Settle,
             other => return Err(WireError::UnknownOp(other)),
         };
         let resync = match bytes[5] {
@@ -213,8 +227,8 @@ impl Request {
         let offset = u32_at(bytes, 32);
         let len = u32_at(bytes, 36);
         match op {
-            Op::ListActive | Op::ForgetActive if offset == 0 && len == 0 => {}
-            Op::ListActive | Op::ForgetActive => return Err(WireError::BadRange { offset, len }),
+            Op::ListActive | Op::ForgetActive | Op::Settle if offset == 0 && len == 0 => {}
+            Op::ListActive | Op::ForgetActive | Op::Settle => return Err(WireError::BadRange { offset, len }),
             Op::Write | Op::Read | Op::Zero => check_range(offset, len)?,
         }
         Ok(Request {
@@ -230,6 +244,7 @@ impl Request {
             pg: PgId(u32_at(bytes, 56)),
             disk: DiskId(u64_at(bytes, 64)),
             cluster: ClusterId(u128::from_le_bytes(bytes[72..88].try_into().expect("16 bytes"))),
+            seq: u64_at(bytes, 88),
         })
     }
 }
@@ -382,6 +397,7 @@ mod tests {
             resync: false,
             disk: DiskId(20),
             cluster: ClusterId(u128::MAX - 5),
+            seq: 41,
         }
     }
 

@@ -85,7 +85,8 @@ impl TestNode {
         let server = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = server.block_on_listener(&addr);
         server.spawn(volume::serve(listener, replica.clone()));
-        let config = EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(10) };
+        let config =
+            EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(10), ..Default::default() };
         TestNode { engine: Engine::new(replica, topology, config), disks, server: Some(server) }
     }
 
@@ -210,7 +211,8 @@ async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_w
     let mut a = TestNode::start(NODE_A, &state, dir.path(), true).await;
     let mut b = TestNode::start(NODE_B, &state, dir.path(), true).await;
     let topology = StateTopology::new(NODE_A, state.clone());
-    let config = EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(2) };
+    let config =
+        EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(2), ..Default::default() };
     // A writer on a third node, C, so that both replicas are remote and both can die.
     let c_state = {
         let mut s = (**state.borrow()).clone();
@@ -241,6 +243,11 @@ async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_w
     assert!(message.contains("cluster status"), "the error says where to look: {message}");
     let (_, placement) = pg_of_offset(&state.borrow(), 0);
     assert_eq!(placement.acting().count(), 1, "the last acting replica is never taken out");
+    let after = writer.write(EXTENT_SIZE_BYTES, pattern(3, 4096), 0..4096).await;
+    assert!(
+        matches!(after, Err(VolumeError::WriterStopped { .. })),
+        "no write after one of unknown outcome: {after:?}"
+    );
 }
 
 async fn raw_request(stream: &mut TcpStream, request: Request) -> Option<(ResponseHeader, Vec<u8>)> {
@@ -267,6 +274,7 @@ fn read_request(disk: DiskId, cluster: ClusterId, pg: PgId) -> Request {
         pg_epoch: PgEpoch(1),
         disk,
         cluster,
+        seq: 0,
     }
 }
 
@@ -477,4 +485,30 @@ async fn an_owner_that_died_with_its_local_replica_gets_that_replica_made_identi
     assert!(differs_before_resync, "A came back holding the write B never got");
     assert_eq!(a.stored(0, 8192).await, b.stored(0, 8192).await, "A holds B's version after resync");
     assert_eq!(a.stored(65536, 4096).await.unwrap(), pattern(3, 4096).as_slice(), "and what B wrote meanwhile");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_owner_settles_its_finished_writes_so_a_new_owner_has_nothing_to_reconcile() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17820))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let b = TestNode::start(NODE_B, &state, dir.path(), true).await;
+    let topology: Arc<dyn Topology> = Arc::new(StateTopology::new(NODE_A, state.clone()));
+    let config = EngineConfig { settle_interval: Duration::ZERO, ..Default::default() };
+    let settling = Engine::new(a.engine.replica().clone(), topology, config);
+    let writer = settling.writer(VOLUME, OwnerEpoch(1));
+    writer.write(0, pattern(1, 8192), 0..8192).await.unwrap();
+    writer.write(EXTENT_SIZE_BYTES, pattern(2, 4096), 0..4096).await.unwrap();
+
+    let on_record = |node: &TestNode| node.engine.replica().active().list(|v, _| v == VOLUME).len();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (on_record(&a) > 0 || on_record(&b) > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert_eq!((on_record(&a), on_record(&b)), (0, 0), "every finished write was settled on both replicas");
+    let topology = StateTopology::new(NODE_B, state.clone());
+    topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
+    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.unwrap();
+    assert_eq!(reconciled.ranges, 0);
 }
