@@ -90,20 +90,16 @@ impl Host for NodeHost {
                 let engine = self.services.engine().clone();
                 // The last owner may have died with writes in flight: its replicas agree
                 // before the guest reads anything.
+                let writer = Arc::new(engine.writer(volume, epoch));
                 let reconciled = engine
-                    .reconcile(volume, epoch)
+                    .reconcile(&writer)
                     .await
                     .map_err(|e| HostError::new(format!("reconciling {} after its last owner", info.name), e))?;
                 if reconciled.ranges > 0 {
                     tracing::info!(volume = %info.name, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
                 }
-                let target = DiskTarget {
-                    volume,
-                    size_bytes: info.size_bytes,
-                    writer: Arc::new(engine.writer(volume, epoch)),
-                    engine,
-                    serial: info.name.clone(),
-                };
+                let target =
+                    DiskTarget { volume, size_bytes: info.size_bytes, writer, engine, serial: info.name.clone() };
                 let socket = dir.join(format!("disk{index}.sock"));
                 let server = DiskServer::start(&socket, target, self.runtime.clone())
                     .map_err(|e| HostError::new(format!("serving {} to VM {}", info.name, vm.spec.name), e))?;

@@ -98,11 +98,11 @@ impl NodeServices {
             return Ok(writer.clone());
         }
         let epoch = self.inner.cluster.acquire_idle_volume(volume).await?;
-        let reconciled = self.inner.engine.reconcile(volume, epoch).await?;
+        let writer = Arc::new(self.inner.engine.writer(volume, epoch));
+        let reconciled = self.inner.engine.reconcile(&writer).await?;
         if reconciled.ranges > 0 {
             tracing::info!(%volume, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
         }
-        let writer = Arc::new(self.inner.engine.writer(volume, epoch));
         writers.insert(volume, writer.clone());
         Ok(writer)
     }
@@ -224,8 +224,8 @@ impl NodeServices {
     {
         let volume = self.inner.cluster.volume(name)?;
         let owner_epoch = self.inner.cluster.acquire_idle_volume(volume.id).await?;
-        self.inner.engine.reconcile(volume.id, owner_epoch).await?;
         let writer = self.inner.engine.writer(volume.id, owner_epoch);
+        self.inner.engine.reconcile(&writer).await?;
         let mut in_flight = FuturesUnordered::new();
         let mut chunk = AlignedBuf::zeroed(TRANSFER_CHUNK_BYTES);
         let mut filled = 0usize;

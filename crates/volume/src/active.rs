@@ -12,7 +12,7 @@
 
 use crate::dirty::{add_range, whole_extent};
 use crate::wire::{ActiveRange, ACTIVE_RANGE_BYTES, PAYLOAD_MAX_BYTES};
-use model::{ExtentIndex, OwnerEpoch, VolumeId};
+use model::{DiskId, ExtentIndex, OwnerEpoch, VolumeId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 /// Most ranges one `ListActive` reply carries; past it, extents are listed whole.
 const LISTED_RANGES_MAX: usize = PAYLOAD_MAX_BYTES as usize / ACTIVE_RANGE_BYTES;
 
-/// (volume, extent) → owner epoch of every extent written recently.
-const ACTIVE: TableDefinition<(u64, u64), u64> = TableDefinition::new("active_extents");
+/// (disk, volume, extent) → owner epoch of every extent written recently.
+const ACTIVE: TableDefinition<(u64, u64, u64), u64> = TableDefinition::new("active_extents_by_disk");
 
 #[derive(Debug, thiserror::Error)]
 #[error("Recording active extents in {path}")]
@@ -36,15 +36,18 @@ pub struct ActiveError {
 struct Active {
     owner_epoch: OwnerEpoch,
     ranges: Vec<Range<u32>>,
-    /// The newest write sequence number recorded; `u64::MAX` for entries found on disk at
-    /// start, which no settle removes.
+    /// The newest write sequence number recorded; `u64::MAX` for entries no settle may
+    /// remove: found on disk at start, or written by an older owner before this one.
     newest_seq: u64,
 }
+
+/// Which entry: the disk it is about, the volume and the extent.
+pub type ActiveKey = (DiskId, VolumeId, ExtentIndex);
 
 pub struct ActiveLog {
     path: PathBuf,
     db: Arc<Database>,
-    extents: Mutex<BTreeMap<(VolumeId, ExtentIndex), Active>>,
+    extents: Mutex<BTreeMap<ActiveKey, Active>>,
     /// Serialises changes (memory and disk together), so a forget never removes an entry a
     /// write is adding to at the same time.
     changes: tokio::sync::Mutex<()>,
@@ -62,10 +65,10 @@ impl ActiveLog {
             Ok(table) => {
                 for entry in table.iter().map_err(|e| error(e.into()))? {
                     let (key, epoch) = entry.map_err(|e| error(e.into()))?;
-                    let (volume, extent) = key.value();
+                    let (disk, volume, extent) = key.value();
                     let active =
                         Active { owner_epoch: OwnerEpoch(epoch.value()), ranges: whole_extent(), newest_seq: u64::MAX };
-                    extents.insert((VolumeId(volume), ExtentIndex(extent)), active);
+                    extents.insert((DiskId(disk), VolumeId(volume), ExtentIndex(extent)), active);
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -80,12 +83,11 @@ impl ActiveLog {
         })
     }
 
-    /// Records that the owner at `epoch` wrote `range` of the extent with write `seq`;
-    /// returns once the extent is on record durably.
+    /// Records that the owner at `epoch` wrote `range` of the extent on `key.0` with write
+    /// `seq`; returns once the extent is on record durably.
     pub async fn record(
         &self,
-        volume: VolumeId,
-        extent: ExtentIndex,
+        key: ActiveKey,
         range: Range<u32>,
         epoch: OwnerEpoch,
         seq: u64,
@@ -93,7 +95,7 @@ impl ActiveLog {
         let _change = self.changes.lock().await;
         let known = {
             let mut extents = self.extents.lock().expect("active lock");
-            match extents.get_mut(&(volume, extent)).filter(|a| a.owner_epoch >= epoch) {
+            match extents.get_mut(&key).filter(|a| a.owner_epoch == epoch) {
                 Some(active) => {
                     add_range(&mut active.ranges, range.clone());
                     active.newest_seq = active.newest_seq.max(seq);
@@ -105,27 +107,38 @@ impl ActiveLog {
         if known {
             return Ok(());
         }
-        self.write(move |table| table.insert((volume.0, extent.0), epoch.0).map(drop)).await?;
+        let (disk, volume, extent) = key;
+        self.write(move |table| table.insert((disk.0, volume.0, extent.0), epoch.0).map(drop)).await?;
         let mut extents = self.extents.lock().expect("active lock");
-        let active = extents.entry((volume, extent)).or_insert(Active {
-            owner_epoch: epoch,
-            ranges: Vec::new(),
-            newest_seq: seq,
-        });
-        // An older owner's entry stays: its ranges are still to be dealt with.
-        active.owner_epoch = active.owner_epoch.max(epoch);
-        active.newest_seq = active.newest_seq.max(seq);
-        add_range(&mut active.ranges, range);
+        match extents.get_mut(&key) {
+            // An older owner's entry relabelled for this one: only a reconcile or a resync
+            // may remove it, since its older ranges are still to be dealt with.
+            Some(older) => {
+                older.owner_epoch = older.owner_epoch.max(epoch);
+                older.newest_seq = u64::MAX;
+                add_range(&mut older.ranges, range);
+            }
+            None => {
+                let mut ranges = Vec::new();
+                add_range(&mut ranges, range);
+                extents.insert(key, Active { owner_epoch: epoch, ranges, newest_seq: seq });
+            }
+        }
         Ok(())
     }
 
-    /// The ranges on record of the entries `pick` chooses (by volume and owner epoch).
-    pub fn list(&self, pick: impl Fn(VolumeId, OwnerEpoch) -> bool) -> Vec<ActiveRange> {
+    /// The ranges on record of the entries `pick` chooses (by key and owner epoch), at most
+    /// what one reply carries; past it, extents are listed whole.
+    pub fn list(&self, pick: impl Fn(ActiveKey, OwnerEpoch) -> bool) -> Vec<ActiveRange> {
         let extents = self.extents.lock().expect("active lock");
-        let chosen = extents.iter().filter(|((v, _), a)| pick(*v, a.owner_epoch));
-        let mut listed: Vec<ActiveRange> = chosen
-            .flat_map(|((volume, extent), a)| {
-                a.ranges.iter().map(|r| ActiveRange {
+        let chosen: Vec<(&ActiveKey, &Active)> = extents.iter().filter(|(k, a)| pick(**k, a.owner_epoch)).collect();
+        let ranges: usize = chosen.iter().map(|(_, a)| a.ranges.len()).sum();
+        let whole = ranges > LISTED_RANGES_MAX;
+        chosen
+            .into_iter()
+            .flat_map(|((_, volume, extent), a)| {
+                let ranges = if whole { whole_extent() } else { a.ranges.clone() };
+                ranges.into_iter().map(move |r| ActiveRange {
                     volume: *volume,
                     extent: *extent,
                     offset_bytes: r.start,
@@ -133,31 +146,20 @@ impl ActiveLog {
                     owner_epoch: a.owner_epoch,
                 })
             })
-            .collect();
-        if listed.len() > LISTED_RANGES_MAX {
-            listed.dedup_by_key(|r| (r.volume, r.extent));
-            for range in &mut listed {
-                (range.offset_bytes, range.len_bytes) = (0, model::EXTENT_SIZE_BYTES as u32);
-            }
-            listed.truncate(LISTED_RANGES_MAX);
-        }
-        listed
+            .collect()
     }
 
-    /// Forgets the entries `forget` picks (by volume, extent, owner epoch and newest write).
-    pub async fn forget(
-        &self,
-        forget: impl Fn(VolumeId, ExtentIndex, OwnerEpoch, u64) -> bool,
-    ) -> Result<usize, ActiveError> {
+    /// Forgets the entries `forget` picks (by key, owner epoch and newest write).
+    pub async fn forget(&self, forget: impl Fn(ActiveKey, OwnerEpoch, u64) -> bool) -> Result<usize, ActiveError> {
         let _change = self.changes.lock().await;
-        let gone: Vec<(VolumeId, ExtentIndex)> = {
+        let gone: Vec<ActiveKey> = {
             let extents = self.extents.lock().expect("active lock");
-            extents.iter().filter(|((v, e), a)| forget(*v, *e, a.owner_epoch, a.newest_seq)).map(|(k, _)| *k).collect()
+            extents.iter().filter(|(k, a)| forget(**k, a.owner_epoch, a.newest_seq)).map(|(k, _)| *k).collect()
         };
         if gone.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<(u64, u64)> = gone.iter().map(|(v, e)| (v.0, e.0)).collect();
+        let keys: Vec<(u64, u64, u64)> = gone.iter().map(|(d, v, e)| (d.0, v.0, e.0)).collect();
         self.write(move |table| {
             for key in &keys {
                 table.remove(*key)?;
@@ -172,14 +174,20 @@ impl ActiveLog {
         Ok(gone.len())
     }
 
-    /// The owner at `epoch` settled every write of its own below `seq`.
-    pub async fn settle(&self, volume: VolumeId, epoch: OwnerEpoch, seq: u64) -> Result<usize, ActiveError> {
-        self.forget(|v, _, e, newest| v == volume && e == epoch && newest < seq).await
+    /// The owner at `epoch` settled every write of its own below `seq` on `disk`.
+    pub async fn settle(
+        &self,
+        disk: DiskId,
+        volume: VolumeId,
+        epoch: OwnerEpoch,
+        seq: u64,
+    ) -> Result<usize, ActiveError> {
+        self.forget(|(d, v, _), e, newest| d == disk && v == volume && e == epoch && newest < seq).await
     }
 
     async fn write(
         &self,
-        change: impl FnOnce(&mut redb::Table<(u64, u64), u64>) -> Result<(), redb::StorageError> + Send + 'static,
+        change: impl FnOnce(&mut redb::Table<(u64, u64, u64), u64>) -> Result<(), redb::StorageError> + Send + 'static,
     ) -> Result<(), ActiveError> {
         let db = self.db.clone();
         let done = tokio::task::spawn_blocking(move || -> Result<(), Boxed> {

@@ -231,7 +231,11 @@ impl Engine {
     /// writes in flight may have left one on some replicas and not on others. Each replica
     /// first fences the older owners, then lists their recent ranges; one version of each
     /// (read from the first replica that serves it) is written to all.
-    pub async fn reconcile(&self, volume: VolumeId, epoch: OwnerEpoch) -> Result<Reconciled, VolumeError> {
+    ///
+    /// It writes through `writer`, the one the new owner then serves IO with, so all its
+    /// writes share one sequence (settling one never covers another's).
+    pub async fn reconcile(&self, writer: &VolumeWriter) -> Result<Reconciled, VolumeError> {
+        let (volume, epoch) = (writer.volume(), writer.epoch());
         let state = self.inner.topology.state();
         let info = state.volumes.get(&volume).cloned().ok_or(VolumeError::UnknownVolume(volume))?;
         let pool = state.pools.get(&info.pool).ok_or(VolumeError::UnknownVolume(volume))?;
@@ -271,7 +275,6 @@ impl Engine {
         for (disk, reason) in unasked {
             self.take_out_everywhere(volume, disk, reason).await?;
         }
-        let writer = self.writer(volume, epoch);
         for (extent, extent_ranges) in ranges {
             for range in extent_ranges {
                 let mut at = range.start;
@@ -310,39 +313,62 @@ impl Engine {
         reason: String,
     ) -> Result<(), VolumeError> {
         let deadline = Instant::now() + self.inner.config.io_wait;
-        let state = self.inner.topology.state();
-        let info = state.volumes.get(&volume).cloned().ok_or(VolumeError::UnknownVolume(volume))?;
-        let Some(pool) = state.pools.get(&info.pool) else { return Err(VolumeError::UnknownVolume(volume)) };
-        for (index, pg) in pool.pgs.iter().enumerate().filter(|(_, pg)| pg.is_acting(disk)) {
-            let change = PgChange::TakeOut {
-                pool: pool.id,
-                pg: PgId(index as u32),
-                disk,
-                seen: pg.epoch,
-                reason: reason.clone(),
+        let unavailable =
+            |waited_ms, problem| VolumeError::Unavailable { volume, extent: ExtentIndex(0), waited_ms, problem };
+        // Until no PG of the pool has it acting: a PG that moved on meanwhile is looked at again.
+        loop {
+            let state = self.inner.topology.state();
+            let pool = state
+                .volumes
+                .get(&volume)
+                .and_then(|v| state.pools.get(&v.pool))
+                .ok_or(VolumeError::UnknownVolume(volume))?;
+            let Some((index, pg)) = pool.pgs.iter().enumerate().find(|(_, pg)| pg.is_acting(disk)) else {
+                return Ok(());
             };
-            loop {
-                match self.inner.topology.change_pg(change.clone()).await {
-                    Ok(_) | Err(PgChangeError::Stale { .. }) => break,
-                    Err(PgChangeError::LastReplica) => {
-                        return Err(VolumeError::Unavailable {
-                            volume,
-                            extent: ExtentIndex(0),
-                            waited_ms: 0,
-                            problem: format!("{disk} could not be asked what the last owner wrote, and it is the last acting replica of pg-{index}: {reason}"),
-                        })
-                    }
-                    Err(PgChangeError::Unavailable { reason: why }) if Instant::now() < deadline => {
-                        tracing::debug!(%disk, %why, "taking an unasked replica out must wait for Raft");
-                        tokio::time::sleep(PG_CHANGE_RETRY).await;
-                    }
-                    Err(PgChangeError::Unavailable { reason: why }) => {
-                        return Err(VolumeError::Unavailable { volume, extent: ExtentIndex(0), waited_ms: self.inner.config.io_wait.as_millis() as u64, problem: why })
-                    }
+            let (pg_id, seen) = (PgId(index as u32), pg.epoch);
+            let change = PgChange::TakeOut { pool: pool.id, pg: pg_id, disk, seen, reason: reason.clone() };
+            match self.inner.topology.change_pg(change).await {
+                Ok(_) => {}
+                Err(PgChangeError::Stale { .. }) => {
+                    // This node's state may be behind the commit that moved the PG on.
+                    self.wait_for_epoch(volume, pg_id, seen, deadline).await;
+                }
+                Err(PgChangeError::LastReplica) => {
+                    let problem = format!(
+                        "{disk} could not be asked what the last owner wrote, and it is the last acting replica of {pg_id}: {reason}"
+                    );
+                    return Err(unavailable(0, problem));
+                }
+                Err(PgChangeError::Unavailable { reason: why }) if Instant::now() < deadline => {
+                    tracing::debug!(%disk, %why, "taking an unasked replica out must wait for Raft");
+                    tokio::time::sleep(PG_CHANGE_RETRY).await;
+                }
+                Err(PgChangeError::Unavailable { reason: why }) => {
+                    return Err(unavailable(self.inner.config.io_wait.as_millis() as u64, why));
                 }
             }
+            if Instant::now() >= deadline {
+                return Err(unavailable(
+                    self.inner.config.io_wait.as_millis() as u64,
+                    format!("taking {disk} out: {reason}"),
+                ));
+            }
         }
-        Ok(())
+    }
+
+    /// Waits (until `deadline`) for this node's state to show `pg` of the volume's pool past
+    /// `seen`.
+    async fn wait_for_epoch(&self, volume: VolumeId, pg: PgId, seen: PgEpoch, deadline: Instant) {
+        let mut watch = self.inner.topology.watch();
+        let moved = |s: &model::ClusterState| {
+            s.volumes
+                .get(&volume)
+                .and_then(|v| s.pools.get(&v.pool))
+                .and_then(|p| p.pgs.get(pg.0 as usize))
+                .is_none_or(|p| p.epoch > seen)
+        };
+        let _ = tokio::time::timeout_at(deadline, watch.wait_for(|s| moved(s))).await;
     }
 
     /// Tells every acting replica of the volume's pool that the owner at `epoch` settled its
@@ -625,10 +651,18 @@ pub struct VolumeWriter {
 struct Admitted<'a> {
     writer: &'a VolumeWriter,
     id: WriteId,
+    /// Its requests went out; a write dropped between this and `finish` (its caller gave
+    /// up) may still land anywhere, so it stops the writer like an unknown outcome does.
+    sent: bool,
+    finished: bool,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
+        if self.sent && !self.finished {
+            self.writer.stopped.store(true, std::sync::atomic::Ordering::Release);
+            tracing::warn!(volume = %self.writer.volume, "a write was given up by its caller: volume writer stopped");
+        }
         let mut gate = self.writer.gate.lock().expect("gate lock");
         for started in gate.queue.complete(self.id) {
             if let Some(wake) = gate.waiting.remove(&started) {
@@ -661,7 +695,10 @@ impl VolumeWriter {
         let len = range.len() as u64;
         let volume = self.engine.volume(self.volume, offset_bytes, len)?;
         self.check_running()?;
-        let admitted = self.admit(offset_bytes..offset_bytes + len).await;
+        let mut admitted = self.admit(offset_bytes..offset_bytes + len).await;
+        // Checked again: the writer may have stopped while this write waited its turn.
+        self.check_running()?;
+        admitted.sent = true;
         let seq = admitted.id.0 + 1;
         let writes = pieces(offset_bytes, len).into_iter().map(|mut piece| {
             piece.buf_range = piece.buf_range.start + range.start..piece.buf_range.end + range.start;
@@ -676,7 +713,9 @@ impl VolumeWriter {
     pub async fn zero(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeError> {
         let volume = self.engine.volume(self.volume, offset_bytes, len_bytes)?;
         self.check_running()?;
-        let admitted = self.admit(offset_bytes..offset_bytes + len_bytes).await;
+        let mut admitted = self.admit(offset_bytes..offset_bytes + len_bytes).await;
+        self.check_running()?;
+        admitted.sent = true;
         let seq = admitted.id.0 + 1;
         let zeros = pieces(offset_bytes, len_bytes).into_iter().map(|piece| {
             let (engine, volume) = (&self.engine, &volume);
@@ -700,7 +739,8 @@ impl VolumeWriter {
 
     /// Ends a write: a failure whose outcome is unknown (or a newer owner) stops this writer
     /// before the write's range is freed; a success now and then settles what is done.
-    fn finish(&self, admitted: Admitted<'_>, result: Result<(), VolumeError>) -> Result<(), VolumeError> {
+    fn finish(&self, mut admitted: Admitted<'_>, result: Result<(), VolumeError>) -> Result<(), VolumeError> {
+        admitted.finished = true;
         if let Err(e) = &result {
             if matches!(e.kind(), VolumeErrorKind::Unavailable | VolumeErrorKind::Fenced) {
                 self.stopped.store(true, std::sync::atomic::Ordering::Release);
@@ -726,6 +766,11 @@ impl VolumeWriter {
         }
         let below = {
             let gate = self.gate.lock().expect("gate lock");
+            // Under the gate lock: a write that stops the writer does so before its range
+            // leaves the queue, so a settle never covers a write of unknown outcome.
+            if self.is_stopped() {
+                return;
+            }
             gate.queue.oldest().unwrap_or(gate.queue.next_id()).0 + 1
         };
         let (engine, volume, epoch) = (self.engine.clone(), self.volume, self.epoch);
@@ -745,7 +790,7 @@ impl VolumeWriter {
             });
             (id, wait)
         };
-        let admitted = Admitted { writer: self, id };
+        let admitted = Admitted { writer: self, id, sent: false, finished: false };
         if let Some(wait) = wait {
             let _ = wait.await;
         }

@@ -8,7 +8,7 @@
 //! or an old acting set sent lands after something sent for a newer one (DESIGN invariants
 //! 3 and 5), even when a request outlives its sender's timeout.
 
-use crate::active::ActiveLog;
+use crate::active::{ActiveKey, ActiveLog};
 use crate::admission::{admit, Admission, Gates, Refusal};
 use crate::dirty::DirtyLog;
 use crate::topology::Topology;
@@ -149,8 +149,8 @@ impl ReplicaService {
             }
         }
         if !request.resync {
-            let recorded =
-                self.active.record(request.volume, request.extent, range, request.owner_epoch, request.seq).await;
+            let key = (request.disk, request.volume, request.extent);
+            let recorded = self.active.record(key, range, request.owner_epoch, request.seq).await;
             if let Err(e) = recorded {
                 return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
             }
@@ -177,17 +177,13 @@ impl ReplicaService {
             return Reply::refuse(Status::WrongTarget, message);
         }
         let all = request.volume == ALL_VOLUMES;
+        let disk = request.disk;
         let result = match (request.op, all) {
             (Op::ListActive, true) => {
-                // For a resync source: everything on record in the request's PG, whatever
-                // owner wrote it (copying more from the source than needed is harmless).
+                // For a resync source: everything on record for this disk in the request's
+                // PG, with the owner epoch that wrote it; the source picks what to copy.
                 let in_pg = self.in_pg(request);
-                Ok(self
-                    .active
-                    .list(|volume, _| volume != ALL_VOLUMES)
-                    .into_iter()
-                    .filter(|r| in_pg(r.volume, r.extent))
-                    .collect())
+                Ok(self.active.list(|(d, v, e), _| d == disk && in_pg(v, e)))
             }
             (Op::ListActive, false) => {
                 // Fence the older owners first: once the gate is raised, none of their writes
@@ -198,17 +194,27 @@ impl ReplicaService {
                 let gate = self.owner_gates.lock().expect("gates lock").entry(request.volume).or_default().clone();
                 let _held = raise_and_hold(gate, request.owner_epoch).await;
                 let (volume, below) = (request.volume, request.owner_epoch);
-                Ok(self.active.list(|v, epoch| v == volume && epoch < below))
+                Ok(self.active.list(|(d, v, _), epoch| d == disk && v == volume && epoch < below))
+            }
+            (Op::ForgetActive, false) if request.resync => {
+                // A resync source copied the entries of `volume` older than the epoch in
+                // this PG to this replica.
+                let in_pg = self.in_pg(request);
+                let (volume, below) = (request.volume, request.owner_epoch);
+                let picked = |(d, v, e): ActiveKey, epoch: OwnerEpoch, _| {
+                    d == disk && v == volume && epoch < below && in_pg(v, e)
+                };
+                self.active.forget(picked).await.map(|_| Vec::new())
             }
             (Op::ForgetActive, false) => {
                 let (volume, below) = (request.volume, request.owner_epoch);
-                self.active.forget(|v, _, epoch, _| v == volume && epoch < below).await.map(|_| Vec::new())
+                self.active
+                    .forget(|(d, v, _), epoch, _| d == disk && v == volume && epoch < below)
+                    .await
+                    .map(|_| Vec::new())
             }
             (Op::ForgetActive, true) => {
-                // The resync source copied everything on record in the PG to this replica,
-                // which takes no owner write there until it is back in.
-                let in_pg = self.in_pg(request);
-                self.active.forget(|v, e, _, _| in_pg(v, e)).await.map(|_| Vec::new())
+                return Reply::refuse(Status::Invalid, "forgetting every volume's activity is not a request".into())
             }
             (Op::Settle, _) => {
                 let current = self.topology.state().volumes.get(&request.volume).map(|v| v.owner_epoch);
@@ -218,7 +224,7 @@ impl ReplicaService {
                         format!("{} is not the owner's epoch", request.owner_epoch),
                     );
                 }
-                self.active.settle(request.volume, request.owner_epoch, request.seq).await.map(|_| Vec::new())
+                self.active.settle(disk, request.volume, request.owner_epoch, request.seq).await.map(|_| Vec::new())
             }
             _ => unreachable!("only activity ops come here"),
         };

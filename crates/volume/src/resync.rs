@@ -161,14 +161,16 @@ async fn resync(
     }
     let todo = changed_since(engine, pool, pg, &copied);
     bytes += copy(engine, stats, (source, &target), pg, seen, &todo, &mut copied).await?;
-    // Everything the target had on record in this PG was copied over it from here; it takes
-    // no owner write in the PG until it is back in, so its record can go now.
+    // What was copied over the target's own record (older owners' entries) can go from it.
     let cluster = topology.state().cluster.as_ref().map(|c| c.id).unwrap_or_default();
-    let forget = activity_request(Op::ForgetActive, ALL_VOLUMES, OwnerEpoch(0), target.disk, pg, cluster);
-    match engine.send(&target, forget, Payload::None).await {
-        Ok(reply) if reply.status == Status::Ok => {}
-        Ok(reply) => return Err(ResyncError::BringIn { disk: target.disk, reason: reply.message }),
-        Err(e) => return Err(ResyncError::BringIn { disk: target.disk, reason: e.to_string() }),
+    for (volume, epoch) in owners_then.iter().filter(|(v, _)| own.iter().any(|d| d.volume == **v)) {
+        let forget =
+            Request { resync: true, ..activity_request(Op::ForgetActive, *volume, *epoch, target.disk, pg, cluster) };
+        match engine.send(&target, forget, Payload::None).await {
+            Ok(reply) if reply.status == Status::Ok => {}
+            Ok(reply) => return Err(ResyncError::BringIn { disk: target.disk, reason: reply.message }),
+            Err(e) => return Err(ResyncError::BringIn { disk: target.disk, reason: e.to_string() }),
+        }
     }
     let change = PgChange::BringIn { pool, pg, disk: target.disk, seen };
     if let Err(e) = topology.change_pg(change).await {

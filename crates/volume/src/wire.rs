@@ -42,9 +42,9 @@ pub enum Op {
     /// `ALL_VOLUMES`, every range on record on the disk (a resync source asks a returning
     /// replica). No range in the header (offset and length 0).
     ListActive,
-    /// Forgets the ranges the volume's owners older than the request's owner epoch wrote:
-    /// the new owner has made every replica of them identical. With `ALL_VOLUMES`, every
-    /// range on record in the request's PG (a resync source, once it copied them).
+    /// Forgets the ranges the volume's owners older than the request's owner epoch wrote on
+    /// the disk: the new owner has made every replica of them identical. With the resync
+    /// flag, only those in the request's PG (a resync source copied them).
     ForgetActive,
     /// The owner (its epoch in the request) says every write of its own with a sequence
     /// number below the request's `seq` is settled (acknowledged by every acting replica):
@@ -221,7 +221,7 @@ impl Request {
         };
         let resync = match bytes[5] {
             0 => false,
-            FLAG_RESYNC if matches!(op, Op::Write | Op::Zero) => true,
+            FLAG_RESYNC if matches!(op, Op::Write | Op::Zero | Op::ForgetActive) => true,
             flags => return Err(WireError::BadFlags(flags, bytes[4])),
         };
         let offset = u32_at(bytes, 32);

@@ -429,8 +429,9 @@ async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_i
 
     let topology = StateTopology::new(NODE_B, state.clone());
     topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
-    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile");
-    let again = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile again");
+    let new_owner = b.engine.writer(VOLUME, OwnerEpoch(2));
+    let reconciled = b.engine.reconcile(&new_owner).await.expect("reconcile");
+    let again = b.engine.reconcile(&new_owner).await.expect("reconcile again");
 
     assert_eq!(a.stored(0, 8192).await, b.stored(0, 8192).await, "one version on both replicas");
     assert_eq!((reconciled.ranges, reconciled.bytes, reconciled.unreachable), (1, 8192, 0));
@@ -468,8 +469,9 @@ async fn an_owner_that_died_with_its_local_replica_gets_that_replica_made_identi
 
     let topology = StateTopology::new(NODE_B, state.clone());
     topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
-    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.expect("reconcile with A gone");
-    b.engine.writer(VOLUME, OwnerEpoch(2)).write(65536, pattern(3, 4096), 0..4096).await.expect("B writes on");
+    let new_owner = b.engine.writer(VOLUME, OwnerEpoch(2));
+    let reconciled = b.engine.reconcile(&new_owner).await.expect("reconcile with A gone");
+    new_owner.write(65536, pattern(3, 4096), 0..4096).await.expect("B writes on");
     drop(a);
     let a = TestNode::start(NODE_A, &state, dir.path(), false).await;
     let differs_before_resync = a.stored(0, 4096).await != b.stored(0, 4096).await;
@@ -500,7 +502,7 @@ async fn a_live_owner_settles_its_finished_writes_so_a_new_owner_has_nothing_to_
     writer.write(0, pattern(1, 8192), 0..8192).await.unwrap();
     writer.write(EXTENT_SIZE_BYTES, pattern(2, 4096), 0..4096).await.unwrap();
 
-    let on_record = |node: &TestNode| node.engine.replica().active().list(|v, _| v == VOLUME).len();
+    let on_record = |node: &TestNode| node.engine.replica().active().list(|(_, v, _), _| v == VOLUME).len();
     let deadline = Instant::now() + Duration::from_secs(5);
     while (on_record(&a) > 0 || on_record(&b) > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -509,6 +511,30 @@ async fn a_live_owner_settles_its_finished_writes_so_a_new_owner_has_nothing_to_
     assert_eq!((on_record(&a), on_record(&b)), (0, 0), "every finished write was settled on both replicas");
     let topology = StateTopology::new(NODE_B, state.clone());
     topology.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NODE_B, unless_vm_running: false }).unwrap();
-    let reconciled = b.engine.reconcile(VOLUME, OwnerEpoch(2)).await.unwrap();
+    let reconciled = b.engine.reconcile(&b.engine.writer(VOLUME, OwnerEpoch(2))).await.unwrap();
     assert_eq!(reconciled.ranges, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_by_its_caller_after_it_was_sent_stops_the_writer() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17821))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    // B accepts and never answers, so the write is still out there when its caller leaves.
+    let stalled = TcpListener::bind(&state.borrow().nodes[&NODE_B].data_addr).await.unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            held.push(stalled.accept().await.unwrap().0);
+        }
+    });
+    let writer = a.engine.writer(VOLUME, OwnerEpoch(1));
+
+    let gave_up = tokio::time::timeout(REPLICA_TIMEOUT / 5, writer.write(0, pattern(1, 4096), 0..4096)).await;
+    let next = writer.write(0, pattern(2, 4096), 0..4096).await;
+
+    assert!(gave_up.is_err(), "the caller gave up first");
+    assert!(matches!(next, Err(VolumeError::WriterStopped { .. })), "{next:?}");
+    assert!(writer.is_stopped());
+    hold.abort();
 }
