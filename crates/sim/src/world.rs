@@ -63,7 +63,8 @@ struct DiskState {
     last_write: BTreeMap<Block, (OwnerEpoch, Version)>,
     newest_owner_applied: OwnerEpoch,
     dirty: BTreeSet<(PgId, Block)>,
-    active: BTreeMap<Block, OwnerEpoch>,
+    /// The activity log: owner epoch and newest write sequence (`u64::MAX`: not settleable).
+    active: BTreeMap<Block, (OwnerEpoch, u64)>,
     failing: bool,
     slow: bool,
 }
@@ -91,8 +92,25 @@ struct PendingIo {
 
 #[derive(Clone, Debug)]
 enum Body {
-    Write { request: Request, version: Version, write: u64, attempt: u64, first_seen: Option<u64> },
-    Reply { write: u64, attempt: u64, disk: DiskId, answer: Answer },
+    Write {
+        request: Request,
+        version: Version,
+        write: u64,
+        attempt: u64,
+        first_seen: Option<u64>,
+    },
+    Reply {
+        write: u64,
+        attempt: u64,
+        disk: DiskId,
+        answer: Answer,
+    },
+    /// The owner settled its writes below `seq` on `disk`.
+    Settle {
+        disk: DiskId,
+        epoch: OwnerEpoch,
+        seq: u64,
+    },
 }
 
 struct Message {
@@ -278,7 +296,7 @@ impl World {
         let stale_active: usize = self
             .disks
             .iter()
-            .map(|d| d.active.values().filter(|e| **e < self.truth.volumes[&VOLUME].owner_epoch).count())
+            .map(|d| d.active.values().filter(|(e, _)| *e < self.truth.volumes[&VOLUME].owner_epoch).count())
             .sum();
         Err(self.violation(format!(
             "the cluster did not settle after every fault healed: writer {writer:?}, messages {}, out {degraded:?}, stale views {views}, old activity {stale_active}",
@@ -402,6 +420,18 @@ impl World {
             }
             match message.body {
                 Body::Write { .. } => self.replica_receives(message)?,
+                Body::Settle { disk, epoch, seq } => {
+                    let current = self
+                        .nodes
+                        .iter()
+                        .find(|n| n.id == message.to)
+                        .and_then(|n| n.view.volumes.get(&VOLUME))
+                        .map(|v| v.owner_epoch);
+                    if current == Some(epoch) {
+                        trace!(self, "{disk} settles {epoch} below {seq}");
+                        self.disk(disk).active.retain(|_, (e, newest)| !(*e == epoch && *newest < seq));
+                    }
+                }
                 Body::Reply { write, attempt, disk, answer } => {
                     self.writer_receives(message.to, write, attempt, disk, answer)
                 }
@@ -465,8 +495,13 @@ impl World {
                     if record_dirty {
                         disk.dirty.insert((request.pg, block));
                     }
-                    let active = disk.active.entry(block).or_default();
-                    *active = (*active).max(request.owner_epoch);
+                    let entry = disk.active.entry(block).or_insert((request.owner_epoch, request.seq));
+                    *entry = match entry.0.cmp(&request.owner_epoch) {
+                        std::cmp::Ordering::Equal => (entry.0, entry.1.max(request.seq)),
+                        // An older owner's entry relabelled: only reconcile or resync remove it.
+                        std::cmp::Ordering::Less => (request.owner_epoch, u64::MAX),
+                        std::cmp::Ordering::Greater => *entry,
+                    };
                     if disk.slow {
                         let at = self.now + REPLICA_TIMEOUT / 2 + self.rng.below(REPLICA_TIMEOUT * 2);
                         let from = message.from;
@@ -560,6 +595,23 @@ impl World {
         for id in ids {
             self.advance_write(writer_node, id);
         }
+        self.settle(writer_node);
+    }
+
+    /// Now and then the live owner settles its writes older than the oldest in flight on
+    /// every acting disk (a stopped writer settles nothing).
+    fn settle(&mut self, node: NodeId) {
+        let writer = self.writer.as_ref().expect("a writer");
+        if writer.stopped || !self.rng.chance(5) {
+            return;
+        }
+        let below = writer.writes.keys().next().copied().unwrap_or(self.next_write);
+        let epoch = writer.epoch;
+        let acting: BTreeSet<DiskId> = self.truth.pools[&PoolId(0)].pgs.iter().flat_map(|pg| pg.acting()).collect();
+        for disk in acting {
+            let to = self.disks.iter().find(|d| d.id == disk).unwrap().node;
+            self.send(node, to, Body::Settle { disk, epoch, seq: below });
+        }
     }
 
     /// Sends write `id` to the acting set in the owner's view.
@@ -593,7 +645,7 @@ impl World {
                 pg_epoch: set.pg_epoch,
                 disk: replica.disk,
                 cluster: set.cluster,
-                seq: 0,
+                seq: id,
             };
             let body = Body::Write { request, version, write: id, attempt, first_seen: None };
             self.send(node, replica.node, body);
@@ -706,13 +758,18 @@ impl World {
             .copied()
             .filter(|d| self.reachable(node, self.disks.iter().find(|x| x.id == *d).unwrap().node))
             .collect();
+        // Each reachable disk is asked, per PG where it is acting, for what older owners wrote.
+        let in_acting_pg =
+            |pool: &model::Pool, disk: DiskId, block: &Block| pool.pg_for(VOLUME, block.0).1.is_acting(disk);
         let mut blocks = BTreeSet::new();
         for disk in &reachable {
             let owner = self.disks.iter().find(|d| d.id == *disk).unwrap().node;
             let n = self.node(owner);
             n.owner_gate = n.owner_gate.max(epoch);
-            let d = self.disk(*disk);
-            blocks.extend(d.active.iter().filter(|(_, e)| **e < epoch).map(|(b, _)| *b));
+            let d = self.disks.iter().find(|d| d.id == *disk).unwrap();
+            blocks.extend(
+                d.active.iter().filter(|(b, (e, _))| *e < epoch && in_acting_pg(&pool, *disk, b)).map(|(b, _)| *b),
+            );
         }
         for block in blocks {
             let (pg, placement) = pool.pg_for(VOLUME, block.0);
@@ -739,7 +796,8 @@ impl World {
             }
         }
         for disk in &reachable {
-            self.disk(*disk).active.retain(|_, e| *e >= epoch);
+            let d = self.disks.iter_mut().find(|d| d.id == *disk).unwrap();
+            d.active.retain(|b, (e, _)| *e >= epoch || !in_acting_pg(&pool, *disk, b));
         }
         // Replicas that could not be asked are taken out: they may differ.
         for (index, pg) in pool.pgs.iter().enumerate() {
@@ -792,10 +850,13 @@ impl World {
             blocks.extend(
                 own.active
                     .iter()
-                    .filter(|(b, e)| **e < owner_epoch && pool.pg_for(VOLUME, b.0).0 == pg_id)
+                    .filter(|(b, (e, _))| *e < owner_epoch && pool.pg_for(VOLUME, b.0).0 == pg_id)
                     .map(|(b, _)| *b),
             );
             trace!(self, "resync {pg_id} from {source} to {target}: {blocks:?}");
+            // While another replica is still out, the target records the copies too (it may be
+            // the PG's resync source later), as admission says.
+            let others_out = pg.out.len() > 1;
             for block in blocks {
                 let version = self.disks.iter().find(|d| d.id == source).unwrap().blocks.get(&block).copied();
                 let d = self.disk(target);
@@ -803,12 +864,15 @@ impl World {
                     Some(v) => d.blocks.insert(block, v),
                     None => d.blocks.remove(&block),
                 };
+                if others_out {
+                    d.dirty.insert((pg_id, block));
+                }
             }
             let command = ClusterCommand::BringReplicaIn { pool: PoolId(0), pg: pg_id, disk: target, seen: pg.epoch };
             if let Some(Ok(_)) = self.propose(source_node, command) {
                 self.report.resyncs += 1;
                 let d = self.disk(target);
-                d.active.retain(|b, e| *e >= owner_epoch || pool.pg_for(VOLUME, b.0).0 != pg_id);
+                d.active.retain(|b, (e, _)| *e >= owner_epoch || pool.pg_for(VOLUME, b.0).0 != pg_id);
                 if !self.truth.pools[&PoolId(0)].pgs[index].is_degraded() {
                     for disk in &mut self.disks {
                         disk.dirty.retain(|(p, _)| *p != pg_id);

@@ -240,14 +240,24 @@ impl Engine {
         let info = state.volumes.get(&volume).cloned().ok_or(VolumeError::UnknownVolume(volume))?;
         let pool = state.pools.get(&info.pool).ok_or(VolumeError::UnknownVolume(volume))?;
         let cluster = state.cluster.as_ref().map(|c| c.id).unwrap_or_default();
-        let disks: std::collections::BTreeSet<model::DiskId> = pool.pgs.iter().flat_map(|pg| pg.acting()).collect();
+        // Asked per PG: a replica's record of a PG it is out of stays for its resync, since
+        // what is copied here reaches only the PG's acting replicas.
+        let asks: Vec<(PgId, model::DiskId)> = pool
+            .pgs
+            .iter()
+            .enumerate()
+            .flat_map(|(index, pg)| pg.acting().map(move |disk| (PgId(index as u32), disk)))
+            .collect();
         let mut done = Reconciled::default();
         let mut asked = Vec::new();
-        let mut unasked = Vec::new();
+        let mut unasked: Vec<(model::DiskId, String)> = Vec::new();
         let mut ranges: std::collections::BTreeMap<ExtentIndex, Vec<Range<u32>>> = Default::default();
-        for disk in disks {
+        for (pg, disk) in asks {
+            if unasked.iter().any(|(d, _)| *d == disk) {
+                continue;
+            }
             let Some(replica) = replica_of(&state, disk) else { continue };
-            let list = activity_request(Op::ListActive, volume, epoch, disk, PgId(0), cluster);
+            let list = Request { resync: true, ..activity_request(Op::ListActive, volume, epoch, disk, pg, cluster) };
             // The replica may first wait to learn the new owner epoch (`EPOCH_WAIT`).
             let timeout = self.inner.config.replica_timeout + crate::replica::EPOCH_WAIT;
             let listed = match self.send_within(&replica, list, Payload::None, timeout).await.and_then(accepted) {
@@ -261,7 +271,7 @@ impl Engine {
                         let end = range.offset_bytes + range.len_bytes;
                         crate::dirty::add_range(ranges.entry(range.extent).or_default(), range.offset_bytes..end);
                     }
-                    asked.push(replica);
+                    asked.push((replica, pg));
                 }
                 Err(e) => {
                     tracing::warn!(%volume, %disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote; taking it out");
@@ -295,8 +305,11 @@ impl Engine {
                 done.ranges += 1;
             }
         }
-        for replica in asked {
-            let forget = activity_request(Op::ForgetActive, volume, epoch, replica.disk, PgId(0), cluster);
+        for (replica, pg) in asked {
+            let forget = Request {
+                resync: true,
+                ..activity_request(Op::ForgetActive, volume, epoch, replica.disk, pg, cluster)
+            };
             if let Err(e) = self.send(&replica, forget, Payload::None).await.and_then(accepted) {
                 tracing::debug!(%volume, disk = %replica.disk, error = %error_chain(&e), "forgetting reconciled ranges failed");
             }

@@ -194,7 +194,11 @@ impl ReplicaService {
                 let gate = self.owner_gates.lock().expect("gates lock").entry(request.volume).or_default().clone();
                 let _held = raise_and_hold(gate, request.owner_epoch).await;
                 let (volume, below) = (request.volume, request.owner_epoch);
-                Ok(self.active.list(|(d, v, _), epoch| d == disk && v == volume && epoch < below))
+                let in_pg = self.in_pg(request);
+                let scoped = request.resync;
+                Ok(self
+                    .active
+                    .list(|(d, v, e), epoch| d == disk && v == volume && epoch < below && (!scoped || in_pg(v, e))))
             }
             (Op::ForgetActive, false) if request.resync => {
                 // A resync source copied the entries of `volume` older than the epoch in

@@ -26,8 +26,9 @@ const RESPONSE_MAGIC: [u8; 4] = *b"CVA2";
 pub const PAYLOAD_MAX_BYTES: u32 = EXTENT_SIZE_BYTES as u32;
 /// Longest error message a response carries.
 pub const MESSAGE_MAX_BYTES: u32 = 4096;
-/// Request flag: a copy from the PG's resync source to a replica that is out of the acting
-/// set. Only such a replica takes it, and only at the PG epoch it was made for.
+/// Request flag: on a write or zero, a copy from the PG's resync source to a replica that is
+/// out of the acting set (only such a replica takes it, and only at the PG epoch it was
+/// made for); on `ListActive` and `ForgetActive`, only the request's PG.
 const FLAG_RESYNC: u8 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,7 +222,7 @@ impl Request {
         };
         let resync = match bytes[5] {
             0 => false,
-            FLAG_RESYNC if matches!(op, Op::Write | Op::Zero | Op::ForgetActive) => true,
+            FLAG_RESYNC if matches!(op, Op::Write | Op::Zero | Op::ListActive | Op::ForgetActive) => true,
             flags => return Err(WireError::BadFlags(flags, bytes[4])),
         };
         let offset = u32_at(bytes, 32);
