@@ -857,6 +857,7 @@ impl World {
             // While another replica is still out, the target records the copies too (it may be
             // the PG's resync source later), as admission says.
             let others_out = pg.out.len() > 1;
+            let current_owner = self.truth.volumes[&VOLUME].owner_epoch;
             for block in blocks {
                 let version = self.disks.iter().find(|d| d.id == source).unwrap().blocks.get(&block).copied();
                 let d = self.disk(target);
@@ -867,6 +868,9 @@ impl World {
                 if others_out {
                     d.dirty.insert((pg_id, block));
                 }
+                // The copy may carry an unacknowledged write: on record, never settled.
+                let entry = d.active.entry(block).or_insert((current_owner, u64::MAX));
+                *entry = (entry.0.max(current_owner), u64::MAX);
             }
             let command = ClusterCommand::BringReplicaIn { pool: PoolId(0), pg: pg_id, disk: target, seen: pg.epoch };
             if let Some(Ok(_)) = self.propose(source_node, command) {

@@ -148,12 +148,16 @@ impl ReplicaService {
                 return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
             }
         }
-        if !request.resync {
-            let key = (request.disk, request.volume, request.extent);
-            let recorded = self.active.record(key, range, request.owner_epoch, request.seq).await;
-            if let Err(e) = recorded {
-                return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
-            }
+        // A resync copy may carry a write its owner never saw acknowledged: it is on record
+        // here too, under the current owner and never settled, so the next owner reconciles it.
+        let (epoch, seq) = if request.resync {
+            (state.volumes.get(&request.volume).map(|v| v.owner_epoch).unwrap_or_default(), u64::MAX)
+        } else {
+            (request.owner_epoch, request.seq)
+        };
+        let key = (request.disk, request.volume, request.extent);
+        if let Err(e) = self.active.record(key, range, epoch, seq).await {
+            return Reply::refuse(Status::DeviceError, error_chain(&e)).with_epochs(&state, &request);
         }
         let reply = self.io(&request, payload).await.with_epochs(&state, &request);
         if record_dirty || record_dirty_now {
