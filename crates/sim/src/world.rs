@@ -799,16 +799,22 @@ impl World {
             let d = self.disks.iter_mut().find(|d| d.id == *disk).unwrap();
             d.active.retain(|b, (e, _)| *e >= epoch || !in_acting_pg(&pool, *disk, b));
         }
-        // Replicas that could not be asked are taken out: they may differ.
+        // Replicas that could not be asked are taken out: they may differ. If one is a PG's
+        // last acting replica, reconcile fails and no writer starts (a later owner tries again).
+        let mut failed = false;
         for (index, pg) in pool.pgs.iter().enumerate() {
             for disk in pg.acting().filter(|d| !reachable.contains(d)) {
                 let seen = self.truth.pools[&PoolId(0)].pgs[index].epoch;
                 let reason = "not reachable by the new owner".to_string();
-                self.propose(
-                    node,
-                    ClusterCommand::TakeReplicaOut { pool: PoolId(0), pg: PgId(index as u32), disk, seen, reason },
-                );
+                let command =
+                    ClusterCommand::TakeReplicaOut { pool: PoolId(0), pg: PgId(index as u32), disk, seen, reason };
+                failed |= !matches!(self.propose(node, command), Some(Ok(_)));
             }
+        }
+        if failed {
+            trace!(self, "reconcile by {node} at {epoch} failed: a replica it could not ask is needed");
+            self.writer = None;
+            return;
         }
         self.writer = Some(Writer { node, epoch, writes: BTreeMap::new(), busy: BTreeSet::new(), stopped: false });
     }
