@@ -538,3 +538,53 @@ async fn a_write_given_up_by_its_caller_after_it_was_sent_stops_the_writer() {
     assert!(writer.is_stopped());
     hold.abort();
 }
+
+/// Node A alone, with a one-replica pool on its own disk: every write goes to the local
+/// replica in-process.
+fn local_only(port: u16) -> ClusterState {
+    let mut state = cluster(port);
+    let pgs = vec![vec![disk_of(NODE_A)]; 4];
+    state.apply(&ClusterCommand::CreatePool { name: "local".into(), replicas: 1, min_size: 1, pgs }).unwrap();
+    state
+        .apply(&ClusterCommand::CreateVolume {
+            name: "near".into(),
+            pool: PoolId(1),
+            size_bytes: 8 * EXTENT_SIZE_BYTES,
+        })
+        .unwrap();
+    state
+        .apply(&ClusterCommand::AcquireVolume { volume: VolumeId(1), node: NODE_A, unless_vm_running: false })
+        .unwrap();
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_dropped_by_their_callers_mid_allocation_leave_the_disk_consistent() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(local_only(17822))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    let near = VolumeId(1);
+
+    // Each first write to an extent allocates it (zero, sync, table entry, data); its caller
+    // gives up a moment in, as an import cancelled with Ctrl-C does. Then a second write to
+    // the same extent through a fresh writer.
+    for extent in 0..8u64 {
+        let dropped = a.engine.writer(near, OwnerEpoch(1));
+        let _ = tokio::time::timeout(
+            Duration::from_micros(200 * extent),
+            dropped.write(extent * EXTENT_SIZE_BYTES, pattern(1, 4096), 0..4096),
+        )
+        .await;
+        let again = a.engine.writer(near, OwnerEpoch(1));
+        again.write(extent * EXTENT_SIZE_BYTES + 8192, pattern(2, 4096), 0..4096).await.expect("the next write");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reopened = LocalDisk::open(&dir.path().join(format!("{NODE_A}.img")), disk_of(NODE_A)).await;
+
+    let reopened = reopened.expect("the disk opens: no extent recorded in two slots");
+    for extent in 0..8u64 {
+        let data = reopened.read(near, ExtentIndex(extent), 8192, 4096).await.unwrap().expect("allocated");
+        assert_eq!(data.as_slice(), pattern(2, 4096).as_slice(), "extent {extent} holds the second write");
+    }
+    assert_eq!(reopened.extents().iter().filter(|(v, _)| *v == near).count(), 8);
+}
