@@ -241,12 +241,16 @@ fn torture<const N: usize>(ips: [u8; N], port: u16, replicas: u8, cycles: usize)
         for node in &nodes {
             anomalies.extend(runtime.block_on(check_through(&http, &node.addr, &ledger)));
         }
-        assert!(
-            anomalies.is_empty(),
-            "cycle {cycle}: {} anomalies, first: {:?}",
-            anomalies.len(),
-            &anomalies[..anomalies.len().min(5)]
-        );
+        if !anomalies.is_empty() {
+            // The nodes' logs say what happened: kept for reading.
+            let kept = dir.keep();
+            panic!(
+                "cycle {cycle}: {} anomalies, first: {:?}; node logs kept in {}",
+                anomalies.len(),
+                &anomalies[..anomalies.len().min(5)],
+                kept.display()
+            );
+        }
     }
     println!(
         "torture: nodes={N} replicas={replicas} cycles={cycles} faults={faults} writes_acknowledged={} writes_failed={} anomalies={}",

@@ -403,6 +403,25 @@ async fn a_read_whose_caller_gave_up_never_writes_into_its_memory_afterwards() {
     peer.abort();
 }
 
+/// A 4 KiB write at offset 0 of the volume, as its owner at `epoch` sends it to `node`'s disk.
+fn owner_write(state: &SharedState, node: NodeId, epoch: OwnerEpoch) -> Request {
+    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
+    let read = read_request(disk_of(node), CLUSTER, pg);
+    Request { op: Op::Write, len_bytes: 4096, owner_epoch: epoch, pg_epoch: placement.epoch, ..read }
+}
+
+/// Sends `request` with block `seed` of the pattern straight to `node`'s replica server, as
+/// an owner would; the replica's answer.
+async fn send_write(state: &SharedState, node: NodeId, request: Request, seed: u8) -> Status {
+    let addr = state.borrow().nodes[&node].data_addr.clone();
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    stream.write_all(&request.encode()).await.unwrap();
+    stream.write_all(pattern(seed, 4096).as_slice()).await.unwrap();
+    let mut header = [0u8; RESPONSE_HEADER_BYTES];
+    stream.read_exact(&mut header).await.unwrap();
+    ResponseHeader::parse(&header).unwrap().status
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_in_flight() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -411,20 +430,8 @@ async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_i
     let b = TestNode::start(NODE_B, &state, dir.path(), true).await;
     a.engine.writer(VOLUME, OwnerEpoch(1)).write(0, pattern(1, 8192), 0..8192).await.expect("acknowledged write");
     // The owner dies with its next write in flight: it reached B, and never A.
-    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
-    let in_flight = Request {
-        op: Op::Write,
-        len_bytes: 4096,
-        owner_epoch: OwnerEpoch(1),
-        pg_epoch: placement.epoch,
-        ..read_request(disk_of(NODE_B), CLUSTER, pg)
-    };
-    let mut to_b = TcpStream::connect(&state.borrow().nodes[&NODE_B].data_addr.clone()).await.unwrap();
-    to_b.write_all(&in_flight.encode()).await.unwrap();
-    to_b.write_all(pattern(2, 4096).as_slice()).await.unwrap();
-    let mut header = [0u8; RESPONSE_HEADER_BYTES];
-    to_b.read_exact(&mut header).await.unwrap();
-    assert_eq!(ResponseHeader::parse(&header).unwrap().status, Status::Ok);
+    let in_flight = owner_write(&state, NODE_B, OwnerEpoch(1));
+    assert_eq!(send_write(&state, NODE_B, in_flight, 2).await, Status::Ok);
     assert_ne!(a.stored(0, 4096).await, b.stored(0, 4096).await, "the replicas differ where the write was in flight");
 
     let topology = StateTopology::new(NODE_B, state.clone());
@@ -436,12 +443,8 @@ async fn a_new_owner_makes_replicas_identical_where_the_dead_owner_had_a_write_i
     assert_eq!(a.stored(0, 8192).await, b.stored(0, 8192).await, "one version on both replicas");
     assert_eq!((reconciled.ranges, reconciled.bytes, reconciled.unreachable), (1, 8192, 0));
     assert_eq!(again.ranges, 0, "what was reconciled is forgotten");
-    let late = Request { id: 9, disk: disk_of(NODE_A), ..in_flight };
-    let mut old_owner = TcpStream::connect(&state.borrow().nodes[&NODE_A].data_addr.clone()).await.unwrap();
-    old_owner.write_all(&late.encode()).await.unwrap();
-    old_owner.write_all(pattern(3, 4096).as_slice()).await.unwrap();
-    old_owner.read_exact(&mut header).await.unwrap();
-    assert_eq!(ResponseHeader::parse(&header).unwrap().status, Status::StaleOwnerEpoch, "the old owner is fenced");
+    let late = owner_write(&state, NODE_A, OwnerEpoch(1));
+    assert_eq!(send_write(&state, NODE_A, late, 3).await, Status::StaleOwnerEpoch, "the old owner is fenced");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,19 +455,8 @@ async fn an_owner_that_died_with_its_local_replica_gets_that_replica_made_identi
     let b = TestNode::start(NODE_B, &state, dir.path(), true).await;
     a.engine.writer(VOLUME, OwnerEpoch(1)).write(0, pattern(1, 8192), 0..8192).await.expect("acknowledged write");
     // Owner A dies with its next write in flight: it reached A's own replica, not B's.
-    let (pg, placement) = pg_of_offset(&state.borrow(), 0);
-    let in_flight = Request {
-        op: Op::Write,
-        len_bytes: 4096,
-        owner_epoch: OwnerEpoch(1),
-        pg_epoch: placement.epoch,
-        ..read_request(disk_of(NODE_A), CLUSTER, pg)
-    };
-    let mut to_a = TcpStream::connect(&state.borrow().nodes[&NODE_A].data_addr.clone()).await.unwrap();
-    to_a.write_all(&in_flight.encode()).await.unwrap();
-    to_a.write_all(pattern(2, 4096).as_slice()).await.unwrap();
-    let mut header = [0u8; RESPONSE_HEADER_BYTES];
-    to_a.read_exact(&mut header).await.unwrap();
+    let in_flight = owner_write(&state, NODE_A, OwnerEpoch(1));
+    assert_eq!(send_write(&state, NODE_A, in_flight, 2).await, Status::Ok);
     a.kill().await;
 
     let topology = StateTopology::new(NODE_B, state.clone());
