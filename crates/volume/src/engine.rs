@@ -706,35 +706,39 @@ impl VolumeWriter {
     ) -> Result<(), VolumeError> {
         assert!(range.end <= buf.io_len(), "write range past its buffer");
         let len = range.len() as u64;
-        let volume = self.engine.volume(self.volume, offset_bytes, len)?;
-        self.check_running()?;
-        let mut admitted = self.admit(offset_bytes..offset_bytes + len).await;
-        // Checked again: the writer may have stopped while this write waited its turn.
-        self.check_running()?;
-        admitted.sent = true;
-        let seq = admitted.id.0 + 1;
-        let writes = pieces(offset_bytes, len).into_iter().map(|mut piece| {
-            piece.buf_range = piece.buf_range.start + range.start..piece.buf_range.end + range.start;
-            let (engine, volume, buf) = (&self.engine, &volume, &buf);
-            async move { engine.fan_out(volume, (self.epoch, seq), Op::Write, &piece, Some(buf)).await }
-        });
-        let result = futures_util::future::join_all(writes).await.into_iter().collect();
-        self.finish(admitted, result)
+        self.change(Op::Write, offset_bytes, len, Some((&buf, range.start))).await
     }
 
     /// Makes a range read as zeros on every replica (discard and write-zeroes).
     pub async fn zero(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeError> {
+        self.change(Op::Zero, offset_bytes, len_bytes, None).await
+    }
+
+    /// One write or zero: ordered after overlapping ones, fanned out piece by piece, and
+    /// ended by `finish`. `data` is the buffer and where in it the range starts.
+    async fn change(
+        &self,
+        op: Op,
+        offset_bytes: u64,
+        len_bytes: u64,
+        data: Option<(&Arc<dyn IoMemory>, usize)>,
+    ) -> Result<(), VolumeError> {
         let volume = self.engine.volume(self.volume, offset_bytes, len_bytes)?;
         self.check_running()?;
         let mut admitted = self.admit(offset_bytes..offset_bytes + len_bytes).await;
+        // Checked again: the writer may have stopped while this write waited its turn.
         self.check_running()?;
         admitted.sent = true;
         let seq = admitted.id.0 + 1;
-        let zeros = pieces(offset_bytes, len_bytes).into_iter().map(|piece| {
+        let pieces = pieces(offset_bytes, len_bytes).into_iter().map(|mut piece| {
+            let buf = data.map(|(buf, start)| {
+                piece.buf_range = piece.buf_range.start + start..piece.buf_range.end + start;
+                buf
+            });
             let (engine, volume) = (&self.engine, &volume);
-            async move { engine.fan_out(volume, (self.epoch, seq), Op::Zero, &piece, None).await }
+            async move { engine.fan_out(volume, (self.epoch, seq), op, &piece, buf).await }
         });
-        let result = futures_util::future::join_all(zeros).await.into_iter().collect();
+        let result = futures_util::future::join_all(pieces).await.into_iter().collect();
         self.finish(admitted, result)
     }
 
