@@ -84,7 +84,8 @@ impl ClusterError {
                 | CommandError::VmNotStopped(_)
                 | CommandError::StalePgEpoch { .. }
                 | CommandError::VolumeBusy { .. }
-                | CommandError::LastReplica { .. } => Conflict,
+                | CommandError::LastReplica { .. }
+                | CommandError::ReplicaNotOut { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }
                 | CommandError::InvalidSize(_)
                 | CommandError::InvalidReplicas(_)

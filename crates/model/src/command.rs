@@ -82,6 +82,16 @@ pub enum ClusterCommand {
         disk: DiskId,
         seen: PgEpoch,
     },
+    /// Raises the epoch of a PG whose `disk` is out, acting set unchanged. A resync source
+    /// proposes it when a copy it sent to `disk` at `seen` got no answer: that copy may
+    /// still land, so nothing is copied again at `seen`, and once `disk` hears of the new
+    /// epoch the old copy is refused.
+    FenceReplicaOut {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+    },
 }
 
 /// What an applied command produced.
@@ -145,6 +155,8 @@ pub enum CommandError {
     StalePgEpoch { pool: PoolId, pg: PgId, seen: PgEpoch, current: PgEpoch },
     #[error("{disk} is the last acting replica of {pg} of pool {pool}: it holds the newest data and stays")]
     LastReplica { pool: PoolId, pg: PgId, disk: DiskId },
+    #[error("{disk} is acting in {pg} of pool {pool}: only a replica that is out is fenced")]
+    ReplicaNotOut { pool: PoolId, pg: PgId, disk: DiskId },
 }
 
 impl ClusterState {
@@ -238,6 +250,14 @@ impl ClusterState {
                 if found.out.remove(disk).is_some() {
                     found.epoch = PgEpoch(found.epoch.0 + 1);
                 }
+                Ok(CommandOutcome::PgChanged(found.epoch))
+            }
+            ClusterCommand::FenceReplicaOut { pool, pg, disk, seen } => {
+                let found = self.pg_mut(*pool, *pg, *disk, *seen)?;
+                if !found.out.contains_key(disk) {
+                    return Err(CommandError::ReplicaNotOut { pool: *pool, pg: *pg, disk: *disk });
+                }
+                found.epoch = PgEpoch(found.epoch.0 + 1);
                 Ok(CommandOutcome::PgChanged(found.epoch))
             }
             ClusterCommand::AcquireVolume { volume, node, unless_vm_running } => {
@@ -652,6 +672,37 @@ mod tests {
         let before = state.clone();
 
         assert_eq!(state.apply(&take_out(20, 2)), Ok(CommandOutcome::PgChanged(PgEpoch(2))));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn fencing_a_replica_that_is_out_raises_the_epoch_and_keeps_it_out() {
+        let mut state = two_node_cluster();
+        state.apply(&take_out(20, 1)).unwrap();
+        let fence = |seen| ClusterCommand::FenceReplicaOut { pool: PoolId(0), pg: PgId(0), disk: DiskId(20), seen };
+
+        assert_eq!(state.apply(&fence(PgEpoch(2))), Ok(CommandOutcome::PgChanged(PgEpoch(3))));
+        let pg = &state.pools[&PoolId(0)].pgs[0];
+        assert_eq!(pg.acting().collect::<Vec<_>>(), vec![DiskId(10)]);
+        assert_eq!(pg.out[&DiskId(20)].since, PgEpoch(2), "out since the take-out, not the fence");
+        let stale = CommandError::StalePgEpoch { pool: PoolId(0), pg: PgId(0), seen: PgEpoch(2), current: PgEpoch(3) };
+        assert_eq!(state.apply(&fence(PgEpoch(2))), Err(stale), "a fence made on an old view is refused");
+        state.check_invariants();
+    }
+
+    #[test]
+    fn an_acting_replica_is_not_fenced() {
+        let mut state = two_node_cluster();
+        let before = state.clone();
+
+        let refused = state.apply(&ClusterCommand::FenceReplicaOut {
+            pool: PoolId(0),
+            pg: PgId(0),
+            disk: DiskId(20),
+            seen: PgEpoch(1),
+        });
+
+        assert_eq!(refused, Err(CommandError::ReplicaNotOut { pool: PoolId(0), pg: PgId(0), disk: DiskId(20) }));
         assert_eq!(state, before);
     }
 

@@ -412,7 +412,7 @@ impl Engine {
         self.send_within(replica, request, payload, self.inner.config.replica_timeout).await
     }
 
-    async fn send_within(
+    pub(crate) async fn send_within(
         &self,
         replica: &Replica,
         request: Request,

@@ -8,10 +8,15 @@
 //! Writes held up meanwhile are refused for the old epoch, and their writer sends them to
 //! the new acting set, the returning replica included. Every copy is stamped with the PG
 //! epoch the replica was out at: once it is back in, or out again, a late copy is refused.
+//!
+//! A copy that got no answer may still land, after any later copy of the same range made
+//! at the same epoch (the replica serves requests concurrently). So nothing is copied to
+//! that replica again at that epoch: the next attempt first fences it, raising the PG
+//! epoch with the replica still out, and copies at the new one.
 
 use crate::engine::{activity_request, Engine};
 use crate::replica::Payload;
-use crate::topology::{PgChange, Replica};
+use crate::topology::{PgChange, PgChangeError, Replica, Topology};
 use crate::wire::{ActiveRange, Op, Request, Status, ALL_VOLUMES};
 use crate::DirtyExtent;
 use model::{ClusterState, DiskId, ExtentIndex, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
@@ -60,17 +65,28 @@ enum ResyncError {
     Busy { left: u64 },
     #[error("copying {extent} of {volume} to {disk}: {reason}")]
     Copy { volume: VolumeId, extent: ExtentIndex, disk: DiskId, reason: String },
+    /// A copy sent at `seen` got no answer: it may land later.
+    #[error("copying {extent} of {volume} to {disk} at {seen}: no answer: {reason}")]
+    Unanswered { volume: VolumeId, extent: ExtentIndex, disk: DiskId, seen: PgEpoch, reason: String },
+    #[error("fencing the copies sent to {disk} at {seen}: {reason}")]
+    Fence { disk: DiskId, seen: PgEpoch, reason: String },
     #[error("reading {extent} of {volume} here: {reason}")]
     Read { volume: VolumeId, extent: ExtentIndex, reason: String },
     #[error("bringing {disk} back in: {reason}")]
     BringIn { disk: DiskId, reason: String },
 }
 
+/// A resync: (pool, PG, returning disk).
+type ResyncKey = (PoolId, PgId, DiskId);
+
 /// Runs for the life of the node: resyncs the PGs this node is the source of, and forgets
 /// the recorded changes of PGs that are whole again.
 pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
     let topology = engine.replica().topology().clone();
     let running: Arc<Mutex<HashSet<(PoolId, PgId)>>> = Arc::default();
+    // (pool, PG, target) whose last attempt sent a copy that got no answer, with the PG
+    // epoch it was sent at: fenced before anything is copied to that target again.
+    let unanswered: Arc<Mutex<HashMap<ResyncKey, PgEpoch>>> = Arc::default();
     let slots = Arc::new(Semaphore::new(RESYNC_PGS_PARALLEL));
     let mut watch = topology.watch();
     let mut ticker = tokio::time::interval(RESYNC_TICK);
@@ -86,17 +102,47 @@ pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
                 continue;
             }
             let (engine, stats, running, slots) = (engine.clone(), stats.clone(), running.clone(), slots.clone());
+            let unanswered = unanswered.clone();
             tokio::spawn(async move {
                 let _slot = slots.acquire().await.expect("semaphore is never closed");
-                match resync(&engine, &stats, pool, pg, target.clone()).await {
+                let key = (pool, pg, target.disk);
+                let due = unanswered.lock().expect("unanswered lock").get(&key).copied();
+                let fenced = match due {
+                    Some(seen) => fence(engine.replica().topology().as_ref(), key, seen).await,
+                    None => Ok(()),
+                };
+                let result = match fenced {
+                    Ok(()) => {
+                        unanswered.lock().expect("unanswered lock").remove(&key);
+                        resync(&engine, &stats, pool, pg, target.clone()).await
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
                     Ok(bytes) => tracing::info!(%pool, %pg, disk = %target.disk, bytes, "replica resynced and back in"),
                     Err(e) => {
+                        if let ResyncError::Unanswered { seen, .. } = e {
+                            unanswered.lock().expect("unanswered lock").insert(key, seen);
+                        }
                         tracing::info!(%pool, %pg, disk = %target.disk, error = %e, "resync did not finish; will try again")
                     }
                 }
                 running.lock().expect("running lock").remove(&(pool, pg));
             });
         }
+    }
+}
+
+/// Raises the PG's epoch past `seen` with the target still out, so a copy sent to it at
+/// `seen` that got no answer is refused from then on. A PG already past `seen` needs none.
+async fn fence(
+    topology: &dyn Topology,
+    (pool, pg, disk): (PoolId, PgId, DiskId),
+    seen: PgEpoch,
+) -> Result<(), ResyncError> {
+    match topology.change_pg(PgChange::Fence { pool, pg, disk, seen }).await {
+        Ok(_) | Err(PgChangeError::Stale { .. }) => Ok(()),
+        Err(e) => Err(ResyncError::Fence { disk, seen, reason: e.to_string() }),
     }
 }
 
@@ -307,10 +353,22 @@ async fn copy(
                     disk: target.disk,
                     reason,
                 };
-                match engine.send(target, request, payload).await {
+                // The target may first wait to learn `seen` (EPOCH_WAIT) and answer that it
+                // could not: that is an answer. Any other failure leaves the copy's fate
+                // open (one that was never sent costs a needless fence, nothing more).
+                let timeout = engine.config().replica_timeout + crate::replica::EPOCH_WAIT;
+                match engine.send_within(target, request, payload, timeout).await {
                     Ok(reply) if reply.status == Status::Ok => {}
                     Ok(reply) => return Err(copy_error(format!("it answered {:?}: {}", reply.status, reply.message))),
-                    Err(e) => return Err(copy_error(crate::replica::error_chain(&e))),
+                    Err(e) => {
+                        return Err(ResyncError::Unanswered {
+                            volume: extent.volume,
+                            extent: extent.extent,
+                            disk: target.disk,
+                            seen,
+                            reason: crate::replica::error_chain(&e),
+                        })
+                    }
                 }
                 stats.bytes_copied.fetch_add(u64::from(len), Ordering::Relaxed);
                 bytes += u64::from(len);

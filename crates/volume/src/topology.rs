@@ -21,8 +21,27 @@ pub trait Topology: Send + Sync + 'static {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgChange {
-    TakeOut { pool: PoolId, pg: PgId, disk: DiskId, seen: PgEpoch, reason: String },
-    BringIn { pool: PoolId, pg: PgId, disk: DiskId, seen: PgEpoch },
+    TakeOut {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+        reason: String,
+    },
+    BringIn {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+    },
+    /// Raises the PG's epoch with `disk` still out: what was sent to it at `seen` with an
+    /// unknown outcome is refused once it learns the new epoch.
+    Fence {
+        pool: PoolId,
+        pg: PgId,
+        disk: DiskId,
+        seen: PgEpoch,
+    },
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +170,7 @@ impl PgChange {
             PgChange::BringIn { pool, pg, disk, seen } => {
                 model::ClusterCommand::BringReplicaIn { pool, pg, disk, seen }
             }
+            PgChange::Fence { pool, pg, disk, seen } => model::ClusterCommand::FenceReplicaOut { pool, pg, disk, seen },
         }
     }
 }

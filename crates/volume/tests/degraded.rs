@@ -68,6 +68,12 @@ struct TestNode {
 
 impl TestNode {
     async fn start(node: NodeId, state: &SharedState, dir: &std::path::Path, fresh: bool) -> TestNode {
+        let addr = state.borrow().nodes[&node].data_addr.clone();
+        TestNode::start_on(node, state, dir, fresh, &addr).await
+    }
+
+    /// A node whose replica server listens on `addr` (peers reach it through a link there).
+    async fn start_on(node: NodeId, state: &SharedState, dir: &std::path::Path, fresh: bool, addr: &str) -> TestNode {
         let path = dir.join(format!("{node}.img"));
         let disk = if fresh {
             let identity = DiskIdentity { disk: disk_of(node), node, cluster: CLUSTER };
@@ -81,9 +87,8 @@ impl TestNode {
         let dirty = DirtyLog::open(&dir.join(format!("{node}-dirty.redb"))).expect("dirty log");
         let active = ActiveLog::open(&dir.join(format!("{node}-active.redb"))).expect("activity log");
         let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
-        let addr = state.borrow().nodes[&node].data_addr.clone();
         let server = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = server.block_on_listener(&addr);
+        let listener = server.block_on_listener(addr);
         server.spawn(volume::serve(listener, replica.clone()));
         let config =
             EngineConfig { replica_timeout: REPLICA_TIMEOUT, io_wait: Duration::from_secs(10), ..Default::default() };
@@ -579,4 +584,172 @@ async fn writes_dropped_by_their_callers_mid_allocation_leave_the_disk_consisten
         assert_eq!(data.as_slice(), pattern(2, 4096).as_slice(), "extent {extent} holds the second write");
     }
     assert_eq!(reopened.extents().iter().filter(|(v, _)| *v == near).count(), 8);
+}
+
+/// A network link in front of a replica server that delays one resync copy the way a
+/// stopped or starved peer does: it holds back the first copy (its sender gives up on it),
+/// lets the next copy through, and delivers the held one only after that was served,
+/// before passing the answer on. Everything else passes unchanged.
+#[derive(Default)]
+struct DelayingLink {
+    state: std::sync::Mutex<LinkState>,
+    /// Signalled when the first copy is held back.
+    held: tokio::sync::Notify,
+    /// Signalled when the server answered the held copy.
+    held_answered: tokio::sync::Notify,
+}
+
+type ToServer = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+
+#[derive(Default)]
+struct LinkState {
+    connections: u64,
+    /// The held copy: its connection, request id, frame, and the way to the server.
+    held: Option<(u64, u64, Vec<u8>, ToServer)>,
+    /// (connection, request id) of the copy that overtakes the held one.
+    overtaker: Option<(u64, u64)>,
+    /// What the server answered the held copy.
+    held_status: Option<Status>,
+    delivered: bool,
+}
+
+impl DelayingLink {
+    async fn start(listen: &str, server: String) -> Arc<DelayingLink> {
+        let link = Arc::new(DelayingLink::default());
+        let listener = TcpListener::bind(listen).await.unwrap();
+        let serving = link.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let upstream = TcpStream::connect(&server).await.unwrap();
+                serving.clone().carry(client, upstream);
+            }
+        });
+        link
+    }
+
+    fn carry(self: Arc<Self>, client: TcpStream, upstream: TcpStream) {
+        let connection = {
+            let mut state = self.state.lock().unwrap();
+            state.connections += 1;
+            state.connections
+        };
+        let (mut from_client, to_client) = client.into_split();
+        let (mut from_server, to_server) = upstream.into_split();
+        let to_server = Arc::new(tokio::sync::Mutex::new(to_server));
+        let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
+        let link = self.clone();
+        let server_side = to_server.clone();
+        tokio::spawn(async move {
+            let mut header = [0u8; REQUEST_HEADER_BYTES];
+            while from_client.read_exact(&mut header).await.is_ok() {
+                let request = Request::parse(&header).unwrap();
+                let mut frame = header.to_vec();
+                frame.resize(REQUEST_HEADER_BYTES + request.payload_bytes(), 0);
+                if from_client.read_exact(&mut frame[REQUEST_HEADER_BYTES..]).await.is_err() {
+                    break;
+                }
+                if request.resync && request.op == Op::Write {
+                    let mut state = link.state.lock().unwrap();
+                    if state.held.is_none() && !state.delivered {
+                        state.held = Some((connection, request.id, frame, server_side.clone()));
+                        link.held.notify_one();
+                        continue;
+                    }
+                    if state.held.is_some() && state.overtaker.is_none() {
+                        state.overtaker = Some((connection, request.id));
+                    }
+                }
+                if server_side.lock().await.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut header = [0u8; RESPONSE_HEADER_BYTES];
+            while from_server.read_exact(&mut header).await.is_ok() {
+                let response = ResponseHeader::parse(&header).unwrap();
+                let mut frame = header.to_vec();
+                frame.resize(RESPONSE_HEADER_BYTES + response.payload_len as usize, 0);
+                if from_server.read_exact(&mut frame[RESPONSE_HEADER_BYTES..]).await.is_err() {
+                    break;
+                }
+                let (held, overtaken) = {
+                    let mut state = self.state.lock().unwrap();
+                    let held =
+                        state.held.as_ref().is_some_and(|h| (h.0, h.1) == (connection, response.id)) && state.delivered;
+                    if held {
+                        state.held_status = Some(response.status);
+                    }
+                    let overtaken = state.overtaker == Some((connection, response.id));
+                    (held, overtaken.then(|| state.held.clone()).flatten())
+                };
+                if held {
+                    // Its sender gave up on it long ago.
+                    self.held_answered.notify_one();
+                    continue;
+                }
+                if let Some((_, _, late, to_server)) = overtaken {
+                    // The newer copy is on the server's disk: now the held one goes, and the
+                    // newer copy's answer waits until the server answered it.
+                    self.state.lock().unwrap().delivered = true;
+                    let (link, to_client) = (self.clone(), to_client.clone());
+                    tokio::spawn(async move {
+                        to_server.lock().await.write_all(&late).await.unwrap();
+                        link.held_answered.notified().await;
+                        let _ = to_client.lock().await.write_all(&frame).await;
+                    });
+                    continue;
+                }
+                if to_client.lock().await.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_copy_that_got_no_answer_never_lands_over_a_newer_copy() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(cluster(17823))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    // Peers reach B through the link, at B's address in the cluster state.
+    let b = TestNode::start_on(NODE_B, &state, dir.path(), true, "127.0.0.3:17824").await;
+    let link = DelayingLink::start(&state.borrow().nodes[&NODE_B].data_addr, "127.0.0.3:17824".into()).await;
+    let writer = a.engine.writer(VOLUME, OwnerEpoch(1));
+    writer.write(0, pattern(1, 4096), 0..4096).await.expect("write to both");
+    let (pg, _) = pg_of_offset(&state.borrow(), 0);
+    let take_out = ClusterCommand::TakeReplicaOut {
+        pool: PoolId(0),
+        pg,
+        disk: disk_of(NODE_B),
+        seen: PgEpoch(1),
+        reason: "test".into(),
+    };
+    StateTopology::new(NODE_A, state.clone()).apply(&take_out).unwrap();
+    writer.write(0, pattern(2, 4096), 0..4096).await.expect("write with B out");
+
+    // The first copy to B (of version 2) is held back; version 3 is written meanwhile.
+    let resync = tokio::spawn(volume::resync_loop(a.engine.clone(), Arc::new(ResyncStats::default())));
+    tokio::time::timeout(Duration::from_secs(10), link.held.notified()).await.expect("a copy was sent to B");
+    writer.write(0, pattern(3, 4096), 0..4096).await.expect("write with B out");
+    let mut watch = state.subscribe();
+    tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|s| !pg_of_offset(s, 0).1.is_degraded()))
+        .await
+        .expect("B is brought back in")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while link.state.lock().unwrap().held_status.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the held copy reached B");
+    resync.abort();
+
+    assert_eq!(b.stored(0, 4096).await.unwrap(), pattern(3, 4096).as_slice(), "B holds the newest version");
+    assert_eq!(link.state.lock().unwrap().held_status, Some(Status::StalePgEpoch), "the late copy is refused");
+    let placement = pg_of_offset(&state.borrow(), 0).1;
+    assert_eq!(placement.epoch, PgEpoch(4), "out at 2, fenced at 3, back in at 4");
 }
