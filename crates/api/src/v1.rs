@@ -105,6 +105,9 @@ pub struct CreateVm {
     pub memory_bytes: u64,
     pub disks: Vec<DiskRequest>,
     pub boot: BootRequest,
+    /// Restart on another node when its node goes down; on by default.
+    #[serde(default)]
+    pub ha: model::HaPolicy,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -135,4 +138,9 @@ pub struct VmInfo {
     /// The node that last reported on the VM, and what it reported.
     pub node: Option<NodeId>,
     pub state: model::VmRunState,
+    #[serde(default)]
+    pub ha: model::HaPolicy,
+    /// Whether the node the VM is meant to run on, or last ran on, is down.
+    #[serde(default)]
+    pub node_down: bool,
 }

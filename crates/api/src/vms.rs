@@ -51,6 +51,7 @@ impl NodeServices {
                 memory_bytes: request.memory_bytes,
                 disks,
                 boot,
+                ha: request.ha.clone(),
             };
             Ok::<_, ApiError>(self.cluster().create_vm(spec).await?)
         }
@@ -187,6 +188,11 @@ fn vm_info(state: &ClusterState, vm: &Vm) -> v1::VmInfo {
         desired: vm.desired,
         node: vm.observed.node,
         state: vm.observed.state.clone(),
+        ha: vm.spec.ha.clone(),
+        node_down: match vm.desired {
+            model::VmDesired::Running { node } => state.is_down(node),
+            model::VmDesired::Stopped => vm.observed.node.is_some_and(|n| state.is_down(n)),
+        },
     }
 }
 

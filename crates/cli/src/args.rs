@@ -65,6 +65,15 @@ pub enum VmCommand {
         initrd: Option<PathBuf>,
         #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
         cmdline: String,
+        /// Restart the VM on another node when its node goes down.
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        ha: OnOff,
+        /// 0-100: when not every VM of a failed node fits elsewhere, higher goes first.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        priority: u8,
+        /// VMs of one group are never restarted onto the same node.
+        #[arg(long)]
+        anti_affinity: Option<String>,
     },
     /// Start a VM, on NODE or on the least loaded node.
     Start {
@@ -185,4 +194,10 @@ pub enum VolumeCommand {
         name: String,
         file: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }

@@ -17,7 +17,20 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
     match command {
-        VmCommand::Create { name, cpus, memory, disks, image, kernel, initrd, cmdline } => {
+        VmCommand::Create {
+            name,
+            cpus,
+            memory,
+            disks,
+            image,
+            kernel,
+            initrd,
+            cmdline,
+            ha,
+            priority,
+            anti_affinity,
+        } => {
+            let ha = model::HaPolicy { enabled: ha == crate::args::OnOff::On, priority, anti_affinity };
             let memory_bytes = parse_size(&memory)?;
             let disks = disks.iter().map(|d| disk_request(d)).collect::<Result<Vec<_>>>()?;
             let replicas = disks.first().map(|d| d.replicas).unwrap_or(2);
@@ -62,7 +75,7 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
                         v1::BootRequest::Kernel { kernel, initrd, cmdline }
                     }
                 };
-                let request = v1::CreateVm { name: name.clone(), cpus, memory_bytes, disks, boot };
+                let request = v1::CreateVm { name: name.clone(), cpus, memory_bytes, disks, boot, ha: ha.clone() };
                 Ok::<_, anyhow::Error>(api.create_vm(&request).await?)
             }
             .await;

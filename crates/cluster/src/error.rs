@@ -85,7 +85,11 @@ impl ClusterError {
                 | CommandError::StalePgEpoch { .. }
                 | CommandError::VolumeBusy { .. }
                 | CommandError::LastReplica { .. }
-                | CommandError::ReplicaNotOut { .. } => Conflict,
+                | CommandError::ReplicaNotOut { .. }
+                | CommandError::NodeDown(_)
+                | CommandError::NodeNotDown(_)
+                | CommandError::VmMovedOn { .. }
+                | CommandError::VolumeOfVmElsewhere { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }
                 | CommandError::InvalidSize(_)
                 | CommandError::InvalidReplicas(_)

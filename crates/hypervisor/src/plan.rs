@@ -63,6 +63,7 @@ mod tests {
             memory_bytes: 256 << 20,
             disks: vec![],
             boot: Boot::Kernel { kernel, initrd: None, cmdline: String::new() },
+            ha: Default::default(),
         };
         let commands = [
             ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() },

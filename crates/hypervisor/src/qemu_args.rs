@@ -68,6 +68,7 @@ mod tests {
             memory_bytes: 512 << 20,
             disks: (0..disks as u64).map(VolumeId).collect(),
             boot,
+            ha: Default::default(),
         }
     }
 

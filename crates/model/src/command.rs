@@ -82,6 +82,48 @@ pub enum ClusterCommand {
         disk: DiskId,
         seen: PgEpoch,
     },
+    /// What `node` offers to VMs; it reports this when it starts.
+    ReportCapacity {
+        node: NodeId,
+        capacity: crate::ha::Capacity,
+    },
+    /// The leader heard nothing from `node` for `silent_ms`: it is down. The VMs it ran are
+    /// no longer running; HA VMs among them are then moved by `FailoverVm`.
+    MarkNodeDown {
+        node: NodeId,
+        at_ms: u64,
+        silent_ms: u64,
+    },
+    /// The leader hears from `node` again.
+    MarkNodeUp {
+        node: NodeId,
+        at_ms: u64,
+    },
+    /// Runs an HA VM of `from`, which is down, on `to` instead.
+    FailoverVm {
+        vm: VmId,
+        from: NodeId,
+        to: NodeId,
+        at_ms: u64,
+    },
+    /// The guest of a VM on `node` powered off, or QEMU ended or failed to start there: the
+    /// VM's desired state follows, if it is still meant to run on `node`.
+    GuestStopped {
+        vm: VmId,
+        node: NodeId,
+    },
+    /// Keeps VMs off `node` (`drained`), or lets them on again.
+    SetDrain {
+        node: NodeId,
+        drained: bool,
+        at_ms: u64,
+    },
+    /// Something a node saw happen, for the event log.
+    RecordEvent {
+        at_ms: u64,
+        kind: crate::ha::EventKind,
+        message: String,
+    },
     /// Raises the epoch of a PG whose `disk` is out, acting set unchanged. A resync source
     /// proposes it when a copy it sent to `disk` at `seen` got no answer: that copy may
     /// still land, so nothing is copied again at `seen`, and once `disk` hears of the new
@@ -155,6 +197,14 @@ pub enum CommandError {
     StalePgEpoch { pool: PoolId, pg: PgId, seen: PgEpoch, current: PgEpoch },
     #[error("{disk} is the last acting replica of {pg} of pool {pool}: it holds the newest data and stays")]
     LastReplica { pool: PoolId, pg: PgId, disk: DiskId },
+    #[error("{0} is down: start the VM on a node that is up")]
+    NodeDown(NodeId),
+    #[error("{0} is not down")]
+    NodeNotDown(NodeId),
+    #[error("VM {vm} is no longer meant to run on the node it was moved from")]
+    VmMovedOn { vm: String },
+    #[error("Volume {volume} is a disk of VM {vm}, which is meant to run on {node}: only that node may write it")]
+    VolumeOfVmElsewhere { volume: VolumeId, vm: String, node: NodeId },
     #[error("{disk} is acting in {pg} of pool {pool}: only a replica that is out is fenced")]
     ReplicaNotOut { pool: PoolId, pg: PgId, disk: DiskId },
 }
@@ -204,6 +254,9 @@ impl ClusterState {
                 if !self.nodes.contains_key(node) {
                     return Err(CommandError::UnknownNode(*node));
                 }
+                if self.is_down(*node) {
+                    return Err(CommandError::NodeDown(*node));
+                }
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
                 if let VmDesired::Running { node: current } = found.desired {
                     if current != *node && !force {
@@ -252,6 +305,46 @@ impl ClusterState {
                 }
                 Ok(CommandOutcome::PgChanged(found.epoch))
             }
+            ClusterCommand::ReportCapacity { node, capacity } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(CommandError::UnknownNode(*node));
+                }
+                self.capacity.insert(*node, *capacity);
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::MarkNodeDown { node, at_ms, silent_ms } => {
+                self.mark_node_down(*node, *at_ms, *silent_ms).map(|()| CommandOutcome::Done)
+            }
+            ClusterCommand::MarkNodeUp { node, at_ms } => {
+                self.mark_node_up(*node, *at_ms).map(|()| CommandOutcome::Done)
+            }
+            ClusterCommand::FailoverVm { vm, from, to, at_ms } => {
+                self.failover_vm(*vm, *from, *to, *at_ms).map(|()| CommandOutcome::Done)
+            }
+            ClusterCommand::GuestStopped { vm, node } => {
+                let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                if found.desired == (VmDesired::Running { node: *node }) {
+                    found.desired = VmDesired::Stopped;
+                    found.force_stop = false;
+                }
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::SetDrain { node, drained, at_ms } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(CommandError::UnknownNode(*node));
+                }
+                let changed = if *drained { self.drained.insert(*node) } else { self.drained.remove(node) };
+                if changed {
+                    let what = if *drained { "is drained: no VM is placed on it" } else { "takes VMs again" };
+                    let message = format!("{node} {what}");
+                    self.record_event(*at_ms, crate::ha::EventKind::Drain, &message);
+                }
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::RecordEvent { at_ms, kind, message } => {
+                self.record_event(*at_ms, *kind, message);
+                Ok(CommandOutcome::Done)
+            }
             ClusterCommand::FenceReplicaOut { pool, pg, disk, seen } => {
                 let found = self.pg_mut(*pool, *pg, *disk, *seen)?;
                 if !found.out.contains_key(disk) {
@@ -266,6 +359,16 @@ impl ClusterState {
                 }
                 if let Some(vm) = self.vm_using(*volume).filter(|vm| *unless_vm_running && vm.is_active()) {
                     return Err(CommandError::VolumeBusy { volume: *volume, vm: vm.spec.name.clone() });
+                }
+                // A VM's disks are written only from the node it is meant to run on: a late
+                // start on the node it left cannot take them back.
+                if let Some(vm) = self.vm_using(*volume) {
+                    if let VmDesired::Running { node: meant } = vm.desired {
+                        if meant != *node {
+                            let vm = vm.spec.name.clone();
+                            return Err(CommandError::VolumeOfVmElsewhere { volume: *volume, vm, node: meant });
+                        }
+                    }
                 }
                 let v = self.volumes.get_mut(volume).ok_or(CommandError::UnknownVolume(*volume))?;
                 v.owner = Some(*node);
@@ -303,6 +406,9 @@ impl ClusterState {
         }
         if spec.memory_bytes < VM_MEMORY_MIN_BYTES || !spec.memory_bytes.is_multiple_of(1 << 20) {
             return invalid(format!("memory must be whole MiB and at least {} MiB", VM_MEMORY_MIN_BYTES >> 20));
+        }
+        if let Err(reason) = spec.ha.check() {
+            return invalid(reason);
         }
         if spec.disks.len() > VM_DISKS_MAX {
             return invalid(format!("{} disks is more than {VM_DISKS_MAX}", spec.disks.len()));
@@ -539,6 +645,7 @@ mod tests {
             memory_bytes: 256 << 20,
             disks: vec![volume],
             boot: crate::vm::Boot::Disk,
+            ha: Default::default(),
         };
         let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
         vm
@@ -569,6 +676,7 @@ mod tests {
             memory_bytes: 256 << 20,
             disks: vec![disk],
             boot: crate::vm::Boot::Disk,
+            ha: Default::default(),
         };
 
         let second_vm = state.apply(&ClusterCommand::CreateVm { spec });
@@ -740,5 +848,99 @@ mod tests {
         let mut state = two_node_cluster();
         let create = ClusterCommand::CreateVolume { name: "odd".into(), pool: PoolId(0), size_bytes: 1000 };
         assert_eq!(state.apply(&create), Err(CommandError::InvalidSize(1000)));
+    }
+
+    fn down(node: NodeId, at_ms: u64) -> ClusterCommand {
+        ClusterCommand::MarkNodeDown { node, at_ms, silent_ms: 3500 }
+    }
+
+    #[test]
+    fn the_vms_of_a_node_that_went_down_are_not_running_and_can_be_stopped_and_deleted() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
+
+        state.apply(&down(NODE_A, 1000)).unwrap();
+
+        assert!(matches!(state.vms[&vm].observed.state, VmRunState::Failed { .. }));
+        assert_eq!(state.apply(&ClusterCommand::StopVm { vm, force: false }), Ok(CommandOutcome::Done));
+        assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Ok(CommandOutcome::Done));
+        assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::NodeDown));
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_vm_fails_over_only_from_a_node_that_is_down_to_one_that_is_up() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let failover = |from, to| ClusterCommand::FailoverVm { vm, from, to, at_ms: 2000 };
+
+        assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Err(CommandError::NodeNotDown(NODE_A)));
+        state.apply(&down(NODE_A, 1000)).unwrap();
+        state.apply(&down(NODE_B, 1000)).unwrap();
+        assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Err(CommandError::NodeDown(NODE_B)));
+        state.apply(&ClusterCommand::MarkNodeUp { node: NODE_B, at_ms: 1500 }).unwrap();
+        assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Ok(CommandOutcome::Done));
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+        let again = state.apply(&failover(NODE_A, NODE_B));
+        assert_eq!(again, Err(CommandError::VmMovedOn { vm: "web".into() }), "a second failover is refused");
+    }
+
+    #[test]
+    fn a_vm_is_not_started_on_a_node_that_is_down() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&down(NODE_B, 1000)).unwrap();
+
+        let refused = state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: false });
+
+        assert_eq!(refused, Err(CommandError::NodeDown(NODE_B)));
+    }
+
+    #[test]
+    fn a_guest_stopped_on_a_node_the_vm_left_changes_nothing() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: true }).unwrap();
+
+        state.apply(&ClusterCommand::GuestStopped { vm, node: NODE_A }).unwrap();
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+        state.apply(&ClusterCommand::GuestStopped { vm, node: NODE_B }).unwrap();
+        assert_eq!(state.vms[&vm].desired, VmDesired::Stopped);
+    }
+
+    #[test]
+    fn only_the_node_a_vm_is_meant_to_run_on_acquires_its_disks() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let disk = state.vms[&vm].spec.disks[0];
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: false }).unwrap();
+        let acquire = |node| ClusterCommand::AcquireVolume { volume: disk, node, unless_vm_running: false };
+        let epoch = state.volumes[&disk].owner_epoch;
+
+        let late = state.apply(&acquire(NODE_A));
+
+        assert_eq!(late, Err(CommandError::VolumeOfVmElsewhere { volume: disk, vm: "web".into(), node: NODE_B }));
+        assert_eq!(state.volumes[&disk].owner_epoch, epoch, "the late taker got nothing");
+        assert!(matches!(state.apply(&acquire(NODE_B)), Ok(CommandOutcome::VolumeAcquired(_))));
+    }
+
+    #[test]
+    fn the_event_log_keeps_the_newest_events_and_bounds_each_message() {
+        let mut state = two_node_cluster();
+        for i in 0..(crate::ha::EVENTS_KEPT as u64 + 10) {
+            let message = "é".repeat(400) + &i.to_string();
+            let kind = crate::ha::EventKind::NodeSlow;
+            state.apply(&ClusterCommand::RecordEvent { at_ms: i, kind, message }).unwrap();
+        }
+
+        assert_eq!(state.events.len(), crate::ha::EVENTS_KEPT);
+        assert_eq!(state.events.front().map(|e| e.seq), Some(11));
+        assert_eq!(state.events_after(state.next_event_seq - 2).count(), 2);
+        assert!(state.events.iter().all(|e| e.message.len() <= crate::ha::EVENT_MESSAGE_MAX_BYTES));
     }
 }

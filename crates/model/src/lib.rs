@@ -5,6 +5,7 @@
 //! the same commands in the same order and must reach the same state.
 
 mod command;
+mod ha;
 mod ids;
 mod report;
 mod state;
@@ -12,6 +13,10 @@ mod units;
 mod vm;
 
 pub use command::{ClusterCommand, CommandError, CommandOutcome};
+pub use ha::{
+    Capacity, Event, EventKind, HaPolicy, NodeDown, EVENTS_KEPT, EVENT_MESSAGE_MAX_BYTES, GROUP_NAME_MAX_BYTES,
+    VM_PRIORITY_MAX,
+};
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};

@@ -1,11 +1,12 @@
 //! The replicated cluster state: what every node agrees on through Raft.
 
+use crate::ha::{Capacity, Event, NodeDown};
 use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 use crate::units::{pg_of, EXTENT_SIZE_BYTES};
 use crate::vm::{Vm, VmId};
 use crate::ExtentIndex;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Everything the cluster agrees on. Changed only by `ClusterState::apply`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +24,20 @@ pub struct ClusterState {
     pub next_pool_id: PoolId,
     #[serde(default)]
     pub next_vm_id: VmId,
+    /// What each node offers to VMs, as it reported when it started.
+    #[serde(default)]
+    pub capacity: BTreeMap<NodeId, Capacity>,
+    /// Nodes the leader declared down: not heard from for the down time.
+    #[serde(default)]
+    pub down: BTreeMap<NodeId, NodeDown>,
+    /// Nodes being drained: no VM is placed on them.
+    #[serde(default)]
+    pub drained: BTreeSet<NodeId>,
+    /// The newest `EVENTS_KEPT` events, oldest first.
+    #[serde(default)]
+    pub events: VecDeque<Event>,
+    #[serde(default)]
+    pub next_event_seq: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

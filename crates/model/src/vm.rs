@@ -31,6 +31,9 @@ pub struct VmSpec {
     /// The VM's disks, in order: the first is `/dev/vda` in a Linux guest.
     pub disks: Vec<VolumeId>,
     pub boot: Boot,
+    /// Restarted elsewhere when its node goes down (on unless asked otherwise).
+    #[serde(default)]
+    pub ha: crate::ha::HaPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,195 @@
+//! High availability in the cluster state: what each node offers, which nodes the leader
+//! declared down, VMs moved off them, and the event log that says what happened when.
+//!
+//! Times are wall-clock milliseconds since the Unix epoch, chosen by the proposer and
+//! carried in the command, so every node applies the same value.
+
+use crate::command::CommandError;
+use crate::ids::NodeId;
+use crate::state::ClusterState;
+use crate::vm::{VmDesired, VmId, VmObserved, VmRunState};
+use serde::{Deserialize, Serialize};
+
+/// Events the cluster keeps; older ones are dropped first.
+pub const EVENTS_KEPT: usize = 256;
+/// Longest event message kept (bytes); a longer one is cut at a character boundary.
+pub const EVENT_MESSAGE_MAX_BYTES: usize = 512;
+/// Largest VM priority: VMs with a higher one are restarted first.
+pub const VM_PRIORITY_MAX: u8 = 100;
+/// Longest anti-affinity group name.
+pub const GROUP_NAME_MAX_BYTES: usize = 64;
+
+/// What a node offers to VMs, as it reported at its start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u16,
+    pub memory_bytes: u64,
+}
+
+/// How a VM is treated when its node goes down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaPolicy {
+    /// Restart it on another node when its node goes down.
+    pub enabled: bool,
+    /// Higher is restarted first when there is not room for every VM.
+    #[serde(default)]
+    pub priority: u8,
+    /// VMs of one group are never placed on one node by HA.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+}
+
+impl Default for HaPolicy {
+    fn default() -> Self {
+        HaPolicy { enabled: true, priority: 0, anti_affinity: None }
+    }
+}
+
+impl HaPolicy {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.priority > VM_PRIORITY_MAX {
+            return Err(format!("priority {} is above {VM_PRIORITY_MAX}", self.priority));
+        }
+        if let Some(group) = &self.anti_affinity {
+            let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if group.is_empty() || group.len() > GROUP_NAME_MAX_BYTES || !group.chars().all(valid) {
+                return Err(format!(
+                    "anti-affinity group {group:?} must be 1 to {GROUP_NAME_MAX_BYTES} letters, digits, '-', '_' or '.'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A node the leader declared down, and since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDown {
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    NodeDown,
+    NodeUp,
+    /// A node answered late, but within the time that would have declared it down.
+    NodeSlow,
+    /// A node lost the majority and stopped its VMs on its own.
+    NodeIsolated,
+    VmFailover,
+    /// An HA VM of a down node fits on no node that is up.
+    VmUnplaced,
+    /// A VM started after a failover: how long each step took.
+    VmRestarted,
+    Fencing,
+    ResyncStarted,
+    ResyncFinished,
+    Drain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Raised by one for every event: `converge events --follow` asks for those after one.
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: EventKind,
+    pub message: String,
+}
+
+impl ClusterState {
+    pub fn is_down(&self, node: NodeId) -> bool {
+        self.down.contains_key(&node)
+    }
+
+    /// Appends an event, dropping the oldest past `EVENTS_KEPT`.
+    pub(crate) fn record_event(&mut self, at_ms: u64, kind: EventKind, message: &str) {
+        let mut message = message.to_string();
+        if message.len() > EVENT_MESSAGE_MAX_BYTES {
+            let mut end = EVENT_MESSAGE_MAX_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        self.next_event_seq += 1;
+        self.events.push_back(Event { seq: self.next_event_seq, at_ms, kind, message });
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+
+    /// The events after `seq`, oldest first.
+    pub fn events_after(&self, seq: u64) -> impl Iterator<Item = &Event> {
+        self.events.iter().filter(move |e| e.seq > seq)
+    }
+
+    fn node_name(&self, node: NodeId) -> String {
+        match self.nodes.get(&node) {
+            Some(n) => format!("{node} ({})", n.api_addr),
+            None => node.to_string(),
+        }
+    }
+
+    pub(crate) fn mark_node_down(&mut self, node: NodeId, at_ms: u64, silent_ms: u64) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(CommandError::UnknownNode(node));
+        }
+        if self.down.contains_key(&node) {
+            return Ok(());
+        }
+        self.down.insert(node, NodeDown { at_ms });
+        // Its QEMU processes died with it, or will be ended when it returns: what ran there
+        // is not running, and may be stopped, deleted or restarted elsewhere.
+        let reason = format!("its node {node} went down");
+        for vm in self.vms.values_mut() {
+            let alive = !matches!(vm.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
+            if vm.observed.node == Some(node) && alive {
+                vm.observed = VmObserved { node: Some(node), state: VmRunState::Failed { reason: reason.clone() } };
+            }
+        }
+        let message = format!("{} is down: not heard from for {silent_ms} ms", self.node_name(node));
+        self.record_event(at_ms, EventKind::NodeDown, &message);
+        Ok(())
+    }
+
+    pub(crate) fn mark_node_up(&mut self, node: NodeId, at_ms: u64) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(CommandError::UnknownNode(node));
+        }
+        if let Some(down) = self.down.remove(&node) {
+            let message =
+                format!("{} is up again after {} ms down", self.node_name(node), at_ms.saturating_sub(down.at_ms));
+            self.record_event(at_ms, EventKind::NodeUp, &message);
+        }
+        Ok(())
+    }
+
+    /// Moves an HA VM off `from`, which is down, to `to`.
+    pub(crate) fn failover_vm(&mut self, vm: VmId, from: NodeId, to: NodeId, at_ms: u64) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&to) {
+            return Err(CommandError::UnknownNode(to));
+        }
+        let Some(down) = self.down.get(&from).copied() else {
+            return Err(CommandError::NodeNotDown(from));
+        };
+        if self.down.contains_key(&to) {
+            return Err(CommandError::NodeDown(to));
+        }
+        let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
+        if found.desired != (VmDesired::Running { node: from }) {
+            return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
+        }
+        found.desired = VmDesired::Running { node: to };
+        found.force_stop = false;
+        let name = found.spec.name.clone();
+        let message = format!(
+            "VM {name} restarts on {}: {} went down {} ms ago",
+            self.node_name(to),
+            self.node_name(from),
+            at_ms.saturating_sub(down.at_ms)
+        );
+        self.record_event(at_ms, EventKind::VmFailover, &message);
+        Ok(())
+    }
+}
