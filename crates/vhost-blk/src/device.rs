@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use store::AlignedBuf;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
@@ -116,7 +116,7 @@ impl BlkDevice {
                     tracing::debug!(volume = %self.target.volume, head, error = %e, "refused a guest request");
                     let status = e.status().zip(crate::request::status_of(&descriptors));
                     let status = status.map(|(s, buf)| (buf, s));
-                    self.in_flight[queue].end(generation, || complete(vring, &self.mem, head, status, 0));
+                    finish(&self.in_flight[queue], generation, vring, &self.mem, head, status, 0);
                 }
             }
         }
@@ -162,7 +162,7 @@ impl BlkDevice {
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             };
-            in_flight.end(generation, || complete(&vring, &mem, head, Some((request.status, status)), written));
+            finish(&in_flight, generation, &vring, &mem, head, Some((request.status, status)), written);
         });
     }
 }
@@ -317,9 +317,31 @@ async fn write_copied(mem: &GuestMemory, writer: &VolumeWriter, offset: u64, buf
     Ok(())
 }
 
+/// Counts a request out and, unless its queue was stopped since it began, returns it to the
+/// guest. Locks in the order popping takes them, the vring's and then the in-flight count's:
+/// the other order deadlocks a completion against a queue being drained.
+fn finish(
+    in_flight: &InFlight,
+    generation: u64,
+    vring: &Vring,
+    mem: &GuestMemory,
+    head: u16,
+    status: Option<(GuestBuf, u8)>,
+    written: u32,
+) {
+    let mut ring = vring.get_mut();
+    in_flight.end(generation, || complete(&mut ring, mem, head, status, written));
+}
+
 /// Writes the status byte and returns the chain to the guest, notifying it if it asked.
-/// Called from any thread; the vring lock makes add_used and the notification atomic.
-fn complete(vring: &Vring, mem: &GuestMemory, head: u16, status: Option<(GuestBuf, u8)>, written: u32) {
+/// The vring lock (held by the caller) makes add_used and the notification atomic.
+fn complete(
+    state: &mut VringState<GuestMemory>,
+    mem: &GuestMemory,
+    head: u16,
+    status: Option<(GuestBuf, u8)>,
+    written: u32,
+) {
     let mut used_len = written;
     if let Some((buf, value)) = status {
         match mem.memory().write_obj(value, GuestAddress(buf.addr)) {
@@ -327,7 +349,6 @@ fn complete(vring: &Vring, mem: &GuestMemory, head: u16, status: Option<(GuestBu
             Err(e) => tracing::debug!(error = %e, "status byte outside guest memory"),
         }
     }
-    let mut state = vring.get_mut();
     if let Err(e) = state.add_used(head, used_len) {
         tracing::warn!(error = %e, "returning a chain to the guest failed");
         return;
@@ -511,5 +532,34 @@ mod tests {
         assert!(!drained, "the stop gave up on the request in flight");
         assert_eq!(completed, vec!["after"]);
         assert!(in_flight.stop(Duration::ZERO), "both were counted out");
+    }
+
+    #[test]
+    fn a_completion_never_deadlocks_against_a_queue_being_popped() {
+        let (done, finished) = std::sync::mpsc::channel();
+        // On a thread of its own, so a deadlock fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap());
+            let vring = Vring::new(mem.clone(), 16).unwrap();
+            let in_flight = Arc::new(InFlight::default());
+            let generation = in_flight.begin();
+            // The popper holds the vring while it counts a new request in; a completion
+            // runs meanwhile on another thread. With the locks taken in opposite orders the
+            // two wait on each other for ever.
+            let popping = vring.get_mut();
+            let completing = {
+                let (in_flight, vring, mem) = (in_flight.clone(), vring.clone(), mem.clone());
+                std::thread::spawn(move || finish(&in_flight, generation, &vring, &mem, 0, None, 0))
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            in_flight.begin();
+            drop(popping);
+            completing.join().unwrap();
+            done.send(in_flight.stop(Duration::ZERO)).unwrap();
+        });
+
+        let drained = finished.recv_timeout(Duration::from_secs(5));
+
+        assert_eq!(drained, Ok(false), "no deadlock, and the second request is still in flight");
     }
 }
