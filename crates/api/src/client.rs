@@ -142,6 +142,22 @@ impl Client {
         Ok((len, response.bytes_stream()))
     }
 
+    pub async fn events(&self, after: u64) -> Result<Vec<model::Event>, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/events?after={after}"), None).await
+    }
+
+    pub async fn drain_node(&self, node: &str) -> Result<v1::NodeDrain, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{node}/drain"), None).await
+    }
+
+    pub async fn resume_node(&self, node: &str) -> Result<v1::NodeDrain, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{node}/resume"), None).await
+    }
+
+    pub async fn check_node(&self, node: &str) -> Result<v1::NodeCheck, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/nodes/{node}/check"), None).await
+    }
+
     pub async fn vms(&self) -> Result<Vec<v1::VmInfo>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/vms", None).await
     }

@@ -49,9 +49,17 @@ impl Host for NodeHost {
         })
     }
 
+    fn isolated(&self) -> watch::Receiver<bool> {
+        self.services.cluster().watch_isolated()
+    }
+
+    fn record_event(&self, kind: model::EventKind, message: String) {
+        self.services.cluster().record_event(kind, message);
+    }
+
     fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
-            let command = model::ClusterCommand::StopVm { vm, force: false };
+            let command = model::ClusterCommand::GuestStopped { vm, node: self.services.cluster().node_id() };
             self.services
                 .cluster()
                 .propose(command)

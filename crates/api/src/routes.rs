@@ -26,12 +26,41 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
+        .route("/v1/events", get(events))
+        .route("/v1/nodes/{node}/drain", post(drain_node))
+        .route("/v1/nodes/{node}/resume", post(resume_node))
+        .route("/v1/nodes/{node}/check", get(check_node))
         .route("/internal/peer", post(peer))
         .with_state(services)
 }
 
 async fn cluster_status(State(node): State<NodeServices>) -> Json<v1::ClusterStatus> {
     Json(node.cluster().status().await)
+}
+
+async fn events(State(node): State<NodeServices>, Query(query): Query<v1::EventsQuery>) -> Json<Vec<model::Event>> {
+    Json(node.cluster().state().events_after(query.after).cloned().collect())
+}
+
+async fn drain_node(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+) -> Result<Json<v1::NodeDrain>, ApiError> {
+    Ok(Json(node.set_drain(&name, true).await?))
+}
+
+async fn resume_node(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+) -> Result<Json<v1::NodeDrain>, ApiError> {
+    Ok(Json(node.set_drain(&name, false).await?))
+}
+
+async fn check_node(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+) -> Result<Json<v1::NodeCheck>, ApiError> {
+    Ok(Json(node.check_node(&name)?))
 }
 
 async fn cluster_init(State(node): State<NodeServices>) -> Result<Json<v1::InitResponse>, ApiError> {

@@ -144,3 +144,28 @@ pub struct VmInfo {
     #[serde(default)]
     pub node_down: bool,
 }
+
+/// `GET /v1/events?after=SEQ`: the events after `after`, oldest first.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    #[serde(default)]
+    pub after: u64,
+}
+
+/// `GET /v1/nodes/{node}/check`: whether the node can go down now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeCheck {
+    pub node: NodeId,
+    pub can_go_down: bool,
+    /// Why not, one sentence each.
+    pub reasons: Vec<String>,
+}
+
+/// A node's drain state after `drain` or `resume`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeDrain {
+    pub node: NodeId,
+    pub drained: bool,
+    /// VMs still meant to run on it.
+    pub vms: Vec<String>,
+}

@@ -96,6 +96,32 @@ impl NodeServices {
         self.vm(name)
     }
 
+    /// Keeps VMs off a node (`drained`), or lets them on again. The leader moves the VMs of
+    /// a drained node elsewhere.
+    pub async fn set_drain(&self, node: &str, drained: bool) -> Result<v1::NodeDrain, ApiError> {
+        let id = self.cluster().resolve_node(node)?;
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.cluster().propose(model::ClusterCommand::SetDrain { node: id, drained, at_ms }).await?;
+        let state = self.cluster().state();
+        let vms = state
+            .vms
+            .values()
+            .filter(|vm| vm.desired == (model::VmDesired::Running { node: id }))
+            .map(|vm| vm.spec.name.clone())
+            .collect();
+        Ok(v1::NodeDrain { node: id, drained: state.drained.contains(&id), vms })
+    }
+
+    /// Whether a node can go down now, and if not, why.
+    pub fn check_node(&self, node: &str) -> Result<v1::NodeCheck, ApiError> {
+        let id = self.cluster().resolve_node(node)?;
+        let reasons = self.cluster().node_check(id).err().unwrap_or_default();
+        Ok(v1::NodeCheck { node: id, can_go_down: reasons.is_empty(), reasons })
+    }
+
     pub async fn stop_vm(&self, name: &str, request: v1::StopVm) -> Result<v1::VmInfo, ApiError> {
         self.cluster().stop_vm(name, request.force).await?;
         self.vm(name)

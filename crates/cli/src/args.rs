@@ -40,6 +40,31 @@ pub enum Command {
     /// Virtual machines whose disks are replicated volumes.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Maintenance of one node: drain it, let VMs back on, ask whether it can go down.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// What happened in the cluster, and when: nodes down and up, failovers, drains.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Move the node's VMs to other nodes and keep new ones off it.
+    Drain {
+        /// A node id (node-12) or address (127.0.0.3).
+        node: String,
+        /// Return at once instead of waiting until its VMs run elsewhere.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Let VMs onto a drained node again.
+    Resume { node: String },
+    /// Whether the node can go down now without stopping a volume or a VM.
+    Check { node: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +157,10 @@ pub struct ServeArgs {
     /// placement group and the write goes on with the others.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub replica_timeout_ms: u64,
+    /// How long a node may go unheard before the leader declares it down and restarts its
+    /// HA VMs elsewhere; a node cut off from the majority stops its VMs after half of it.
+    #[arg(long, default_value_t = 3500, value_parser = clap::value_parser!(u64).range(2000..=600_000))]
+    pub down_after_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,11 +2,14 @@
 //! commands (everything but `serve`), each one or a few calls of the API client.
 
 mod args;
+mod node;
 mod output;
 mod transfer;
 mod vm;
 
-pub use args::{Cli, ClientArgs, ClusterCommand, Command, DiskCommand, ServeArgs, VmCommand, VolumeCommand};
+pub use args::{
+    Cli, ClientArgs, ClusterCommand, Command, DiskCommand, NodeCommand, ServeArgs, VmCommand, VolumeCommand,
+};
 
 use anyhow::{bail, Context, Result};
 use api::client::Client;
@@ -56,6 +59,8 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
         }
         Command::Volume(command) => volume(&api, &out, command).await,
         Command::Vm(command) => vm::run(&api, &out, command).await,
+        Command::Node(command) => node::run(&api, &out, command).await,
+        Command::Events { follow } => node::events(&api, &out, follow).await,
     }
 }
 

@@ -237,9 +237,17 @@ fn details(vm: &v1::VmInfo) -> String {
         model::Boot::Disk => "BIOS from the first disk".to_string(),
         model::Boot::Kernel { cmdline, .. } => format!("kernel, cmdline {cmdline:?}"),
     };
-    let node = vm.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    let mut node = vm.node.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    if vm.node_down {
+        node.push_str(" (down)");
+    }
+    let ha = match (&vm.ha.enabled, &vm.ha.anti_affinity) {
+        (false, _) => "off".to_string(),
+        (true, None) => format!("on, priority {}", vm.ha.priority),
+        (true, Some(group)) => format!("on, priority {}, anti-affinity group {group}", vm.ha.priority),
+    };
     format!(
-        "name:    {}\nid:      {}\ncpus:    {}\nmemory:  {}\ndisks:   {}\nboot:    {boot}\ndesired: {desired}\nnode:    {node}\nstate:   {}",
+        "name:    {}\nid:      {}\ncpus:    {}\nmemory:  {}\ndisks:   {}\nboot:    {boot}\nha:      {ha}\ndesired: {desired}\nnode:    {node}\nstate:   {}",
         vm.name,
         vm.id,
         vm.cpus,

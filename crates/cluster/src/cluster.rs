@@ -1,6 +1,7 @@
 //! `Cluster`: this node's handle on the Raft group and the state it agrees on.
 
 use crate::error::ClusterError;
+use crate::liveness::Liveness;
 use crate::network::{Network, PeerTransport};
 use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
@@ -17,10 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// How often each node pings every other one.
-const PING_INTERVAL: Duration = Duration::from_millis(1000);
-/// A node not heard from for this long is shown as down.
-const DOWN_AFTER: Duration = Duration::from_millis(3000);
 /// How long a proposal waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// How long a forwarded proposal may take.
@@ -28,12 +25,13 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Joining waits for the new node to catch up with the log.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-const _: () = assert!(DOWN_AFTER.as_millis() > 2 * PING_INTERVAL.as_millis());
-
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
     pub api_addr: String,
     pub data_addr: String,
+    /// A node not heard from for this long is down: the leader marks it so, and its HA VMs
+    /// restart elsewhere. See `liveness` for the timing argument.
+    pub down_after: Duration,
 }
 
 /// This node's view of the cluster. Cheap to clone.
@@ -42,13 +40,15 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    node: Node,
-    raft: Raft<TypeConfig>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    transport: Arc<dyn PeerTransport>,
-    seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
+pub(crate) struct Inner {
+    pub(crate) node: Node,
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) state: watch::Receiver<Arc<ClusterState>>,
+    pub(crate) transport: Arc<dyn PeerTransport>,
+    /// When each other node last answered a ping, and what it reported.
+    pub(crate) seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
     local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+    pub(crate) liveness: Liveness,
 }
 
 impl Cluster {
@@ -80,13 +80,24 @@ impl Cluster {
         let raft = Raft::new(id.0, Arc::new(raft_config), network, LogStore::new(db), machine)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let inner = Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report });
-        tokio::spawn(ping_loop(Arc::downgrade(&inner)));
+        let liveness = Liveness::new(config.down_after)?;
+        let inner =
+            Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report, liveness });
+        tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
+        tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
         Ok(Cluster { inner })
     }
 
     fn local_report(&self) -> NodeReport {
-        NodeReport { node: self.node_id(), ..(self.inner.local_report)() }
+        let heard_ms_ago = self
+            .inner
+            .seen
+            .lock()
+            .expect("seen lock")
+            .iter()
+            .map(|(node, (at, _))| (*node, at.elapsed().as_millis() as u64))
+            .collect();
+        NodeReport { node: self.node_id(), heard_ms_ago, ..(self.inner.local_report)() }
     }
 
     pub fn node(&self) -> &Node {
@@ -201,7 +212,13 @@ impl Cluster {
     pub async fn handle_peer(&self, rpc: PeerRpc) -> PeerReply {
         let raft = &self.inner.raft;
         match rpc {
-            PeerRpc::Append(request) => PeerReply::Append(raft.append_entries(request).await),
+            PeerRpc::Append(request) => {
+                let reply = raft.append_entries(request).await;
+                if matches!(&reply, Ok(r) if !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+                    self.inner.liveness.heard_from_leader();
+                }
+                PeerReply::Append(reply)
+            }
             PeerRpc::Vote(request) => PeerReply::Vote(raft.vote(request).await),
             PeerRpc::Snapshot(request) => PeerReply::Snapshot(raft.install_snapshot(request).await),
             PeerRpc::Propose(command) => PeerReply::Propose(match raft.client_write(command).await {
@@ -248,9 +265,25 @@ impl Cluster {
         Ok(info.id)
     }
 
+    /// Whether `node` answered a ping within the down time (this node is always up to itself).
     pub fn is_up(&self, node: NodeId) -> bool {
+        let down_after = self.inner.liveness.down_after;
         node == self.node_id()
-            || self.inner.seen.lock().expect("seen lock").get(&node).is_some_and(|(at, _)| at.elapsed() < DOWN_AFTER)
+            || self.inner.seen.lock().expect("seen lock").get(&node).is_some_and(|(at, _)| at.elapsed() < down_after)
+    }
+
+    /// True while this node cannot reach a majority of the voters: it then runs no VM.
+    pub fn watch_isolated(&self) -> watch::Receiver<bool> {
+        self.inner.liveness.isolated.subscribe()
+    }
+
+    /// Adds to the event log in the background, best effort.
+    pub fn record_event(&self, kind: model::EventKind, message: String) {
+        crate::liveness::record_event(self.clone(), kind, message);
+    }
+
+    pub(crate) fn from_inner(inner: &Arc<Inner>) -> Cluster {
+        Cluster { inner: inner.clone() }
     }
 
     pub async fn add_disk(&self, disk: Disk) -> Result<(), ClusterError> {
@@ -344,7 +377,7 @@ impl Cluster {
         let mut reports: HashMap<NodeId, NodeReport> = HashMap::new();
         reports.insert(self.node_id(), self.local_report());
         for (node, (at, report)) in self.inner.seen.lock().expect("seen lock").iter() {
-            if at.elapsed() < DOWN_AFTER {
+            if at.elapsed() < self.inner.liveness.down_after {
                 reports.insert(*node, report.clone());
             }
         }
@@ -411,25 +444,6 @@ impl Cluster {
 
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
-    }
-}
-
-/// Pings every other member each `PING_INTERVAL`, recording who answered and their disks.
-async fn ping_loop(inner: std::sync::Weak<Inner>) {
-    let mut ticker = tokio::time::interval(PING_INTERVAL);
-    loop {
-        ticker.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let state = inner.state.borrow().clone();
-        let pings = state.nodes.values().filter(|n| n.id != inner.node.id).map(|node| {
-            let call = inner.transport.call(&node.api_addr, PeerRpc::Ping, PING_INTERVAL);
-            async move { (node.id, call.await) }
-        });
-        for (node, reply) in futures_util::future::join_all(pings).await {
-            if let Ok(PeerReply::Ping(report)) = reply {
-                inner.seen.lock().expect("seen lock").insert(node, (Instant::now(), report));
-            }
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod error;
+mod liveness;
 mod network;
 mod status;
 mod storage;
@@ -14,6 +15,7 @@ mod vms;
 
 pub use cluster::{Cluster, ClusterConfig};
 pub use error::{ClusterError, ClusterErrorKind};
+pub use liveness::{DOWN_AFTER_DEFAULT, DOWN_AFTER_MIN, PING_INTERVAL};
 pub use network::{PeerTransport, TransportError};
 pub use status::{ClusterStatus, DiskStatus, NodeStatus};
 pub use types::{PeerReply, PeerRpc, RemoteRefusal};

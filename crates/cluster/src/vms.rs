@@ -22,12 +22,20 @@ impl Cluster {
         let vm = self.vm(name)?;
         let state = self.state();
         let node = match node {
+            Some(node) if !self.is_up(node) => {
+                return Err(ClusterError::Refused(format!("{node} does not answer: start the VM on a node that is up")))
+            }
             Some(node) => node,
             None => policy::choose_vm_node(&state, |n| self.is_up(n))
                 .ok_or_else(|| ClusterError::Refused("no node is up to run the VM".into()))?,
         };
         self.propose(ClusterCommand::StartVm { vm: vm.id, node, force }).await?;
         Ok(node)
+    }
+
+    /// Whether `node` can go down now: `Ok`, or every reason it cannot.
+    pub fn node_check(&self, node: NodeId) -> Result<(), Vec<String>> {
+        policy::node_check(&self.state(), node, |n| n != node && self.is_up(n))
     }
 
     pub async fn stop_vm(&self, name: &str, force: bool) -> Result<(), ClusterError> {

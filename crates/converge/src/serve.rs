@@ -73,8 +73,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let reports = disks.clone();
     let resync_stats = Arc::new(ResyncStats::default());
     let resync_report = resync_stats.clone();
-    let config =
-        ClusterConfig { data_dir: args.data_dir.clone(), api_addr: api_addr.clone(), data_addr: data_addr.clone() };
+    let config = ClusterConfig {
+        data_dir: args.data_dir.clone(),
+        api_addr: api_addr.clone(),
+        data_addr: data_addr.clone(),
+        down_after: Duration::from_millis(args.down_after_ms),
+    };
     let cluster = Cluster::start(
         config,
         Arc::new(HttpTransport::new()),
@@ -82,6 +86,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             node: NodeId(0),
             disks: reports.reports(),
             resync: resync_report.report(),
+            heard_ms_ago: Default::default(),
         }),
     )
     .await?;

@@ -142,3 +142,37 @@ fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
         status["nodes"].as_array().unwrap().iter().all(|n| n["up"] == true)
     });
 }
+
+fn events(node: &NodeProcess) -> Vec<serde_json::Value> {
+    node.cli(&["--json", "events"]).lines().map(json).collect()
+}
+
+#[test]
+fn a_node_stalled_for_2_s_is_told_as_slow_and_a_killed_one_is_declared_down_and_up_again() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut nodes = cluster(dir.path(), [47, 48, 49], 18970);
+
+    nodes[1].signal("STOP");
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[1].signal("CONT");
+    let told = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_slow")
+    });
+    let after_stall = events(&nodes[0]);
+    nodes[2].sigkill();
+    wait_until("the killed node is declared down", Duration::from_secs(20), || {
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_down")
+    });
+    let status = json(&nodes[0].cli(&["--json", "cluster", "status"]));
+    nodes[2].restart();
+    wait_until("the node is declared up again", Duration::from_secs(20), || {
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_up")
+    });
+
+    assert!(told, "a slow event: {after_stall:?}\n{}", nodes[0].log_text());
+    assert!(!after_stall.iter().any(|e| e["kind"] == "node_down"), "a 2 s stall is no failure: {after_stall:?}");
+    let down = events(&nodes[0]).into_iter().find(|e| e["kind"] == "node_down").unwrap();
+    assert!(down["message"].as_str().unwrap().contains(&nodes[2].addr), "{down}");
+    assert!(status["pgs_degraded"].as_u64().unwrap() == 0, "no volume, nothing degraded: {status}");
+}

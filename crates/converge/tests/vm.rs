@@ -5,47 +5,14 @@
 
 mod common;
 
-use common::{cluster, json, run, wait_until, NodeProcess};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use common::{cluster, create_guest_vm, guest, json, pattern_of, run, wait_until, NodeProcess, GUEST_TIMEOUT};
 use std::time::Duration;
 
-/// A TCG guest boots, runs and powers off in about 10 s here; this bounds a slow machine.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// Blocks of the pattern the guest writes (4 KiB each): guest/rootfs-init.
 const PATTERN_BLOCKS: usize = 1024;
 
-/// Builds the test guest (idempotent) and returns its directory.
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = root.join("target/guest");
-    let status = Command::new(root.join("guest/build.sh")).arg(&out).status().expect("guest/build.sh runs");
-    assert!(status.success(), "guest/build.sh failed (scripts/setup.sh installs what it needs)");
-    out
-}
-
-/// Block b is its number as 8 hex digits, repeated over 4 KiB (as the guest's awk makes it).
 fn pattern() -> Vec<u8> {
     pattern_of(PATTERN_BLOCKS)
-}
-
-fn pattern_of(blocks: usize) -> Vec<u8> {
-    (0..blocks).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
-}
-
-/// Creates a VM of the test guest: root filesystem imported onto its first disk, direct
-/// kernel boot with `cmdline`, and `disks` as `--disk` values.
-fn create_guest_vm(node: &NodeProcess, guest: &Path, name: &str, disks: &[&str], cmdline: &str) {
-    let path = |file: &str| guest.join(file).display().to_string();
-    let mut args = vec!["vm".to_string(), "create".into(), name.into(), "--memory".into(), "256M".into()];
-    for disk in disks {
-        args.extend(["--disk".to_string(), disk.to_string()]);
-    }
-    for (flag, file) in [("--image", "rootfs.img"), ("--kernel", "vmlinuz"), ("--initrd", "initramfs.cpio.gz")] {
-        args.extend([flag.to_string(), path(file)]);
-    }
-    args.extend(["--cmdline".to_string(), cmdline.to_string()]);
-    node.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn vm_state(node: &NodeProcess, name: &str) -> serde_json::Value {

@@ -32,8 +32,13 @@ pub trait Host: Send + Sync + 'static {
     fn watch(&self) -> watch::Receiver<Arc<ClusterState>>;
     /// Records what this node observes of a VM.
     fn report(&self, vm: VmId, state: VmRunState) -> BoxFuture<'_, Result<(), HostError>>;
-    /// The guest shut itself down: the VM's desired state follows, so it is not restarted.
+    /// True while this node is cut off from the majority: it then runs no VM.
+    fn isolated(&self) -> watch::Receiver<bool>;
+    /// The guest shut itself down (or QEMU ended): the VM's desired state follows, so it is
+    /// not restarted, if it is still meant to run on this node.
     fn guest_stopped(&self, vm: VmId) -> BoxFuture<'_, Result<(), HostError>>;
+    /// Adds to the cluster's event log, best effort.
+    fn record_event(&self, kind: model::EventKind, message: String);
     /// Takes ownership of the VM's disks (new owner epochs, so any earlier owner is fenced)
     /// and serves each on a vhost-user socket under `dir`, in the spec's order.
     fn attach_disks<'a>(

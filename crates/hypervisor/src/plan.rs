@@ -22,8 +22,18 @@ pub enum Action {
     },
 }
 
-pub fn plan(state: &ClusterState, this: NodeId, local: &BTreeMap<VmId, LocalPhase>) -> Vec<Action> {
+/// The actions for this node. A node cut off from the majority (`isolated`) ends every VM
+/// it runs at once and starts none: the majority may restart them elsewhere.
+pub fn plan(state: &ClusterState, this: NodeId, local: &BTreeMap<VmId, LocalPhase>, isolated: bool) -> Vec<Action> {
     let mut actions = Vec::new();
+    if isolated {
+        for (&vm, &phase) in local {
+            if phase != LocalPhase::Stopping {
+                actions.push(Action::Stop { vm, force: true });
+            }
+        }
+        return actions;
+    }
     for vm in state.vms.values() {
         if vm.desired == (VmDesired::Running { node: this }) && !local.contains_key(&vm.id) {
             actions.push(Action::Start(vm.id));
@@ -84,8 +94,8 @@ mod tests {
     fn a_vm_desired_here_and_not_running_is_started() {
         let (mut state, vm) = state_with_vm();
         state.apply(&ClusterCommand::StartVm { vm, node: A, force: false }).unwrap();
-        assert_eq!(plan(&state, A, &BTreeMap::new()), vec![Action::Start(vm)]);
-        assert_eq!(plan(&state, B, &BTreeMap::new()), vec![]);
+        assert_eq!(plan(&state, A, &BTreeMap::new(), false), vec![Action::Start(vm)]);
+        assert_eq!(plan(&state, B, &BTreeMap::new(), false), vec![]);
     }
 
     #[test]
@@ -93,9 +103,9 @@ mod tests {
         let (mut state, vm) = state_with_vm();
         let local = BTreeMap::from([(vm, LocalPhase::Running)]);
         state.apply(&ClusterCommand::StopVm { vm, force: false }).unwrap();
-        assert_eq!(plan(&state, A, &local), vec![Action::Stop { vm, force: false }]);
+        assert_eq!(plan(&state, A, &local, false), vec![Action::Stop { vm, force: false }]);
         state.apply(&ClusterCommand::StopVm { vm, force: true }).unwrap();
-        assert_eq!(plan(&state, A, &local), vec![Action::Stop { vm, force: true }]);
+        assert_eq!(plan(&state, A, &local, false), vec![Action::Stop { vm, force: true }]);
     }
 
     #[test]
@@ -103,13 +113,25 @@ mod tests {
         let (mut state, vm) = state_with_vm();
         state.apply(&ClusterCommand::StartVm { vm, node: B, force: false }).unwrap();
         let local = BTreeMap::from([(vm, LocalPhase::Running)]);
-        assert_eq!(plan(&state, A, &local), vec![Action::Stop { vm, force: true }]);
+        assert_eq!(plan(&state, A, &local, false), vec![Action::Stop { vm, force: true }]);
     }
 
     #[test]
     fn a_vm_already_stopping_is_left_alone() {
         let (state, vm) = state_with_vm();
         let local = BTreeMap::from([(vm, LocalPhase::Stopping)]);
-        assert_eq!(plan(&state, A, &local), vec![]);
+        assert_eq!(plan(&state, A, &local, false), vec![]);
+    }
+
+    #[test]
+    fn a_node_cut_off_from_the_majority_ends_its_vms_and_starts_none() {
+        let (mut state, vm) = state_with_vm();
+        state.apply(&ClusterCommand::StartVm { vm, node: A, force: false }).unwrap();
+        let (other, leaving) = (VmId(7), VmId(8));
+        let local = BTreeMap::from([(other, LocalPhase::Starting), (leaving, LocalPhase::Stopping)]);
+
+        let actions = plan(&state, A, &local, true);
+
+        assert_eq!(actions, vec![Action::Stop { vm: other, force: true }], "nothing started, every VM ended");
     }
 }

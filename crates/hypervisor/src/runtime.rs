@@ -51,6 +51,19 @@ enum StartError {
     Qmp(#[from] crate::qmp::QmpError),
 }
 
+/// A start that restarts a VM whose node went down.
+#[derive(Clone, Copy)]
+struct Failover {
+    from: model::NodeId,
+    down: model::NodeDown,
+    /// When this node began starting it (wall clock ms).
+    began_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// How a running VM ended.
 enum Ended {
     /// We stopped it, as asked.
@@ -74,21 +87,57 @@ impl Hypervisor {
     /// Runs the reconcile loop until the process ends.
     pub async fn run(self: Arc<Self>) {
         let mut state = self.host.watch();
+        let mut isolated = self.host.isolated();
+        self.report_died_with_node().await;
         loop {
-            self.reconcile();
+            self.reconcile(*isolated.borrow_and_update());
             tokio::select! {
                 _ = state.changed() => {}
+                _ = isolated.changed() => {}
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
             }
         }
     }
 
-    fn reconcile(self: &Arc<Self>) {
+    /// At start: VMs the state shows alive on this node, and not meant to run here any more,
+    /// ended with this node's last run (QEMU dies with its daemon). Those meant to run here
+    /// are started again by the reconcile loop, which reports them.
+    async fn report_died_with_node(self: &Arc<Self>) {
+        let state = self.host.state();
+        let this = self.host.this_node();
+        for vm in state.vms.values() {
+            let alive = !matches!(vm.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
+            let meant_here = vm.desired == (model::VmDesired::Running { node: this });
+            if vm.observed.node == Some(this) && alive && !meant_here {
+                let (hypervisor, id) = (self.clone(), vm.id);
+                // Raft may not have a leader yet while this node starts: try for a while.
+                tokio::spawn(async move {
+                    let reason = format!("it ended when {this} stopped");
+                    for _ in 0..60 {
+                        if hypervisor.host.report(id, VmRunState::Failed { reason: reason.clone() }).await.is_ok() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// The node a VM is being restarted from, if this start is a failover: it last ran on
+    /// another node, which is down.
+    fn failover_from(&self, vm: &Vm) -> Option<(model::NodeId, model::NodeDown)> {
+        let from = vm.observed.node.filter(|n| *n != self.host.this_node())?;
+        let down = self.host.state().down.get(&from).copied()?;
+        Some((from, down))
+    }
+
+    fn reconcile(self: &Arc<Self>, isolated: bool) {
         let state = self.host.state();
         let mut local = self.local.lock().expect("local VMs lock");
         let phases = local.iter().map(|(id, vm)| (*id, vm.phase)).collect();
-        for action in plan(&state, self.host.this_node(), &phases) {
+        for action in plan(&state, self.host.this_node(), &phases, isolated) {
             match action {
                 Action::Start(id) => {
                     let Some(vm) = state.vms.get(&id).cloned() else { continue };
@@ -125,8 +174,9 @@ impl Hypervisor {
     /// The whole life of one VM on this node: start, run until stopped or gone, clean up.
     async fn run_vm(self: Arc<Self>, vm: Vm, stop: oneshot::Receiver<bool>) {
         let id = vm.id;
+        let failover = self.failover_from(&vm).map(|(from, down)| Failover { from, down, began_ms: now_ms() });
         self.report(id, VmRunState::Starting).await;
-        let result = self.start_and_wait(&vm, stop).await;
+        let result = self.start_and_wait(&vm, stop, failover).await;
         let state = match &result {
             Ok(Ended::Stopped) | Ok(Ended::GuestShutdown) => VmRunState::Stopped,
             Ok(Ended::Crashed(reason)) => VmRunState::Failed { reason: reason.clone() },
@@ -150,7 +200,12 @@ impl Hypervisor {
         self.changed.notify_one();
     }
 
-    async fn start_and_wait(&self, vm: &Vm, mut stop: oneshot::Receiver<bool>) -> Result<Ended, StartError> {
+    async fn start_and_wait(
+        &self,
+        vm: &Vm,
+        mut stop: oneshot::Receiver<bool>,
+        failover: Option<Failover>,
+    ) -> Result<Ended, StartError> {
         let dir = self.vm_dir.join(vm.id.to_string());
         let io = |path: &std::path::Path| {
             let path = path.display().to_string();
@@ -180,7 +235,10 @@ impl Hypervisor {
             }
         }
         // Disks last before QEMU: attaching fences any earlier owner.
+        let fencing = std::time::Instant::now();
         let disks: Vec<Box<dyn AttachedDisk>> = self.host.attach_disks(vm, &dir).await?;
+        let fencing = fencing.elapsed();
+        let spawned = std::time::Instant::now();
         paths.disk_sockets = disks.iter().map(|d| d.socket().to_path_buf()).collect();
         let log_path = dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
@@ -199,6 +257,21 @@ impl Hypervisor {
         tracing::info!(vm = %vm.spec.name, pid, accel = ?self.accel, "VM running");
         self.set_phase(vm.id, LocalPhase::Running);
         self.report(vm.id, VmRunState::Running { accel: self.accel, pid }).await;
+        if let Some(failover) = failover {
+            let message = format!(
+                "VM {} runs on {} again after {} went down: detection {} ms (silence), decision {} ms, \
+                 fencing {} ms (owner epochs and reconcile), QEMU up {} ms later; the guest boots from here",
+                vm.spec.name,
+                self.host.this_node(),
+                failover.from,
+                failover.down.silent_ms,
+                failover.began_ms.saturating_sub(failover.down.at_ms),
+                fencing.as_millis(),
+                spawned.elapsed().as_millis()
+            );
+            tracing::info!("{message}");
+            self.host.record_event(model::EventKind::VmRestarted, message);
+        }
 
         let ended = tokio::select! {
             status = child.wait() => {

@@ -862,9 +862,13 @@ mod tests {
         let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
         state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
 
+        let epoch = state.pools[&PoolId(0)].pgs[0].epoch;
         state.apply(&down(NODE_A, 1000)).unwrap();
 
         assert!(matches!(state.vms[&vm].observed.state, VmRunState::Failed { .. }));
+        let pg = &state.pools[&PoolId(0)].pgs[0];
+        assert_eq!(pg.acting().collect::<Vec<_>>(), vec![DiskId(20)], "its replicas left the acting sets");
+        assert_eq!(pg.epoch, PgEpoch(epoch.0 + 1));
         assert_eq!(state.apply(&ClusterCommand::StopVm { vm, force: false }), Ok(CommandOutcome::Done));
         assert_eq!(state.apply(&ClusterCommand::DeleteVm { vm }), Ok(CommandOutcome::Done));
         assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::NodeDown));
@@ -881,6 +885,7 @@ mod tests {
         assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Err(CommandError::NodeNotDown(NODE_A)));
         state.apply(&down(NODE_A, 1000)).unwrap();
         state.apply(&down(NODE_B, 1000)).unwrap();
+        assert_eq!(state.pools[&PoolId(0)].pgs[0].acting().count(), 1, "a PG keeps its last acting replica");
         assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Err(CommandError::NodeDown(NODE_B)));
         state.apply(&ClusterCommand::MarkNodeUp { node: NODE_B, at_ms: 1500 }).unwrap();
         assert_eq!(state.apply(&failover(NODE_A, NODE_B)), Ok(CommandOutcome::Done));

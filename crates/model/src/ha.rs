@@ -66,6 +66,9 @@ impl HaPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDown {
     pub at_ms: u64,
+    /// How long it had not answered when it was declared down.
+    #[serde(default)]
+    pub silent_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +141,25 @@ impl ClusterState {
         if self.down.contains_key(&node) {
             return Ok(());
         }
-        self.down.insert(node, NodeDown { at_ms });
+        self.down.insert(node, NodeDown { at_ms, silent_ms });
+        // Its replicas leave their acting sets now, in one step, rather than one write
+        // timeout and one take-out at a time: writers and a new owner's fencing go on with
+        // the others at once. A PG whose only acting replicas are there keeps them (its data
+        // is there); the node's replicas are resynced when it answers again.
+        let on_node: Vec<crate::ids::DiskId> = self.disks_of(node).map(|d| d.id).collect();
+        let reason = format!("its node {node} went down");
+        for pool in self.pools.values_mut() {
+            for pg in &mut pool.pgs {
+                let leaving: Vec<_> = on_node.iter().copied().filter(|d| pg.is_acting(*d)).collect();
+                if leaving.is_empty() || pg.acting().count() == leaving.len() {
+                    continue;
+                }
+                pg.epoch = crate::ids::PgEpoch(pg.epoch.0 + 1);
+                for disk in leaving {
+                    pg.out.insert(disk, crate::state::OutReason { since: pg.epoch, reason: reason.clone() });
+                }
+            }
+        }
         // Its QEMU processes died with it, or will be ended when it returns: what ran there
         // is not running, and may be stopped, deleted or restarted elsewhere.
         let reason = format!("its node {node} went down");

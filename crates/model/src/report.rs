@@ -10,6 +10,10 @@ pub struct NodeReport {
     pub disks: Vec<DiskReport>,
     #[serde(default)]
     pub resync: ResyncReport,
+    /// How long ago (ms) this node last heard from each other node: the leader declares a
+    /// node down only when nobody has heard from it, not just the leader.
+    #[serde(default)]
+    pub heard_ms_ago: std::collections::BTreeMap<NodeId, u64>,
 }
 
 /// What a node's resyncs copied since it started.

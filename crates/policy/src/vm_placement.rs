@@ -2,9 +2,11 @@
 
 use model::{ClusterState, NodeId, VmDesired};
 
-/// The up node with the fewest VMs desired running on it; ties go to the lowest id.
+/// The up node with the fewest VMs desired running on it, among those neither declared down
+/// nor drained; ties go to the lowest id.
 pub fn choose_vm_node(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Option<NodeId> {
-    state.nodes.keys().copied().filter(|&n| is_up(n)).min_by_key(|&node| {
+    let takes_vms = |n: NodeId| is_up(n) && !state.is_down(n) && !state.drained.contains(&n);
+    state.nodes.keys().copied().filter(|&n| takes_vms(n)).min_by_key(|&node| {
         let load = state.vms.values().filter(|vm| vm.desired == VmDesired::Running { node }).count();
         (load, node)
     })

@@ -149,3 +149,35 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A TCG guest boots, runs and powers off in about 10 s here; this bounds a slow machine.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Builds the test guest (idempotent) and returns its directory.
+pub fn guest() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/guest");
+    let status = Command::new(root.join("guest/build.sh")).arg(&out).status().expect("guest/build.sh runs");
+    assert!(status.success(), "guest/build.sh failed (scripts/setup.sh installs what it needs)");
+    out
+}
+
+/// Block b is its number as 8 hex digits, repeated over 4 KiB (as the guest's awk makes it).
+pub fn pattern_of(blocks: usize) -> Vec<u8> {
+    (0..blocks).flat_map(|b| format!("{b:08x}").repeat(512).into_bytes()).collect()
+}
+
+/// Creates a VM of the test guest: root filesystem imported onto its first disk, direct
+/// kernel boot with `cmdline`, and `disks` as `--disk` values.
+pub fn create_guest_vm(node: &NodeProcess, guest: &Path, name: &str, disks: &[&str], cmdline: &str) {
+    let path = |file: &str| guest.join(file).display().to_string();
+    let mut args = vec!["vm".to_string(), "create".into(), name.into(), "--memory".into(), "256M".into()];
+    for disk in disks {
+        args.extend(["--disk".to_string(), disk.to_string()]);
+    }
+    for (flag, file) in [("--image", "rootfs.img"), ("--kernel", "vmlinuz"), ("--initrd", "initramfs.cpio.gz")] {
+        args.extend([flag.to_string(), path(file)]);
+    }
+    args.extend(["--cmdline".to_string(), cmdline.to_string()]);
+    node.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}

@@ -1,0 +1,139 @@
+//! VM high availability end to end, with a real guest: a node that stalls for 2 s costs no
+//! failover; SIGKILL of the node running a VM (its daemon and its QEMU) restarts the VM on
+//! another node within seconds, with every write its guest saw acknowledged on its disk;
+//! the node that comes back does not take the VM back; and `node check`/`drain` move VMs
+//! off a node on purpose.
+
+mod common;
+
+use common::{cluster, create_guest_vm, guest, json, pattern_of, wait_until, NodeProcess, GUEST_TIMEOUT};
+use std::time::{Duration, Instant};
+
+/// The guest writes 4 KiB block b of the pattern at 64 KiB * b of its second disk.
+const HA_STRIDE_BYTES: usize = 64 << 10;
+/// Detection, decision and fencing, by default, on this machine (the bar).
+const FAILOVER_MS_MAX: u64 = 5000;
+
+fn vm(node: &NodeProcess, name: &str) -> serde_json::Value {
+    json(&node.cli(&["--json", "vm", "show", name]))
+}
+
+fn events(node: &NodeProcess) -> Vec<serde_json::Value> {
+    node.cli(&["--json", "events"]).lines().map(json).collect()
+}
+
+fn node_id(node: &NodeProcess) -> u64 {
+    json(&node.cli(&["--json", "cluster", "status"]))["this_node"].as_u64().unwrap()
+}
+
+/// The last block the guest reported acknowledged in a console log.
+fn last_acked(console: &str) -> Option<usize> {
+    console.lines().rev().filter_map(|l| l.strip_prefix("GUEST: HA acked ")).find_map(|b| b.trim().parse().ok())
+}
+
+/// A number after `key ` and before ` ms` in an event message.
+fn ms_after(message: &str, key: &str) -> u64 {
+    let rest = message.split(key).nth(1).unwrap_or_else(|| panic!("no {key:?} in {message}"));
+    rest.trim_start().split(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{key:?} in {message}"))
+}
+
+#[test]
+fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
+    let guest = guest();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut nodes = cluster(dir.path(), [44, 45, 46], 18960);
+    let cmdline = "console=ttyS0 panic=-1 quiet gmode=ha";
+    create_guest_vm(&nodes[0], &guest, "ha", &["64M", "160M,replicas=2"], cmdline);
+    let home = node_id(&nodes[1]);
+    nodes[0].cli(&["vm", "start", "ha", "--node", &nodes[1].addr]);
+    let console = |node: &NodeProcess| node.cli(&["vm", "console", "ha", "--no-follow"]);
+    wait_until("the guest writes", GUEST_TIMEOUT, || last_acked(&console(&nodes[0])).is_some_and(|b| b >= 50));
+
+    // A 2 s stall of the VM's node is no failure: the VM stays where it runs.
+    let pid = vm(&nodes[0], "ha")["state"]["pid"].as_u64().unwrap();
+    nodes[1].signal("STOP");
+    std::thread::sleep(Duration::from_secs(2));
+    nodes[1].signal("CONT");
+    wait_until("the stall is told as a slow node", Duration::from_secs(20), || {
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_slow")
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let after_stall = vm(&nodes[0], "ha");
+    assert_eq!(after_stall["desired"]["Running"]["node"], home, "{after_stall}");
+    assert_eq!(after_stall["state"]["pid"], pid, "the VM was not restarted: {after_stall}");
+    assert!(!events(&nodes[0]).iter().any(|e| e["kind"] == "node_down"), "no node was declared down");
+
+    // SIGKILL of the node and its QEMU: the VM runs again on another node.
+    let acked_before = last_acked(&console(&nodes[0])).unwrap();
+    nodes[1].sigkill();
+    let killed = Instant::now();
+    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    wait_until("the VM runs on another node", Duration::from_secs(60), || {
+        let v = vm(&nodes[0], "ha");
+        v["state"]["state"] == "running" && v["node"] != home
+    });
+    let running_after = killed.elapsed();
+    wait_until("the restarted guest boots", GUEST_TIMEOUT, || console(&nodes[0]).contains("GUEST: HA boot 2"));
+    let booted_after = killed.elapsed();
+
+    // While the node is dead, a node that holds the only acting replica of some PG cannot go
+    // down too (2 replicas, min_size 1): `node check` says so.
+    let check = json(&nodes[2].cli(&["--json", "node", "check", &nodes[2].addr]));
+    assert_eq!(check["can_go_down"], false, "{check}");
+    assert!(check["reasons"][0].as_str().unwrap().contains("min_size"), "{check}");
+
+    // What the guest saw acknowledged before the kill, from the dead node's console log.
+    let first_run = std::fs::read_to_string(nodes[1].data_dir.join("vms/vm-0/console.log")).unwrap();
+    let acked = last_acked(&first_run).unwrap();
+    assert!(acked >= acked_before);
+    assert!(!first_run.contains("GUEST: HA failed"), "no write failed in the guest");
+    let exported = dir.path().join("ha-disk1.raw");
+    nodes[2].cli(&["volume", "export", "ha-disk1", exported.to_str().unwrap()]);
+    let bytes = std::fs::read(&exported).unwrap();
+    let pattern = pattern_of(acked + 1);
+    for block in 0..=acked {
+        let at = block * HA_STRIDE_BYTES;
+        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "acknowledged block {block} intact");
+    }
+
+    // The event log tells the failover, split into its steps.
+    let log = events(&nodes[0]);
+    let kinds: Vec<&str> = log.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    for kind in ["node_down", "vm_failover", "vm_restarted"] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    let restarted = log.iter().find(|e| e["kind"] == "vm_restarted").unwrap()["message"].as_str().unwrap().to_string();
+    let (detection, decision, fencing) =
+        (ms_after(&restarted, "detection"), ms_after(&restarted, "decision"), ms_after(&restarted, "fencing"));
+    println!(
+        "failover: detection {detection} ms, decision {decision} ms, fencing {fencing} ms; running {} ms and booted {} ms after the kill",
+        running_after.as_millis(),
+        booted_after.as_millis()
+    );
+    assert!(detection + decision + fencing < FAILOVER_MS_MAX, "{restarted}");
+
+    // The dead node comes back: it does not take the VM back, and is up again.
+    nodes[1].restart();
+    wait_until("the node is declared up again", Duration::from_secs(30), || {
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_up")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = vm(&nodes[0], "ha");
+    assert_ne!(settled["node"], home, "the VM stays where it was restarted: {settled}");
+    assert_eq!(settled["state"]["state"], "running", "{settled}");
+    let moved_to = settled["node"].as_u64().unwrap();
+    wait_until("the cluster is whole again", Duration::from_secs(120), || {
+        json(&nodes[0].cli(&["--json", "cluster", "status"]))["pgs_degraded"] == 0
+    });
+
+    // Maintenance, with every node up again: the VM's node can go down, and a drain moves
+    // the VM off it.
+    let target = nodes.iter().find(|n| node_id(n) == moved_to).unwrap();
+    let check = json(&nodes[0].cli(&["--json", "node", "check", &target.addr]));
+    assert_eq!(check["can_go_down"], true, "{check}");
+    nodes[0].cli(&["node", "drain", &target.addr]);
+    let drained = vm(&nodes[0], "ha");
+    assert_ne!(drained["node"], moved_to, "{drained}");
+    assert_eq!(drained["state"]["state"], "running", "{drained}");
+    nodes[0].cli(&["node", "resume", &target.addr]);
+}
