@@ -1,7 +1,7 @@
 # converge: the two commands are `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: setup build test check fuzz demo demo-stop bench torture sim clean
+.PHONY: setup build test check fuzz demo demo-stop bench failover-bench torture sim clean
 
 setup:
 	@scripts/setup.sh
@@ -42,6 +42,11 @@ demo-stop:
 bench: build
 	@scripts/bench-import.sh
 	@scripts/bench-vm.sh
+
+# SIGKILL of a VM's node until its guest boots elsewhere, split into detection, decision,
+# fencing and boot, against a cold start of the same VM. RUNS=N runs (default 3).
+failover-bench: build
+	@scripts/bench-failover.sh
 
 clean:
 	$(CARGO) clean

@@ -162,6 +162,20 @@ impl Cluster {
         Ok(outcome)
     }
 
+    /// Proposes a command only while this node leads, and never forwards it: the leader's
+    /// own judgements (a node down, a failover) must not be applied by another leader that
+    /// did not make them, after this one was deposed with the proposal pending.
+    pub(crate) async fn propose_as_leader(&self, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
+        let proposal = Proposal { id: u128::from(random_u64()?) << 64 | u128::from(random_u64()?), command };
+        match self.inner.raft.client_write(proposal).await {
+            Ok(response) => Ok(response.data?),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ClusterError::Refused("this node no longer leads".into()))
+            }
+            Err(e) => Err(raft_error(e)),
+        }
+    }
+
     /// Proposes through the leader; the outcome and the log index it was committed at.
     async fn propose_at(&self, command: ClusterCommand) -> Result<(CommandOutcome, u64), ClusterError> {
         let started = Instant::now();

@@ -88,6 +88,7 @@ impl ClusterError {
                 | CommandError::ReplicaNotOut { .. }
                 | CommandError::NodeDown(_)
                 | CommandError::NodeNotDown(_)
+                | CommandError::NodeNotDrained(_)
                 | CommandError::VmMovedOn { .. }
                 | CommandError::VolumeOfVmElsewhere { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }

@@ -28,6 +28,9 @@ pub const DOWN_AFTER_MIN: Duration = Duration::from_millis(2000);
 /// A ping round that starts or lasts this much late means this process itself stalled
 /// (stopped, starved): what it knows of the others is old, so it judges nobody for a while.
 const STALL: Duration = Duration::from_millis(1800);
+/// How often the leader judges who is down: finer than the pings, so a node is declared
+/// down soon after its silence passes the down time.
+const LEADER_TICK: Duration = Duration::from_millis(250);
 /// Rounds between two checks that the state holds this node's capacity.
 const CAPACITY_EVERY_ROUNDS: u32 = 20;
 
@@ -196,32 +199,56 @@ fn local_capacity() -> Capacity {
 /// The leader's duties, each ping round: declare nodes down (and up again), say when one
 /// was slow, and move the HA VMs of the nodes that are down.
 pub(crate) async fn leader_loop(inner: Weak<Inner>) {
-    let mut ticker = tokio::time::interval(PING_INTERVAL);
+    let mut ticker = tokio::time::interval(LEADER_TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When each node was last heard from, as of the previous round: a jump of more than
     // half the down time is a silence worth telling, if it did not end in a failover.
     let mut heard: HashMap<NodeId, Instant> = HashMap::new();
+    // Since when each node has been heard by no majority of the voters.
+    let mut minority_since: HashMap<NodeId, Instant> = HashMap::new();
     let mut unplaced_told: HashSet<(VmId, NodeId)> = HashSet::new();
+    let mut last_tick = Instant::now();
+    let mut judging_since = Instant::now();
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        // This loop itself ran late (the process stalled): what it knows is old.
+        if now.duration_since(last_tick) > STALL {
+            judging_since = now;
+        }
+        last_tick = now;
         let cluster = Cluster::from_inner(&inner);
         let me = inner.node.id;
-        let leading = {
+        let (leading, voters) = {
             let metrics = inner.raft.metrics().borrow().clone();
-            metrics.current_leader == Some(me.0) && metrics.state == openraft::ServerState::Leader
+            let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+            (metrics.current_leader == Some(me.0) && metrics.state == openraft::ServerState::Leader, voters)
         };
         let state = cluster.state();
         if !leading || state.cluster.is_none() {
             heard.clear();
+            minority_since.clear();
             continue;
         }
-        let steady_since = inner.liveness.steady_since();
-        let now = Instant::now();
+        if state.is_down(me) {
+            propose(&cluster, ClusterCommand::MarkNodeUp { node: me, at_ms: now_ms() }).await;
+        }
+        // Silence before this node's own stall, or before it started, counts for nothing.
+        let steady_since = inner.liveness.steady_since().max(judging_since);
         let down_after = inner.liveness.down_after;
         for &node in state.nodes.keys().filter(|&&n| n != me) {
-            let last = last_heard(&inner, node);
+            let (last, heard_by) = last_heard(&inner, node, down_after);
             let silent = now.duration_since(last.unwrap_or(steady_since).max(steady_since));
+            let with_itself = heard_by + usize::from(voters.contains(&node.0));
+            let minority = !voters.is_empty() && with_itself * 2 <= voters.len();
+            let minority_for = if minority {
+                let since = *minority_since.entry(node).or_insert(now);
+                now.duration_since(since.max(steady_since))
+            } else {
+                minority_since.remove(&node);
+                Duration::ZERO
+            };
             // A silence that spans this node's own stall is this node's: it tells that itself.
             let gap = match (heard.get(&node), last) {
                 (Some(before), Some(last)) if last > *before && *before >= steady_since => {
@@ -233,14 +260,16 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
                 heard.insert(node, last);
             }
             if state.is_down(node) {
-                if silent < PING_INTERVAL * 2 {
+                // Up again only on a fresh answer heard by a majority.
+                let answered = last.is_some_and(|l| now.duration_since(l) < PING_INTERVAL * 2);
+                if answered && !minority {
                     propose(&cluster, ClusterCommand::MarkNodeUp { node, at_ms: now_ms() }).await;
                 }
                 continue;
             }
-            if silent >= down_after {
-                let silent_ms = silent.as_millis() as u64;
-                tracing::warn!(%node, silent_ms, "declaring a node down");
+            if silent >= down_after || minority_for >= down_after {
+                let silent_ms = silent.max(minority_for).as_millis() as u64;
+                tracing::warn!(%node, silent_ms, heard_by, "declaring a node down");
                 propose(&cluster, ClusterCommand::MarkNodeDown { node, at_ms: now_ms(), silent_ms }).await;
             } else if let Some(gap) = gap.filter(|gap| *gap >= down_after / 2) {
                 let message = format!(
@@ -268,10 +297,9 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
             for moved in drain.moves {
                 let name = state.vms.get(&moved.vm).map(|v| v.spec.name.clone()).unwrap_or_default();
                 tracing::info!(vm = %name, from = %node, to = %moved.to, "moving a VM off a drained node");
-                propose(&cluster, ClusterCommand::StartVm { vm: moved.vm, node: moved.to, force: true }).await;
-                let message = format!("VM {name} moves off drained {node} to {}", moved.to);
-                propose(&cluster, ClusterCommand::RecordEvent { at_ms: now_ms(), kind: EventKind::Drain, message })
-                    .await;
+                let command =
+                    ClusterCommand::MoveOffDrained { vm: moved.vm, from: node, to: moved.to, at_ms: now_ms() };
+                propose(&cluster, command).await;
             }
             unplaced.extend(drain.unplaced);
         }
@@ -287,21 +315,25 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
     }
 }
 
-/// When anyone last heard from `node`: this node's own pings, or the reports of the nodes
-/// that answered it. A node that only the leader cannot reach (an asymmetric cut) is not
-/// down: the others still see it, and its VMs keep running there.
-fn last_heard(inner: &Inner, node: NodeId) -> Option<Instant> {
+/// When anyone last heard from `node` (this node's own pings, or the reports of the nodes
+/// that answered it), and how many of the others heard it within `within`. A node that
+/// only the leader cannot reach (an asymmetric cut) is not down: the others still see it,
+/// and its VMs keep running there; a node that only a minority hears is cut off, and stops
+/// its VMs itself.
+fn last_heard(inner: &Inner, node: NodeId, within: Duration) -> (Option<Instant>, usize) {
     let seen = inner.seen.lock().expect("seen lock");
     let own = seen.get(&node).map(|(at, _)| *at);
-    let relayed = seen.values().filter_map(|(at, report)| {
-        let ago = Duration::from_millis(*report.heard_ms_ago.get(&node)?);
-        at.checked_sub(ago)
-    });
-    own.into_iter().chain(relayed).max()
+    let relayed: Vec<Instant> = seen
+        .iter()
+        .filter(|(peer, (at, _))| **peer != node && at.elapsed() < within)
+        .filter_map(|(_, (at, report))| at.checked_sub(Duration::from_millis(*report.heard_ms_ago.get(&node)?)))
+        .collect();
+    let heard_by = own.iter().chain(&relayed).filter(|at| at.elapsed() < within).count();
+    (own.into_iter().chain(relayed).max(), heard_by)
 }
 
 async fn propose(cluster: &Cluster, command: ClusterCommand) {
-    if let Err(e) = cluster.propose(command.clone()).await {
+    if let Err(e) = cluster.propose_as_leader(command.clone()).await {
         tracing::warn!(?command, error = %e, "the leader's proposal failed");
     }
 }

@@ -14,6 +14,10 @@ use tokio::sync::{oneshot, Notify};
 
 /// How long a guest gets to shut down after the power button before QEMU is ended.
 pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first wait before an HA VM that failed here is started again; it doubles up to
+/// `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Reconcile at least this often, even with no state change.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -23,6 +27,9 @@ pub struct Hypervisor {
     qemu: String,
     accel: Accel,
     local: Mutex<BTreeMap<VmId, LocalVm>>,
+    /// HA VMs whose start failed or whose QEMU died here: how often in a row, and when to
+    /// try again.
+    retry: Mutex<BTreeMap<VmId, (u32, std::time::Instant)>>,
     changed: Notify,
 }
 
@@ -77,7 +84,15 @@ enum Ended {
 impl Hypervisor {
     pub fn new(host: Arc<dyn Host>, vm_dir: PathBuf, accel: Accel) -> Arc<Self> {
         let qemu = std::env::var("CONVERGE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
-        Arc::new(Hypervisor { host, vm_dir, qemu, accel, local: Mutex::default(), changed: Notify::new() })
+        Arc::new(Hypervisor {
+            host,
+            vm_dir,
+            qemu,
+            accel,
+            local: Mutex::default(),
+            retry: Mutex::default(),
+            changed: Notify::new(),
+        })
     }
 
     pub fn accel(&self) -> Accel {
@@ -141,6 +156,15 @@ impl Hypervisor {
             match action {
                 Action::Start(id) => {
                     let Some(vm) = state.vms.get(&id).cloned() else { continue };
+                    let waiting = self
+                        .retry
+                        .lock()
+                        .expect("retry lock")
+                        .get(&id)
+                        .is_some_and(|(_, at)| *at > std::time::Instant::now());
+                    if waiting {
+                        continue;
+                    }
                     let (stop, stopped) = oneshot::channel();
                     local.insert(id, LocalVm { phase: LocalPhase::Starting, stop: Some(stop) });
                     tokio::spawn(self.clone().run_vm(vm, stopped));
@@ -188,12 +212,24 @@ impl Hypervisor {
             Ok(Ended::Crashed(reason)) => tracing::error!(vm = %vm.spec.name, %reason, "QEMU ended on its own"),
             Err(e) => tracing::error!(vm = %vm.spec.name, error = %chain(e), "VM failed to start"),
         }
-        if !matches!(result, Ok(Ended::Stopped)) {
-            // The guest (or QEMU, or the start) ended it: the desired state follows, so the
-            // VM is not started again behind the admin's back.
+        let failed = matches!(result, Ok(Ended::Crashed(_)) | Err(_));
+        if failed && vm.spec.ha.enabled {
+            // An HA VM is meant to run: try again here, less and less often (the failure may
+            // be passing: a PG whose only replicas are on a node that is coming back).
+            let mut retry = self.retry.lock().expect("retry lock");
+            let failures = retry.get(&id).map_or(1, |(n, _)| n + 1);
+            let wait = RETRY_FIRST.saturating_mul(1 << (failures - 1).min(5)).min(RETRY_MAX);
+            retry.insert(id, (failures, std::time::Instant::now() + wait));
+            tracing::warn!(vm = %vm.spec.name, failures, retry_in_s = wait.as_secs(), "the HA VM will be started again");
+        } else if !matches!(result, Ok(Ended::Stopped)) {
+            // The guest powered itself off (or a VM without HA failed): the desired state
+            // follows, so the VM is not started again behind the admin's back.
             if let Err(e) = self.host.guest_stopped(id).await {
                 tracing::warn!(%id, error = %e, "recording the VM as stopped failed");
             }
+        }
+        if !failed {
+            self.retry.lock().expect("retry lock").remove(&id);
         }
         self.report(id, state).await;
         self.local.lock().expect("local VMs lock").remove(&id);

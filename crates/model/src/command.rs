@@ -106,6 +106,13 @@ pub enum ClusterCommand {
         to: NodeId,
         at_ms: u64,
     },
+    /// Moves a VM off `from`, which is drained, to `to` (a stop there and a start here).
+    MoveOffDrained {
+        vm: VmId,
+        from: NodeId,
+        to: NodeId,
+        at_ms: u64,
+    },
     /// The guest of a VM on `node` powered off, or QEMU ended or failed to start there: the
     /// VM's desired state follows, if it is still meant to run on `node`.
     GuestStopped {
@@ -201,6 +208,8 @@ pub enum CommandError {
     NodeDown(NodeId),
     #[error("{0} is not down")]
     NodeNotDown(NodeId),
+    #[error("{0} is not drained")]
+    NodeNotDrained(NodeId),
     #[error("VM {vm} is no longer meant to run on the node it was moved from")]
     VmMovedOn { vm: String },
     #[error("Volume {volume} is a disk of VM {vm}, which is meant to run on {node}: only that node may write it")]
@@ -320,6 +329,9 @@ impl ClusterState {
             }
             ClusterCommand::FailoverVm { vm, from, to, at_ms } => {
                 self.failover_vm(*vm, *from, *to, *at_ms).map(|()| CommandOutcome::Done)
+            }
+            ClusterCommand::MoveOffDrained { vm, from, to, at_ms } => {
+                self.move_off_drained(*vm, *from, *to, *at_ms).map(|()| CommandOutcome::Done)
             }
             ClusterCommand::GuestStopped { vm, node } => {
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
@@ -947,5 +959,23 @@ mod tests {
         assert_eq!(state.events.front().map(|e| e.seq), Some(11));
         assert_eq!(state.events_after(state.next_event_seq - 2).count(), 2);
         assert!(state.events.iter().all(|e| e.message.len() <= crate::ha::EVENT_MESSAGE_MAX_BYTES));
+    }
+
+    #[test]
+    fn a_drain_move_yields_to_a_stop_or_a_resume_made_meanwhile() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let drain = |drained| ClusterCommand::SetDrain { node: NODE_A, drained, at_ms: 0 };
+        let move_off = ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 };
+
+        assert_eq!(state.apply(&move_off), Err(CommandError::NodeNotDrained(NODE_A)));
+        state.apply(&drain(true)).unwrap();
+        state.apply(&ClusterCommand::StopVm { vm, force: false }).unwrap();
+        assert_eq!(state.apply(&move_off), Err(CommandError::VmMovedOn { vm: "web".into() }));
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        assert_eq!(state.apply(&move_off), Ok(CommandOutcome::Done));
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+        assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::Drain));
     }
 }

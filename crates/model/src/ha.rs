@@ -213,4 +213,34 @@ impl ClusterState {
         self.record_event(at_ms, EventKind::VmFailover, &message);
         Ok(())
     }
+
+    /// Moves a VM off `from`, which is drained, to `to`: only while it is still meant to run
+    /// on `from` and `from` is still drained (an admin's stop or resume meanwhile wins).
+    pub(crate) fn move_off_drained(
+        &mut self,
+        vm: VmId,
+        from: NodeId,
+        to: NodeId,
+        at_ms: u64,
+    ) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&to) {
+            return Err(CommandError::UnknownNode(to));
+        }
+        if !self.drained.contains(&from) {
+            return Err(CommandError::NodeNotDrained(from));
+        }
+        if self.down.contains_key(&to) {
+            return Err(CommandError::NodeDown(to));
+        }
+        let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
+        if found.desired != (VmDesired::Running { node: from }) {
+            return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
+        }
+        found.desired = VmDesired::Running { node: to };
+        found.force_stop = false;
+        let name = found.spec.name.clone();
+        let message = format!("VM {name} moves off drained {} to {}", self.node_name(from), self.node_name(to));
+        self.record_event(at_ms, EventKind::Drain, &message);
+        Ok(())
+    }
 }

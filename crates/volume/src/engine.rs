@@ -70,6 +70,8 @@ pub struct Reconciled {
 
 /// Largest single copy `reconcile` makes.
 const RECONCILE_CHUNK_BYTES: u32 = 1 << 20;
+/// Replicas a new owner asks (or tells) at once while it reconciles.
+const RECONCILE_ASKS_PARALLEL: usize = 32;
 
 #[derive(Clone)]
 pub struct Engine {
@@ -252,19 +254,28 @@ impl Engine {
         let mut asked = Vec::new();
         let mut unasked: Vec<(model::DiskId, String)> = Vec::new();
         let mut ranges: std::collections::BTreeMap<ExtentIndex, Vec<Range<u32>>> = Default::default();
-        for (pg, disk) in asks {
-            if unasked.iter().any(|(d, _)| *d == disk) {
-                continue;
-            }
-            let Some(replica) = replica_of(&state, disk) else { continue };
+        // Every (PG, acting replica) is asked, many at once: a takeover waits for the slowest
+        // answer, not the sum of them.
+        let timeout = self.inner.config.replica_timeout + crate::replica::EPOCH_WAIT;
+        let asking = asks.into_iter().filter_map(|(pg, disk)| {
+            let replica = replica_of(&state, disk)?;
             let list = Request { resync: true, ..activity_request(Op::ListActive, volume, epoch, disk, pg, cluster) };
-            // The replica may first wait to learn the new owner epoch (`EPOCH_WAIT`).
-            let timeout = self.inner.config.replica_timeout + crate::replica::EPOCH_WAIT;
-            let listed = match self.send_within(&replica, list, Payload::None, timeout).await.and_then(accepted) {
-                Ok(reply) => ActiveRange::parse_all(reply.data.as_ref().map(|d| d.as_slice()).unwrap_or_default())
-                    .map_err(|source| ReplicaError::Protocol { addr: replica.data_addr.clone(), source }),
-                Err(e) => Err(e),
-            };
+            Some(async move {
+                // The replica may first wait to learn the new owner epoch (`EPOCH_WAIT`).
+                let listed = match self.send_within(&replica, list, Payload::None, timeout).await.and_then(accepted) {
+                    Ok(reply) => ActiveRange::parse_all(reply.data.as_ref().map(|d| d.as_slice()).unwrap_or_default())
+                        .map_err(|source| ReplicaError::Protocol { addr: replica.data_addr.clone(), source }),
+                    Err(e) => Err(e),
+                };
+                (replica, pg, listed)
+            })
+        });
+        let answers: Vec<_> = futures_util::StreamExt::collect(futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(asking),
+            RECONCILE_ASKS_PARALLEL,
+        ))
+        .await;
+        for (replica, pg, listed) in answers {
             match listed {
                 Ok(listed) => {
                     for range in listed.into_iter().filter(|r| r.volume == volume) {
@@ -273,10 +284,13 @@ impl Engine {
                     }
                     asked.push((replica, pg));
                 }
+                Err(e) if unasked.iter().any(|(d, _)| *d == replica.disk) => {
+                    tracing::debug!(%volume, disk = %replica.disk, error = %error_chain(&e), "another PG of an unreachable replica");
+                }
                 Err(e) => {
-                    tracing::warn!(%volume, %disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote; taking it out");
+                    tracing::warn!(%volume, disk = %replica.disk, error = %error_chain(&e), "cannot ask a replica what the last owner wrote; taking it out");
                     done.unreachable += 1;
-                    unasked.push((disk, error_chain(&e)));
+                    unasked.push((replica.disk, error_chain(&e)));
                 }
             }
         }
@@ -305,7 +319,7 @@ impl Engine {
                 done.ranges += 1;
             }
         }
-        for (replica, pg) in asked {
+        let forgetting = asked.into_iter().map(|(replica, pg)| async move {
             let forget = Request {
                 resync: true,
                 ..activity_request(Op::ForgetActive, volume, epoch, replica.disk, pg, cluster)
@@ -313,7 +327,12 @@ impl Engine {
             if let Err(e) = self.send(&replica, forget, Payload::None).await.and_then(accepted) {
                 tracing::debug!(%volume, disk = %replica.disk, error = %error_chain(&e), "forgetting reconciled ranges failed");
             }
-        }
+        });
+        futures_util::StreamExt::collect::<Vec<()>>(futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(forgetting),
+            RECONCILE_ASKS_PARALLEL,
+        ))
+        .await;
         Ok(done)
     }
 

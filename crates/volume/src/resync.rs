@@ -87,6 +87,19 @@ pub async fn resync_loop(engine: Engine, stats: Arc<ResyncStats>) {
     // (pool, PG, target) whose last attempt sent a copy that got no answer, with the PG
     // epoch it was sent at: fenced before anything is copied to that target again.
     let unanswered: Arc<Mutex<HashMap<ResyncKey, PgEpoch>>> = Arc::default();
+    // A previous run of this node may have sent copies that are still queued at their
+    // targets: every replica out when this run starts is fenced before its first copy.
+    {
+        let state = topology.state();
+        let mut inherited = unanswered.lock().expect("unanswered lock");
+        for pool in state.pools.values() {
+            for (index, pg) in pool.pgs.iter().enumerate() {
+                for disk in pg.out.keys() {
+                    inherited.insert((pool.id, PgId(index as u32), *disk), pg.epoch);
+                }
+            }
+        }
+    }
     let slots = Arc::new(Semaphore::new(RESYNC_PGS_PARALLEL));
     let mut watch = topology.watch();
     let mut ticker = tokio::time::interval(RESYNC_TICK);
