@@ -286,6 +286,11 @@ impl Cluster {
             || self.inner.seen.lock().expect("seen lock").get(&node).is_some_and(|(at, _)| at.elapsed() < down_after)
     }
 
+    /// How long a node may go unheard before it is declared down.
+    pub fn down_after(&self) -> Duration {
+        self.inner.liveness.down_after
+    }
+
     /// True while this node cannot reach a majority of the voters: it then runs no VM.
     pub fn watch_isolated(&self) -> watch::Receiver<bool> {
         self.inner.liveness.isolated.subscribe()

@@ -22,10 +22,20 @@ impl Cluster {
         let vm = self.vm(name)?;
         let state = self.state();
         let node = match node {
-            Some(node) if !self.is_up(node) => {
-                return Err(ClusterError::Refused(format!("{node} does not answer: start the VM on a node that is up")))
+            Some(node) => {
+                // A node declared down is refused at once (by the command); one not heard
+                // from yet (just joined, or this node just started) gets the down time.
+                let deadline = std::time::Instant::now() + self.down_after();
+                while !state.is_down(node) && !self.is_up(node) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                if !state.is_down(node) && !self.is_up(node) {
+                    return Err(ClusterError::Refused(format!(
+                        "{node} does not answer: start the VM on a node that is up"
+                    )));
+                }
+                node
             }
-            Some(node) => node,
             None => policy::choose_vm_node(&state, |n| self.is_up(n))
                 .ok_or_else(|| ClusterError::Refused("no node is up to run the VM".into()))?,
         };
