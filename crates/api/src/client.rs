@@ -154,6 +154,10 @@ impl Client {
         self.call::<(), _>(Method::POST, &format!("/v1/nodes/{node}/resume"), None).await
     }
 
+    pub async fn remove_node(&self, node: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/nodes/{node}")))).await.map(drop)
+    }
+
     pub async fn check_node(&self, node: &str) -> Result<v1::NodeCheck, ClientError> {
         self.call::<(), _>(Method::GET, &format!("/v1/nodes/{node}/check"), None).await
     }

@@ -30,6 +30,7 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/nodes/{node}/drain", post(drain_node))
         .route("/v1/nodes/{node}/resume", post(resume_node))
         .route("/v1/nodes/{node}/check", get(check_node))
+        .route("/v1/nodes/{node}", axum::routing::delete(remove_node))
         .route("/internal/peer", post(peer))
         .with_state(services)
 }
@@ -61,6 +62,12 @@ async fn check_node(
     Path(name): Path<String>,
 ) -> Result<Json<v1::NodeCheck>, ApiError> {
     Ok(Json(node.check_node(&name)?))
+}
+
+async fn remove_node(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let id = node.cluster().resolve_node(&name)?;
+    node.cluster().remove_node(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cluster_init(State(node): State<NodeServices>) -> Result<Json<v1::InitResponse>, ApiError> {

@@ -65,6 +65,9 @@ pub enum NodeCommand {
     Resume { node: String },
     /// Whether the node can go down now without stopping a volume or a VM.
     Check { node: String },
+    /// Take a node that is gone for good out of the cluster and its Raft voters, so a new
+    /// one can join in its place. The node must be down.
+    Remove { node: String },
 }
 
 #[derive(Debug, Subcommand)]

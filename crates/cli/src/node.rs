@@ -64,6 +64,15 @@ pub async fn run(api: &Client, out: &Output, command: NodeCommand) -> Result<()>
             let drain = api.resume_node(&node).await?;
             out.print(&drain, || format!("{} takes VMs again.", drain.node))
         }
+        NodeCommand::Remove { node } => {
+            api.remove_node(&node).await?;
+            let removed = serde_json::json!({ "removed": node });
+            out.print(&removed, || {
+                format!(
+                    "Removed {node}. Its replicas stay out of their PGs until they are placed anew; a new node may join in its place."
+                )
+            })
+        }
         NodeCommand::Check { node } => {
             let check = api.check_node(&node).await?;
             out.print(&check, || {

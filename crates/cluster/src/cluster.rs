@@ -49,6 +49,7 @@ pub(crate) struct Inner {
     pub(crate) seen: Mutex<HashMap<NodeId, (Instant, NodeReport)>>,
     local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     pub(crate) liveness: Liveness,
+    joining: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -82,7 +83,16 @@ impl Cluster {
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let liveness = Liveness::new(config.down_after)?;
         let inner =
-            Arc::new(Inner { node, raft, state, transport, seen: Mutex::new(HashMap::new()), local_report, liveness });
+            Arc::new(Inner {
+            node,
+            raft,
+            state,
+            transport,
+            seen: Mutex::new(HashMap::new()),
+            local_report,
+            liveness,
+            joining: tokio::sync::Mutex::new(()),
+        });
         tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
         tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
         Ok(Cluster { inner })
@@ -270,13 +280,44 @@ impl Cluster {
                 other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
             };
         }
+        // One join at a time: two membership changes at once would refuse one of them.
+        let _joining = self.inner.joining.lock().await;
+        let known = self.state().nodes.contains_key(&node.id);
         self.propose(ClusterCommand::AddNode(node.clone())).await?;
         let raft_node = RaftNode { api_addr: node.api_addr.clone() };
-        raft.add_learner(node.id.0, raft_node, true).await.map_err(raft_error)?;
-        let voters = ChangeMembers::AddVoterIds(BTreeSet::from([node.id.0]));
-        raft.change_membership(voters, false).await.map_err(raft_error)?;
+        let joined = async {
+            raft.add_learner(node.id.0, raft_node, true).await.map_err(raft_error)?;
+            let voters = ChangeMembers::AddVoterIds(BTreeSet::from([node.id.0]));
+            raft.change_membership(voters, false).await.map_err(raft_error)
+        }
+        .await;
+        if let Err(e) = joined {
+            // No half-member: the node leaves the state again (unless it was a member
+            // before this attempt).
+            if !known {
+                let _ = raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node.id.0])), false).await;
+                if let Err(undo) = self.propose(ClusterCommand::AbandonJoin { node: node.id }).await {
+                    tracing::warn!(node = %node.id, error = %undo, "taking back a failed join failed");
+                }
+            }
+            return Err(e);
+        }
         tracing::info!(node = %node.id, addr = %node.api_addr, "node joined");
         Ok(info.id)
+    }
+
+    /// Removes a node that is gone for good, and waits until it is out of the Raft voters
+    /// (the leader takes removed nodes out of the membership).
+    pub async fn remove_node(&self, node: NodeId) -> Result<(), ClusterError> {
+        let at_ms = crate::liveness::now_ms();
+        self.propose(ClusterCommand::RemoveNode { node, at_ms }).await?;
+        let mut metrics = self.inner.raft.metrics();
+        let out = |m: &openraft::RaftMetrics<u64, RaftNode>| !m.membership_config.membership().nodes().any(|(id, _)| *id == node.0);
+        let waited = tokio::time::timeout(LEADER_WAIT, metrics.wait_for(out)).await.map(|r| r.is_ok());
+        if waited != Ok(true) {
+            return Err(ClusterError::NoLeader { waited_ms: LEADER_WAIT.as_millis() as u64 });
+        }
+        Ok(())
     }
 
     /// Whether `node` answered a ping within the down time (this node is always up to itself).

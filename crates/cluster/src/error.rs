@@ -89,6 +89,8 @@ impl ClusterError {
                 | CommandError::NodeDown(_)
                 | CommandError::NodeNotDown(_)
                 | CommandError::NodeNotDrained(_)
+                | CommandError::NodeInUse { .. }
+                | CommandError::JoinRefused { .. }
                 | CommandError::VmMovedOn { .. }
                 | CommandError::VolumeOfVmElsewhere { .. } => Conflict,
                 CommandError::InvalidPlacement { .. }

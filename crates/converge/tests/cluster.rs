@@ -176,3 +176,45 @@ fn a_node_stalled_for_2_s_is_told_as_slow_and_a_killed_one_is_declared_down_and_
     assert!(down["message"].as_str().unwrap().contains(&nodes[2].addr), "{down}");
     assert!(status["pgs_degraded"].as_u64().unwrap() == 0, "no volume, nothing degraded: {status}");
 }
+
+fn voters(node: &NodeProcess) -> usize {
+    let status = json(&node.cli(&["--json", "cluster", "status"]));
+    status["nodes"].as_array().unwrap().iter().filter(|n| n["voter"] == true).count()
+}
+
+#[test]
+fn a_dead_node_removed_and_replaced_leaves_three_voters_that_survive_another_loss() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (mut nodes, token) = common::cluster_and_token(dir.path(), [60, 61, 62], 18980);
+    let data = dir.path().join("kept.bin");
+    let sum = random_file(&data, 8 << 20, 60);
+    nodes[0].cli(&["volume", "import", "kept", data.to_str().unwrap(), "--replicas", "2"]);
+
+    // Removing a node that is up is refused; once it is dead and declared down, it goes.
+    let refused = run(&nodes[0].addr, &["node", "remove", &nodes[2].addr]).unwrap_err();
+    assert!(refused.contains("is not down"), "{refused}");
+    nodes[2].sigkill();
+    wait_until("the dead node is declared down", Duration::from_secs(20), || {
+        events(&nodes[0]).iter().any(|e| e["kind"] == "node_down")
+    });
+    nodes[0].cli(&["node", "remove", &nodes[2].addr]);
+    assert_eq!(voters(&nodes[0]), 2, "the removed node is no voter");
+
+    // A fresh node joins in its place (the removed id never comes back: a model test).
+    let fresh = NodeProcess::start(dir.path(), 63, 18980);
+    fresh.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+    let disk = fresh.data_dir.with_extension("disk");
+    fresh.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
+    wait_until("three voters", Duration::from_secs(20), || voters(&nodes[0]) == 3);
+
+    // Another original node dies: the three voters keep a majority, and the data reads.
+    nodes[1].sigkill();
+    let exported = dir.path().join("kept.out");
+    wait_until("the cluster still commits", Duration::from_secs(30), || {
+        run(&nodes[0].addr, &["volume", "create", "after", "--size", "4M", "--replicas", "1"]).is_ok()
+    });
+    nodes[0].cli(&["volume", "export", "kept", exported.to_str().unwrap()]);
+    assert_eq!(sha256(&exported), sum);
+    let status = json(&fresh.cli(&["--json", "cluster", "status"]));
+    assert!(status["leader"].is_u64(), "a leader with two of three voters: {status}");
+}

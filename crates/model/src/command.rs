@@ -82,6 +82,17 @@ pub enum ClusterCommand {
         disk: DiskId,
         seen: PgEpoch,
     },
+    /// Removes a node that is gone for good: out of the cluster (and, by the leader, out of
+    /// the Raft voters). Refused while it is not down, runs VMs, or holds a PG's last
+    /// acting replica.
+    RemoveNode {
+        node: NodeId,
+        at_ms: u64,
+    },
+    /// Takes back a join that failed halfway (before the node became a Raft member).
+    AbandonJoin {
+        node: NodeId,
+    },
     /// What `node` offers to VMs; it reports this when it starts.
     ReportCapacity {
         node: NodeId,
@@ -210,6 +221,10 @@ pub enum CommandError {
     NodeNotDown(NodeId),
     #[error("{0} is not drained")]
     NodeNotDrained(NodeId),
+    #[error("{node} cannot be removed: {reason}")]
+    NodeInUse { node: NodeId, reason: String },
+    #[error("Node {node} cannot join as {addr}: {reason}")]
+    JoinRefused { node: NodeId, addr: String, reason: String },
     #[error("VM {vm} is no longer meant to run on the node it was moved from")]
     VmMovedOn { vm: String },
     #[error("Volume {volume} is a disk of VM {vm}, which is meant to run on {node}: only that node may write it")]
@@ -233,10 +248,7 @@ impl ClusterState {
                 self.cluster = Some(ClusterInfo { id: *id, join_secret: join_secret.clone() });
                 Ok(CommandOutcome::Done)
             }
-            ClusterCommand::AddNode(node) => {
-                self.nodes.insert(node.id, node.clone());
-                Ok(CommandOutcome::Done)
-            }
+            ClusterCommand::AddNode(node) => self.add_node(node),
             ClusterCommand::AddDisk(disk) => self.add_disk(disk),
             ClusterCommand::CreatePool { name, replicas, min_size, pgs } => {
                 self.create_pool(name, *replicas, *min_size, pgs)
@@ -313,6 +325,16 @@ impl ClusterState {
                     found.epoch = PgEpoch(found.epoch.0 + 1);
                 }
                 Ok(CommandOutcome::PgChanged(found.epoch))
+            }
+            ClusterCommand::RemoveNode { node, at_ms } => self.remove_node(*node, *at_ms).map(|()| CommandOutcome::Done),
+            ClusterCommand::AbandonJoin { node } => {
+                let unused = self.disks_of(*node).next().is_none()
+                    && !self.vms.values().any(|vm| vm.observed.node == Some(*node));
+                if unused {
+                    self.nodes.remove(node);
+                    self.capacity.remove(node);
+                }
+                Ok(CommandOutcome::Done)
             }
             ClusterCommand::ReportCapacity { node, capacity } => {
                 if !self.nodes.contains_key(node) {
@@ -977,5 +999,53 @@ mod tests {
         assert_eq!(state.apply(&move_off), Ok(CommandOutcome::Done));
         assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
         assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::Drain));
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_down_idle_and_holding_no_last_replica() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_B, force: false }).unwrap();
+        let remove = ClusterCommand::RemoveNode { node: NODE_B, at_ms: 5 };
+
+        assert_eq!(state.apply(&remove), Err(CommandError::NodeNotDown(NODE_B)));
+        state.apply(&down(NODE_B, 1)).unwrap();
+        assert!(matches!(state.apply(&remove), Err(CommandError::NodeInUse { .. })), "its VM is meant there");
+        state.apply(&ClusterCommand::StopVm { vm, force: true }).unwrap();
+        assert_eq!(state.apply(&remove), Ok(CommandOutcome::Done));
+
+        assert!(!state.nodes.contains_key(&NODE_B) && state.removed.contains_key(&NODE_B));
+        assert!(state.pools[&PoolId(0)].pgs[0].out[&DiskId(20)].reason.contains("removed"));
+        state.check_invariants();
+        let back = state.apply(&node(NODE_B));
+        assert!(matches!(back, Err(CommandError::JoinRefused { .. })), "a removed id never comes back: {back:?}");
+    }
+
+    #[test]
+    fn a_node_holding_the_last_acting_replica_is_not_removed() {
+        let mut state = two_node_cluster();
+        state.apply(&down(NODE_A, 1)).unwrap();
+        state.apply(&down(NODE_B, 1)).unwrap();
+        state.apply(&ClusterCommand::MarkNodeUp { node: NODE_A, at_ms: 2 }).unwrap();
+
+        let refused = state.apply(&ClusterCommand::RemoveNode { node: NODE_B, at_ms: 3 });
+
+        assert!(
+            matches!(&refused, Err(CommandError::NodeInUse { reason, .. }) if reason.contains("only acting replica")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_join_never_rebinds_an_existing_node_or_address() {
+        let mut state = two_node_cluster();
+        let a = state.nodes[&NODE_A].clone();
+        let moved = Node { api_addr: "10.0.0.9:7700".into(), ..a.clone() };
+        let thief = Node { id: NodeId(3), ..a.clone() };
+
+        assert_eq!(state.apply(&ClusterCommand::AddNode(a.clone())), Ok(CommandOutcome::Done), "a retried join");
+        assert!(matches!(state.apply(&ClusterCommand::AddNode(moved)), Err(CommandError::JoinRefused { .. })));
+        assert!(matches!(state.apply(&ClusterCommand::AddNode(thief)), Err(CommandError::JoinRefused { .. })));
+        assert_eq!(state.nodes[&NODE_A], a);
     }
 }

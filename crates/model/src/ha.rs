@@ -76,6 +76,7 @@ pub struct NodeDown {
 pub enum EventKind {
     NodeDown,
     NodeUp,
+    NodeRemoved,
     /// A node answered late, but within the time that would have declared it down.
     NodeSlow,
     /// A node lost the majority and stopped its VMs on its own.
@@ -241,6 +242,84 @@ impl ClusterState {
         let name = found.spec.name.clone();
         let message = format!("VM {name} moves off drained {} to {}", self.node_name(from), self.node_name(to));
         self.record_event(at_ms, EventKind::Drain, &message);
+        Ok(())
+    }
+
+    /// Adds a member, or confirms one that is already in with the same addresses. An id
+    /// that was removed never comes back, and no node takes over another's addresses.
+    pub(crate) fn add_node(&mut self, node: &crate::state::Node) -> Result<crate::command::CommandOutcome, CommandError> {
+        let refuse = |reason: String| {
+            Err(CommandError::JoinRefused { node: node.id, addr: node.api_addr.clone(), reason })
+        };
+        if self.removed.contains_key(&node.id) {
+            return refuse(format!("{} was removed; a node joins again with an empty data dir", node.id));
+        }
+        if let Some(known) = self.nodes.get(&node.id) {
+            if known != node {
+                return refuse(format!("{} is already a member at {}", node.id, known.api_addr));
+            }
+            return Ok(crate::command::CommandOutcome::Done);
+        }
+        // (Test fixtures leave addresses empty; a real node's are checked when it starts.)
+        let same = |a: &str, b: &str| !a.is_empty() && a == b;
+        let taken =
+            self.nodes.values().find(|n| same(&n.api_addr, &node.api_addr) || same(&n.data_addr, &node.data_addr));
+        if let Some(other) = taken {
+            return refuse(format!("{} uses that address; remove it first (`converge node remove`)", other.id));
+        }
+        self.nodes.insert(node.id, node.clone());
+        Ok(crate::command::CommandOutcome::Done)
+    }
+
+    pub(crate) fn remove_node(&mut self, node: NodeId, at_ms: u64) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(CommandError::UnknownNode(node));
+        }
+        if !self.down.contains_key(&node) {
+            return Err(CommandError::NodeNotDown(node));
+        }
+        let in_use = |reason: String| Err(CommandError::NodeInUse { node, reason });
+        let vms: Vec<String> = self
+            .vms
+            .values()
+            .filter(|vm| vm.desired == (VmDesired::Running { node }))
+            .map(|vm| vm.spec.name.clone())
+            .collect();
+        if !vms.is_empty() {
+            return in_use(format!("VMs {} are meant to run on it: start them elsewhere or stop them", vms.join(", ")));
+        }
+        let disks: Vec<crate::ids::DiskId> = self.disks_of(node).map(|d| d.id).collect();
+        let sole = self
+            .pools
+            .values()
+            .flat_map(|p| p.pgs.iter())
+            .filter(|pg| disks.iter().any(|d| pg.is_acting(*d)))
+            .count();
+        if sole > 0 {
+            return in_use(format!("it holds the only acting replica of {sole} PGs: bring it back, or their data is lost"));
+        }
+        let gone = self.nodes.remove(&node).expect("checked above");
+        self.removed.insert(node, gone.clone());
+        self.down.remove(&node);
+        self.drained.remove(&node);
+        self.capacity.remove(&node);
+        let reason = format!("its node {node} was removed");
+        let mut pgs = 0;
+        for pool in self.pools.values_mut() {
+            for pg in &mut pool.pgs {
+                for disk in &disks {
+                    if let Some(out) = pg.out.get_mut(disk) {
+                        out.reason = reason.clone();
+                        pgs += 1;
+                    }
+                }
+            }
+        }
+        let message = format!(
+            "{node} ({}) was removed; its replicas stay out of {pgs} PGs until they are placed anew",
+            gone.api_addr
+        );
+        self.record_event(at_ms, EventKind::NodeRemoved, &message);
         Ok(())
     }
 }

@@ -38,6 +38,10 @@ pub struct ClusterState {
     pub events: VecDeque<Event>,
     #[serde(default)]
     pub next_event_seq: u64,
+    /// Nodes removed for good (`converge node remove`): their ids never come back, and
+    /// their disks stay out of their PGs until those are placed anew.
+    #[serde(default)]
+    pub removed: BTreeMap<NodeId, Node>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +213,8 @@ impl ClusterState {
     /// step.
     pub fn check_invariants(&self) {
         for disk in self.disks.values() {
-            assert!(self.nodes.contains_key(&disk.node), "{} on unknown {}", disk.id, disk.node);
+            let known = self.nodes.contains_key(&disk.node) || self.removed.contains_key(&disk.node);
+            assert!(known, "{} on unknown {}", disk.id, disk.node);
         }
         for pool in self.pools.values() {
             assert!(!pool.pgs.is_empty(), "{} has no placement groups", pool.id);

@@ -35,6 +35,7 @@ fn candidates(state: &ClusterState) -> Vec<CandidateDisk> {
     state
         .disks
         .values()
+        .filter(|d| state.nodes.contains_key(&d.node))
         .map(|d| CandidateDisk { disk: d.id, node: d.node, extent_slots: d.extent_slots.max(1) })
         .collect()
 }

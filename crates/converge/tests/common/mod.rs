@@ -111,6 +111,11 @@ pub fn json(text: &str) -> serde_json::Value {
 
 /// Starts nodes on 127.0.0.{ips}, forms a cluster and gives each a 1 GiB file disk.
 pub fn cluster<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> Vec<NodeProcess> {
+    cluster_and_token(dir, ips, port).0
+}
+
+/// `cluster`, and the join token for more nodes.
+pub fn cluster_and_token<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> (Vec<NodeProcess>, String) {
     let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
     let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().expect("token").to_string();
     for node in &nodes[1..] {
@@ -120,7 +125,7 @@ pub fn cluster<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> Vec<NodeP
         let disk = node.data_dir.with_extension("disk");
         node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
     }
-    nodes
+    (nodes, token)
 }
 
 /// Deterministic incompressible bytes (xorshift), so a failure reproduces.
