@@ -82,8 +82,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let liveness = Liveness::new(config.down_after)?;
-        let inner =
-            Arc::new(Inner {
+        let inner = Arc::new(Inner {
             node,
             raft,
             state,
@@ -177,6 +176,7 @@ impl Cluster {
     /// did not make them, after this one was deposed with the proposal pending.
     pub(crate) async fn propose_as_leader(&self, command: ClusterCommand) -> Result<CommandOutcome, ClusterError> {
         let proposal = Proposal { id: u128::from(random_u64()?) << 64 | u128::from(random_u64()?), command };
+        check_entry_size(&proposal)?;
         match self.inner.raft.client_write(proposal).await {
             Ok(response) => Ok(response.data?),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
@@ -192,6 +192,7 @@ impl Cluster {
         // One id for every attempt: a retry of a proposal that did commit is answered with
         // its first outcome instead of being applied again.
         let proposal = Proposal { id: u128::from(random_u64()?) << 64 | u128::from(random_u64()?), command };
+        check_entry_size(&proposal)?;
         loop {
             let attempt = match self.inner.raft.client_write(proposal.clone()).await {
                 Ok(response) => return Ok((response.data?, response.log_id.index)),
@@ -219,7 +220,9 @@ impl Cluster {
         match self.call(leader_addr, PeerRpc::Propose(proposal), FORWARD_TIMEOUT).await? {
             PeerReply::Propose(Ok(committed)) => Ok(committed),
             PeerReply::Propose(Err(RemoteRefusal::Command(e))) => Err(ClusterError::Command(e)),
-            PeerReply::Propose(Err(RemoteRefusal::Other(_))) => Err(ClusterError::NoLeader { waited_ms: 0 }),
+            PeerReply::Propose(Err(RemoteRefusal::NotLeader)) => Err(ClusterError::NoLeader { waited_ms: 0 }),
+            // The leader refused it for a reason of its own: that reason, and no retry.
+            PeerReply::Propose(Err(RemoteRefusal::Other(reason))) => Err(ClusterError::Refused(reason)),
             other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
         }
     }
@@ -245,10 +248,14 @@ impl Cluster {
             }
             PeerRpc::Vote(request) => PeerReply::Vote(raft.vote(request).await),
             PeerRpc::Snapshot(request) => PeerReply::Snapshot(raft.install_snapshot(request).await),
+            PeerRpc::Propose(command) if check_entry_size(&command).is_err() => {
+                PeerReply::Propose(Err(RemoteRefusal::Other(format!("a proposal larger than {ENTRY_BYTES_MAX} bytes"))))
+            }
             PeerRpc::Propose(command) => PeerReply::Propose(match raft.client_write(command).await {
                 Ok(response) => {
                     response.data.map(|outcome| (outcome, response.log_id.index)).map_err(RemoteRefusal::Command)
                 }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(RemoteRefusal::NotLeader),
                 Err(e) => Err(RemoteRefusal::Other(e.to_string())),
             }),
             PeerRpc::Join { token, node } => PeerReply::Join(self.admit(token, node).await.map_err(|e| match e {
@@ -312,7 +319,9 @@ impl Cluster {
         let at_ms = crate::liveness::now_ms();
         self.propose(ClusterCommand::RemoveNode { node, at_ms }).await?;
         let mut metrics = self.inner.raft.metrics();
-        let out = |m: &openraft::RaftMetrics<u64, RaftNode>| !m.membership_config.membership().nodes().any(|(id, _)| *id == node.0);
+        let out = |m: &openraft::RaftMetrics<u64, RaftNode>| {
+            !m.membership_config.membership().nodes().any(|(id, _)| *id == node.0)
+        };
         let waited = tokio::time::timeout(LEADER_WAIT, metrics.wait_for(out)).await.map(|r| r.is_ok());
         if waited != Ok(true) {
             return Err(ClusterError::NoLeader { waited_ms: LEADER_WAIT.as_millis() as u64 });
@@ -507,11 +516,26 @@ impl Cluster {
     }
 }
 
+/// Largest Raft entry: every command is metadata, small by construction; this bounds what a
+/// bug or a hostile caller could make every node store and replay.
+pub const ENTRY_BYTES_MAX: usize = 64 << 10;
+
+fn check_entry_size(proposal: &Proposal) -> Result<(), ClusterError> {
+    let bytes = serde_json::to_vec(proposal).map(|b| b.len()).unwrap_or(usize::MAX);
+    if bytes > ENTRY_BYTES_MAX {
+        return Err(ClusterError::Refused(format!(
+            "the command is {bytes} bytes, more than the {ENTRY_BYTES_MAX} a cluster log entry may hold"
+        )));
+    }
+    Ok(())
+}
+
 fn refusal(e: RemoteRefusal) -> ClusterError {
     match e {
         RemoteRefusal::Command(c) => ClusterError::Command(c),
         RemoteRefusal::Other(text) if text.contains("join token") => ClusterError::BadToken,
         RemoteRefusal::Other(text) => ClusterError::Refused(text),
+        RemoteRefusal::NotLeader => ClusterError::NoLeader { waited_ms: 0 },
     }
 }
 
@@ -543,5 +567,26 @@ fn load_or_create_node_id(data_dir: &std::path::Path) -> Result<NodeId, ClusterE
             Ok(id)
         }
         Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_too_large_for_a_log_entry_is_refused_before_it_is_proposed() {
+        let event = |len| Proposal {
+            id: 1,
+            command: ClusterCommand::RecordEvent {
+                at_ms: 0,
+                kind: model::EventKind::NodeSlow,
+                message: "x".repeat(len),
+            },
+        };
+
+        assert!(check_entry_size(&event(1000)).is_ok());
+        let refused = check_entry_size(&event(ENTRY_BYTES_MAX)).unwrap_err();
+        assert!(refused.to_string().contains("more than the 65536"), "{refused}");
     }
 }

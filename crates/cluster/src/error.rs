@@ -96,7 +96,8 @@ impl ClusterError {
                 CommandError::InvalidPlacement { .. }
                 | CommandError::InvalidSize(_)
                 | CommandError::InvalidReplicas(_)
-                | CommandError::InvalidVm(_) => Invalid,
+                | CommandError::InvalidVm(_)
+                | CommandError::InvalidInput(_) => Invalid,
             },
             ClusterError::Database { .. } | ClusterError::Io { .. } | ClusterError::Raft(_) => Internal,
         }

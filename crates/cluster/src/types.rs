@@ -71,4 +71,7 @@ pub enum RemoteRefusal {
     Command(#[from] CommandError),
     #[error("{0}")]
     Other(String),
+    /// The node asked is not the leader (any more): ask the leader.
+    #[error("not the leader")]
+    NotLeader,
 }

@@ -287,7 +287,7 @@ impl Hypervisor {
             Err(e) => {
                 let _ = child.kill().await;
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Ok(Ended::Crashed(format!("{}; QEMU said: {}", chain(&e), log.trim())));
+                return Ok(Ended::Crashed(format!("{}; QEMU said: {}", chain(&e), excerpt(&log))));
             }
         };
         tracing::info!(vm = %vm.spec.name, pid, accel = ?self.accel, "VM running");
@@ -315,7 +315,7 @@ impl Hypervisor {
                     Ok(s) if s.success() => Ended::GuestShutdown,
                     Ok(s) => {
                         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                        Ended::Crashed(format!("QEMU exited with {s}: {}", log.trim()))
+                        Ended::Crashed(format!("QEMU exited with {s}: {}", excerpt(&log)))
                     }
                     Err(e) => Ended::Crashed(format!("waiting for QEMU failed: {e}")),
                 }
@@ -342,6 +342,23 @@ impl Hypervisor {
         Ok(ended)
     }
 }
+
+/// The end of QEMU's log, where it says why it stopped: at most `LOG_EXCERPT_BYTES`, so a
+/// failure's reason stays small in the cluster state (the whole log is in the VM's dir).
+fn excerpt(log: &str) -> String {
+    let log = log.trim();
+    let mut start = log.len().saturating_sub(LOG_EXCERPT_BYTES);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    if start == 0 {
+        log.to_string()
+    } else {
+        format!("...{}", &log[start..])
+    }
+}
+
+const LOG_EXCERPT_BYTES: usize = 512;
 
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

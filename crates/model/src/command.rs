@@ -154,6 +154,13 @@ pub enum ClusterCommand {
     },
 }
 
+/// Longest VM or volume name.
+pub const NAME_MAX_BYTES: usize = 128;
+/// Longest kernel command line.
+pub const CMDLINE_MAX_BYTES: usize = 4096;
+/// Longest disk path.
+pub const PATH_MAX_BYTES: usize = 4096;
+
 /// What an applied command produced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
@@ -219,6 +226,8 @@ pub enum CommandError {
     NodeDown(NodeId),
     #[error("{0} is not down")]
     NodeNotDown(NodeId),
+    #[error("{0}")]
+    InvalidInput(String),
     #[error("{0} is not drained")]
     NodeNotDrained(NodeId),
     #[error("{node} cannot be removed: {reason}")]
@@ -303,7 +312,13 @@ impl ClusterState {
                 let other_running = found.observed.node.is_some_and(|n| n != *node)
                     && !matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
                 if meant_here || !other_running {
-                    found.observed = VmObserved { node: Some(*node), state: state.clone() };
+                    let state = match state {
+                        VmRunState::Failed { reason } => {
+                            VmRunState::Failed { reason: crate::ha::bounded(reason, crate::ha::REASON_MAX_BYTES) }
+                        }
+                        other => other.clone(),
+                    };
+                    found.observed = VmObserved { node: Some(*node), state };
                 }
                 Ok(CommandOutcome::Done)
             }
@@ -316,7 +331,8 @@ impl ClusterState {
                     return Err(CommandError::LastReplica { pool: *pool, pg: *pg, disk: *disk });
                 }
                 found.epoch = PgEpoch(found.epoch.0 + 1);
-                found.out.insert(*disk, OutReason { since: found.epoch, reason: reason.clone() });
+                let reason = crate::ha::bounded(reason, crate::ha::REASON_MAX_BYTES);
+                found.out.insert(*disk, OutReason { since: found.epoch, reason });
                 Ok(CommandOutcome::PgChanged(found.epoch))
             }
             ClusterCommand::BringReplicaIn { pool, pg, disk, seen } => {
@@ -326,7 +342,9 @@ impl ClusterState {
                 }
                 Ok(CommandOutcome::PgChanged(found.epoch))
             }
-            ClusterCommand::RemoveNode { node, at_ms } => self.remove_node(*node, *at_ms).map(|()| CommandOutcome::Done),
+            ClusterCommand::RemoveNode { node, at_ms } => {
+                self.remove_node(*node, *at_ms).map(|()| CommandOutcome::Done)
+            }
             ClusterCommand::AbandonJoin { node } => {
                 let unused = self.disks_of(*node).next().is_none()
                     && !self.vms.values().any(|vm| vm.observed.node == Some(*node));
@@ -444,6 +462,17 @@ impl ClusterState {
         if let Err(reason) = spec.ha.check() {
             return invalid(reason);
         }
+        if spec.name.is_empty() || spec.name.len() > NAME_MAX_BYTES {
+            return invalid(format!("a VM name is 1 to {NAME_MAX_BYTES} bytes"));
+        }
+        if let crate::vm::Boot::Kernel { cmdline, .. } = &spec.boot {
+            if cmdline.len() > CMDLINE_MAX_BYTES {
+                return invalid(format!(
+                    "the kernel command line is {} bytes, more than {CMDLINE_MAX_BYTES}",
+                    cmdline.len()
+                ));
+            }
+        }
         if spec.disks.len() > VM_DISKS_MAX {
             return invalid(format!("{} disks is more than {VM_DISKS_MAX}", spec.disks.len()));
         }
@@ -476,6 +505,9 @@ impl ClusterState {
     }
 
     fn add_disk(&mut self, disk: &Disk) -> Result<CommandOutcome, CommandError> {
+        if disk.path.len() > PATH_MAX_BYTES {
+            return Err(CommandError::InvalidInput(format!("a disk path is at most {PATH_MAX_BYTES} bytes")));
+        }
         if !self.nodes.contains_key(&disk.node) {
             return Err(CommandError::UnknownNode(disk.node));
         }
@@ -542,6 +574,9 @@ impl ClusterState {
         }
         if self.volume_by_name(name).is_some() {
             return Err(CommandError::VolumeExists(name.to_string()));
+        }
+        if name.is_empty() || name.len() > NAME_MAX_BYTES {
+            return Err(CommandError::InvalidInput(format!("a volume name is 1 to {NAME_MAX_BYTES} bytes")));
         }
         let id = self.next_volume_id;
         self.next_volume_id = VolumeId(id.0 + 1);
@@ -1047,5 +1082,28 @@ mod tests {
         assert!(matches!(state.apply(&ClusterCommand::AddNode(moved)), Err(CommandError::JoinRefused { .. })));
         assert!(matches!(state.apply(&ClusterCommand::AddNode(thief)), Err(CommandError::JoinRefused { .. })));
         assert_eq!(state.nodes[&NODE_A], a);
+    }
+
+    #[test]
+    fn free_text_from_nodes_is_bounded_and_long_inputs_are_refused() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let failed = VmRunState::Failed { reason: "ü".repeat(5000) };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: failed }).unwrap();
+        let take_out = ClusterCommand::TakeReplicaOut {
+            pool: PoolId(0),
+            pg: PgId(0),
+            disk: DiskId(20),
+            seen: PgEpoch(1),
+            reason: "e".repeat(100_000),
+        };
+        state.apply(&take_out).unwrap();
+
+        let VmRunState::Failed { reason } = &state.vms[&vm].observed.state else { panic!() };
+        assert!(reason.len() <= crate::ha::REASON_MAX_BYTES);
+        assert!(state.pools[&PoolId(0)].pgs[0].out[&DiskId(20)].reason.len() <= crate::ha::REASON_MAX_BYTES);
+        let long_name = ClusterCommand::CreateVolume { name: "v".repeat(200), pool: PoolId(0), size_bytes: 512 };
+        assert!(matches!(state.apply(&long_name), Err(CommandError::InvalidInput(_))));
     }
 }

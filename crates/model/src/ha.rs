@@ -19,6 +19,22 @@ pub const VM_PRIORITY_MAX: u8 = 100;
 /// Longest anti-affinity group name.
 pub const GROUP_NAME_MAX_BYTES: usize = 64;
 
+/// `text` cut to at most `max` bytes at a character boundary: free text from a node (a
+/// reason, a message) never makes a state or a Raft entry grow without bound.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// Longest reason kept for a failed VM or a replica taken out.
+pub const REASON_MAX_BYTES: usize = 1024;
+
 /// What a node offers to VMs, as it reported at its start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
@@ -108,14 +124,7 @@ impl ClusterState {
 
     /// Appends an event, dropping the oldest past `EVENTS_KEPT`.
     pub(crate) fn record_event(&mut self, at_ms: u64, kind: EventKind, message: &str) {
-        let mut message = message.to_string();
-        if message.len() > EVENT_MESSAGE_MAX_BYTES {
-            let mut end = EVENT_MESSAGE_MAX_BYTES;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
+        let message = bounded(message, EVENT_MESSAGE_MAX_BYTES);
         self.next_event_seq += 1;
         self.events.push_back(Event { seq: self.next_event_seq, at_ms, kind, message });
         while self.events.len() > EVENTS_KEPT {
@@ -247,10 +256,12 @@ impl ClusterState {
 
     /// Adds a member, or confirms one that is already in with the same addresses. An id
     /// that was removed never comes back, and no node takes over another's addresses.
-    pub(crate) fn add_node(&mut self, node: &crate::state::Node) -> Result<crate::command::CommandOutcome, CommandError> {
-        let refuse = |reason: String| {
-            Err(CommandError::JoinRefused { node: node.id, addr: node.api_addr.clone(), reason })
-        };
+    pub(crate) fn add_node(
+        &mut self,
+        node: &crate::state::Node,
+    ) -> Result<crate::command::CommandOutcome, CommandError> {
+        let refuse =
+            |reason: String| Err(CommandError::JoinRefused { node: node.id, addr: node.api_addr.clone(), reason });
         if self.removed.contains_key(&node.id) {
             return refuse(format!("{} was removed; a node joins again with an empty data dir", node.id));
         }
@@ -289,14 +300,12 @@ impl ClusterState {
             return in_use(format!("VMs {} are meant to run on it: start them elsewhere or stop them", vms.join(", ")));
         }
         let disks: Vec<crate::ids::DiskId> = self.disks_of(node).map(|d| d.id).collect();
-        let sole = self
-            .pools
-            .values()
-            .flat_map(|p| p.pgs.iter())
-            .filter(|pg| disks.iter().any(|d| pg.is_acting(*d)))
-            .count();
+        let sole =
+            self.pools.values().flat_map(|p| p.pgs.iter()).filter(|pg| disks.iter().any(|d| pg.is_acting(*d))).count();
         if sole > 0 {
-            return in_use(format!("it holds the only acting replica of {sole} PGs: bring it back, or their data is lost"));
+            return in_use(format!(
+                "it holds the only acting replica of {sole} PGs: bring it back, or their data is lost"
+            ));
         }
         let gone = self.nodes.remove(&node).expect("checked above");
         self.removed.insert(node, gone.clone());
