@@ -164,6 +164,10 @@ pub struct ServeArgs {
     /// HA VMs elsewhere; a node cut off from the majority stops its VMs after half of it.
     #[arg(long, default_value_t = 3500, value_parser = clap::value_parser!(u64).range(2000..=600_000))]
     pub down_after_ms: u64,
+    /// Cluster log entries between two snapshots of the cluster state; a node that joins
+    /// or returns after more than that gets the snapshot instead of the entries.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub snapshot_every: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -32,6 +32,8 @@ pub struct ClusterConfig {
     /// A node not heard from for this long is down: the leader marks it so, and its HA VMs
     /// restart elsewhere. See `liveness` for the timing argument.
     pub down_after: Duration,
+    /// Log entries between snapshots; as many are kept behind the newest snapshot.
+    pub snapshot_every: u64,
 }
 
 /// This node's view of the cluster. Cheap to clone.
@@ -73,6 +75,8 @@ impl Cluster {
             heartbeat_interval: 250,
             election_timeout_min: 1000,
             election_timeout_max: 2000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: config.snapshot_every,
             ..Default::default()
         }
         .validate()

@@ -304,7 +304,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut machine = self.machine.lock().await;
         *machine = incoming;
         self.persist_and_publish(&machine)?;
+        let bytes = data.len();
         write_meta(&self.db, KEY_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
+        tracing::info!(last = ?meta.last_log_id, bytes, "installed a snapshot of the cluster state");
         Ok(())
     }
 

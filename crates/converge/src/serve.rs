@@ -78,6 +78,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         api_addr: api_addr.clone(),
         data_addr: data_addr.clone(),
         down_after: Duration::from_millis(args.down_after_ms),
+        snapshot_every: args.snapshot_every,
     };
     let cluster = Cluster::start(
         config,

@@ -218,3 +218,45 @@ fn a_dead_node_removed_and_replaced_leaves_three_voters_that_survive_another_los
     let status = json(&fresh.cli(&["--json", "cluster", "status"]));
     assert!(status["leader"].is_u64(), "a leader with two of three voters: {status}");
 }
+
+#[test]
+fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let start = |ip: u8| {
+        let addr = format!("127.0.0.{ip}:18990");
+        NodeProcess::start_with(
+            dir.path(),
+            &format!("node-{ip}"),
+            &addr,
+            &["--listen", &addr, "--snapshot-every", "20"],
+        )
+    };
+    let nodes = [start(64), start(65), start(66)];
+    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().unwrap().to_string();
+    for node in &nodes[1..] {
+        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+    }
+    for node in &nodes {
+        let disk = node.data_dir.with_extension("disk");
+        node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
+    }
+    // Far more entries than are kept behind a snapshot.
+    for i in 0..60 {
+        nodes[i % 3].cli(&["volume", "create", &format!("v{i}"), "--size", "4M", "--replicas", "2"]);
+    }
+
+    let mut late = start(67);
+    late.cli(&["cluster", "join", "--peer", &nodes[1].addr, "--token", &token]);
+    let names = |node: &NodeProcess| {
+        let list = json(&node.cli(&["--json", "volume", "list"]));
+        list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    wait_until("the late node has every volume", Duration::from_secs(30), || names(&late).len() == 60);
+    assert!(late.log_text().contains("installed a snapshot of the cluster state"), "{}", late.log_text());
+
+    // What it got survives its restart, and it goes on with the log.
+    late.sigkill();
+    late.restart();
+    nodes[0].cli(&["volume", "create", "after", "--size", "4M", "--replicas", "2"]);
+    wait_until("the restarted node follows the log", Duration::from_secs(30), || names(&late).len() == 61);
+}
