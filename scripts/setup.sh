@@ -14,6 +14,8 @@ ls /lib/modules 2>/dev/null | grep -q cloud-amd64 || need+=(linux-image-cloud-am
 have cpio || need+=(cpio)
 have mkfs.ext4 || need+=(e2fsprogs)
 have depmod || need+=(kmod)
+# The HA test cuts a node off the network with a route (`ip route ... prohibit`).
+have ip || need+=(iproute2)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -10,10 +10,13 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new() -> Self {
+    /// Calls go out from `local` when given: the address this node advertises, so peers
+    /// see one address per node (and cutting that address off cuts the node off).
+    pub fn new(local: Option<std::net::IpAddr>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .pool_idle_timeout(Duration::from_secs(30))
+            .local_address(local)
             .build()
             .expect("a plain HTTP client builds");
         HttpTransport { http }
@@ -22,7 +25,7 @@ impl HttpTransport {
 
 impl Default for HttpTransport {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 

@@ -131,13 +131,15 @@ pub(crate) async fn ping_loop(inner: Weak<Inner>) {
         // leader replicated here, as the leader no quorum acknowledged), both for
         // `isolated_after`. Either alone can be a busy peer; both together are a cut.
         let pings_lost = failed_rounds >= 2 && last_round.duration_since(majority_at) >= inner.liveness.isolated_after;
-        let raft_lost = {
-            let metrics = inner.raft.metrics().borrow().clone();
-            let after = inner.liveness.isolated_after;
-            if metrics.state == openraft::ServerState::Leader {
-                metrics.millis_since_quorum_ack.is_none_or(|ms| Duration::from_millis(ms) >= after)
+        let raft_lost = pings_lost && {
+            let leading = inner.raft.metrics().borrow().state == openraft::ServerState::Leader;
+            if leading {
+                // A leader asks a quorum to confirm it (its metrics are only published on a
+                // change, so their age of the last quorum ack can be stale).
+                let confirmed = tokio::time::timeout(PING_TIMEOUT, inner.raft.ensure_linearizable()).await;
+                !matches!(confirmed, Ok(Ok(_)))
             } else {
-                inner.liveness.leader_contact.lock().expect("contact lock").elapsed() >= after
+                inner.liveness.leader_contact.lock().expect("contact lock").elapsed() >= inner.liveness.isolated_after
             }
         };
         let isolated = pings_lost && raft_lost;

@@ -82,7 +82,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let cluster = Cluster::start(
         config,
-        Arc::new(HttpTransport::new()),
+        Arc::new(HttpTransport::new(Some(advertised))),
         Box::new(move || model::NodeReport {
             node: NodeId(0),
             disks: reports.reports(),
@@ -98,7 +98,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let active = ActiveLog::open(&active_path).with_context(|| format!("opening {}", active_path.display()))?;
     let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
     let vm_dir = args.data_dir.join("vms");
-    let config = EngineConfig { replica_timeout: Duration::from_millis(args.replica_timeout_ms), ..Default::default() };
+    let config = EngineConfig {
+        replica_timeout: Duration::from_millis(args.replica_timeout_ms),
+        local_address: Some(advertised),
+        ..Default::default()
+    };
     let engine = Engine::new(replica.clone(), topology, config);
     let services = NodeServices::new(cluster.clone(), disks.clone(), engine.clone(), vm_dir.clone());
 

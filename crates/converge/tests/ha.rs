@@ -137,3 +137,106 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     assert_eq!(drained["state"]["state"], "running", "{drained}");
     nodes[0].cli(&["node", "resume", &target.addr]);
 }
+
+/// Cuts `ip` off from every other address, both ways, until dropped: a route that refuses
+/// every packet to it. Nodes send from their advertised address, so their replies and
+/// their own calls die too. Loopback only; removed when dropped, pass or fail.
+struct Cut(String);
+
+impl Cut {
+    fn off(ip: &str) -> Cut {
+        let status = route("add", ip);
+        assert!(status, "cutting {ip} off needs CAP_NET_ADMIN (root, or sudo without a password)");
+        Cut(ip.to_string())
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        route("del", &self.0);
+    }
+}
+
+/// `ip route add|del prohibit IP/32 table local`, as root or through `sudo -n`.
+fn route(verb: &str, ip: &str) -> bool {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let args = ["ip", "route", verb, "prohibit", &format!("{ip}/32"), "table", "local"];
+    let (program, rest) = if root { ("ip", &args[1..]) } else { ("sudo", &args[..]) };
+    let mut command = std::process::Command::new(program);
+    if !root {
+        command.arg("-n");
+    }
+    command.args(rest).status().is_ok_and(|s| s.success())
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn a_node_cut_off_ends_its_vm_before_the_majority_runs_it_elsewhere() {
+    let guest = guest();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let nodes = cluster(dir.path(), [70, 71, 72], 19000);
+    let cmdline = "console=ttyS0 panic=-1 quiet gmode=ha";
+    create_guest_vm(&nodes[1], &guest, "cut", &["64M", "160M,replicas=2"], cmdline);
+    let home = node_id(&nodes[0]);
+    nodes[1].cli(&["vm", "start", "cut", "--node", &nodes[0].addr]);
+    let console_file = nodes[0].data_dir.join("vms/vm-0/console.log");
+    wait_until("the guest writes", GUEST_TIMEOUT, || {
+        last_acked(&std::fs::read_to_string(&console_file).unwrap_or_default()).is_some_and(|b| b >= 20)
+    });
+    let qemu = vm(&nodes[1], "cut")["state"]["pid"].as_u64().unwrap();
+
+    let cut = Cut::off("127.0.0.70");
+    let started = Instant::now();
+    let mut qemu_gone = None;
+    let mut elsewhere = None;
+    while (qemu_gone.is_none() || elsewhere.is_none()) && started.elapsed() < Duration::from_secs(60) {
+        if qemu_gone.is_none() && !alive(qemu) {
+            qemu_gone = Some(started.elapsed());
+        }
+        if elsewhere.is_none() {
+            let v = vm(&nodes[1], "cut");
+            if v["state"]["state"] == "running" && v["node"] != home {
+                elsewhere = Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = vm(&nodes[1], "cut");
+    let (qemu_gone, elsewhere) = (
+        qemu_gone.unwrap_or_else(|| panic!("the cut-off node ended its QEMU; log:\n{}", nodes[0].log_text())),
+        elsewhere.unwrap_or_else(|| panic!("the VM runs elsewhere: {seen}")),
+    );
+    println!(
+        "cut off: QEMU ended there after {} ms; the VM ran elsewhere after {} ms",
+        qemu_gone.as_millis(),
+        elsewhere.as_millis()
+    );
+    assert!(qemu_gone < elsewhere, "never two running copies: ended {qemu_gone:?}, elsewhere {elsewhere:?}");
+
+    // Every write the guest saw acknowledged is on the disk the new copy uses.
+    let acked = last_acked(&std::fs::read_to_string(&console_file).unwrap()).unwrap();
+    let exported = dir.path().join("cut-disk1.raw");
+    nodes[2].cli(&["volume", "export", "cut-disk1", exported.to_str().unwrap()]);
+    let bytes = std::fs::read(&exported).unwrap();
+    let pattern = pattern_of(acked + 1);
+    for block in 0..=acked {
+        let at = block * HA_STRIDE_BYTES;
+        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "acknowledged block {block} intact");
+    }
+
+    // Healed: the node comes back and leaves the VM where it runs now.
+    drop(cut);
+    wait_until("the node is up again", Duration::from_secs(30), || {
+        events(&nodes[1]).iter().any(|e| e["kind"] == "node_up")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let after = vm(&nodes[1], "cut");
+    assert_ne!(after["node"], home, "{after}");
+    assert_eq!(after["state"]["state"], "running", "{after}");
+    assert!(nodes[0].log_text().contains("cut off from the majority"), "the node knew it was cut off");
+    assert!(events(&nodes[1]).iter().any(|e| e["kind"] == "node_isolated"), "and said so once back");
+}

@@ -329,9 +329,16 @@ impl Hypervisor {
                         tracing::warn!(vm = %vm.spec.name, "guest ignored the power button; ending QEMU");
                     }
                 }
-                qmp.quit().await;
-                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                if force {
+                    // At once: a VM moved elsewhere, or on a node cut off from the majority,
+                    // must not run a moment longer (QEMU's own quit can wait on in-flight
+                    // disk IO that cannot finish). Every write it saw acknowledged is durable.
                     let _ = child.kill().await;
+                } else {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), qmp.quit()).await;
+                    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
                 }
                 Ended::Stopped
             }

@@ -52,9 +52,15 @@ type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 #[derive(Default)]
 pub struct PeerPool {
     connections: Mutex<HashMap<String, Arc<Connection>>>,
+    /// The address connections go out from (this node's advertised one), if set.
+    local: Option<std::net::IpAddr>,
 }
 
 impl PeerPool {
+    pub fn from_address(local: Option<std::net::IpAddr>) -> Self {
+        PeerPool { connections: Mutex::default(), local }
+    }
+
     /// Sends `request` (with `payload` for a write) to the replica server at `addr` and waits
     /// up to `timeout` for the answer. When this returns, nothing of this request touches
     /// `into` any more, whatever the peer does later.
@@ -86,7 +92,7 @@ impl PeerPool {
         {
             return Ok(c.clone());
         }
-        let connection = Arc::new(Connection::connect(addr).await?);
+        let connection = Arc::new(Connection::connect(addr, self.local).await?);
         self.connections.lock().expect("pool lock").insert(addr.to_string(), connection.clone());
         Ok(connection)
     }
@@ -115,9 +121,20 @@ struct Connection {
 }
 
 impl Connection {
-    async fn connect(addr: &str) -> Result<Self, ReplicaError> {
+    async fn connect(addr: &str, local: Option<std::net::IpAddr>) -> Result<Self, ReplicaError> {
         let connect_error = |source| ReplicaError::Connect { addr: addr.to_string(), source };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let connecting = async {
+            let Some(local) = local else { return TcpStream::connect(addr).await };
+            let target =
+                tokio::net::lookup_host(addr).await?.find(|a| a.is_ipv4() == local.is_ipv4()).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address of that family")
+                })?;
+            let socket =
+                if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(std::net::SocketAddr::new(local, 0))?;
+            socket.connect(target).await
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
             .map_err(connect_error)?;

@@ -45,6 +45,8 @@ pub struct EngineConfig {
     pub io_wait: Duration,
     /// How often a writer settles its finished writes on the replicas' activity logs.
     pub settle_interval: Duration,
+    /// The address connections to other replicas go out from (this node's advertised one).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for EngineConfig {
@@ -53,6 +55,7 @@ impl Default for EngineConfig {
             replica_timeout: REPLICA_TIMEOUT_DEFAULT,
             io_wait: IO_WAIT_MAX,
             settle_interval: SETTLE_INTERVAL,
+            local_address: None,
         }
     }
 }
@@ -108,7 +111,8 @@ fn pieces(offset_bytes: u64, len_bytes: u64) -> Vec<Piece> {
 
 impl Engine {
     pub fn new(replica: Arc<ReplicaService>, topology: Arc<dyn Topology>, config: EngineConfig) -> Self {
-        Engine { inner: Arc::new(EngineInner { replica, peers: PeerPool::default(), topology, config }) }
+        let peers = PeerPool::from_address(config.local_address);
+        Engine { inner: Arc::new(EngineInner { replica, peers, topology, config }) }
     }
 
     pub fn replica(&self) -> &Arc<ReplicaService> {
