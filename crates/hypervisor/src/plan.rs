@@ -27,11 +27,8 @@ pub enum Action {
 pub fn plan(state: &ClusterState, this: NodeId, local: &BTreeMap<VmId, LocalPhase>, isolated: bool) -> Vec<Action> {
     let mut actions = Vec::new();
     if isolated {
-        for (&vm, &phase) in local {
-            if phase != LocalPhase::Stopping {
-                actions.push(Action::Stop { vm, force: true });
-            }
-        }
+        // Even those already stopping gracefully: the guest may ignore the power button.
+        actions.extend(local.keys().map(|&vm| Action::Stop { vm, force: true }));
         return actions;
     }
     for vm in state.vms.values() {
@@ -132,6 +129,7 @@ mod tests {
 
         let actions = plan(&state, A, &local, true);
 
-        assert_eq!(actions, vec![Action::Stop { vm: other, force: true }], "nothing started, every VM ended");
+        let every = vec![Action::Stop { vm: other, force: true }, Action::Stop { vm: leaving, force: true }];
+        assert_eq!(actions, every, "nothing started, every VM ended at once, a graceful stop too");
     }
 }

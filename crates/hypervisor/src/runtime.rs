@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{watch, Notify};
 
 /// How long a guest gets to shut down after the power button before QEMU is ended.
 pub const POWERDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +35,9 @@ pub struct Hypervisor {
 
 struct LocalVm {
     phase: LocalPhase,
-    stop: Option<oneshot::Sender<bool>>,
+    /// `None` while it should run; `Some(force)` once it should stop. A graceful stop can
+    /// become a forced one (the node was cut off meanwhile), never the other way.
+    stop: watch::Sender<Option<bool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,16 +167,19 @@ impl Hypervisor {
                     if waiting {
                         continue;
                     }
-                    let (stop, stopped) = oneshot::channel();
-                    local.insert(id, LocalVm { phase: LocalPhase::Starting, stop: Some(stop) });
+                    let (stop, stopped) = watch::channel(None);
+                    local.insert(id, LocalVm { phase: LocalPhase::Starting, stop });
                     tokio::spawn(self.clone().run_vm(vm, stopped));
                 }
                 Action::Stop { vm, force } => {
                     if let Some(entry) = local.get_mut(&vm) {
                         entry.phase = LocalPhase::Stopping;
-                        if let Some(stop) = entry.stop.take() {
-                            let _ = stop.send(force);
-                        }
+                        entry.stop.send_if_modified(|asked| {
+                            let next = Some(force || *asked == Some(true));
+                            let changed = *asked != next;
+                            *asked = next;
+                            changed
+                        });
                     }
                 }
             }
@@ -196,7 +201,7 @@ impl Hypervisor {
     }
 
     /// The whole life of one VM on this node: start, run until stopped or gone, clean up.
-    async fn run_vm(self: Arc<Self>, vm: Vm, stop: oneshot::Receiver<bool>) {
+    async fn run_vm(self: Arc<Self>, vm: Vm, stop: watch::Receiver<Option<bool>>) {
         let id = vm.id;
         let failover = self.failover_from(&vm).map(|(from, down)| Failover { from, down, began_ms: now_ms() });
         self.report(id, VmRunState::Starting).await;
@@ -239,7 +244,7 @@ impl Hypervisor {
     async fn start_and_wait(
         &self,
         vm: &Vm,
-        mut stop: oneshot::Receiver<bool>,
+        mut stop: watch::Receiver<Option<bool>>,
         failover: Option<Failover>,
     ) -> Result<Ended, StartError> {
         let dir = self.vm_dir.join(vm.id.to_string());
@@ -320,13 +325,19 @@ impl Hypervisor {
                     Err(e) => Ended::Crashed(format!("waiting for QEMU failed: {e}")),
                 }
             }
-            force = &mut stop => {
-                let force = force.unwrap_or(true);
+            forced = async { stop.wait_for(Option::is_some).await.map(|a| *a == Some(true)) } => {
+                // A sender gone (the VM forgotten) ends it at once.
+                let mut force = forced.unwrap_or(true);
                 if !force {
                     if let Err(e) = qmp.powerdown().await {
                         tracing::warn!(vm = %vm.spec.name, error = %e, "power button failed; ending QEMU");
-                    } else if tokio::time::timeout(POWERDOWN_TIMEOUT, child.wait()).await.is_err() {
-                        tracing::warn!(vm = %vm.spec.name, "guest ignored the power button; ending QEMU");
+                    } else {
+                        tokio::select! {
+                            waited = tokio::time::timeout(POWERDOWN_TIMEOUT, child.wait()) => if waited.is_err() {
+                                tracing::warn!(vm = %vm.spec.name, "guest ignored the power button; ending QEMU");
+                            },
+                            _ = stop.wait_for(|a| *a == Some(true)) => force = true,
+                        }
                     }
                 }
                 if force {
