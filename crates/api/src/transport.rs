@@ -6,20 +6,33 @@ use std::time::Duration;
 
 #[derive(Clone)]
 pub struct HttpTransport {
-    http: reqwest::Client,
+    /// Calls to peers of the advertised address's family go out from that address, so
+    /// peers see one address per node (and cutting that address off cuts the node off).
+    bound: reqwest::Client,
+    local: Option<std::net::IpAddr>,
+    /// Calls to peers of the other family (a mixed IPv4/IPv6 cluster).
+    unbound: reqwest::Client,
 }
 
 impl HttpTransport {
-    /// Calls go out from `local` when given: the address this node advertises, so peers
-    /// see one address per node (and cutting that address off cuts the node off).
     pub fn new(local: Option<std::net::IpAddr>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .local_address(local)
-            .build()
-            .expect("a plain HTTP client builds");
-        HttpTransport { http }
+        let client = |local| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .pool_idle_timeout(Duration::from_secs(30))
+                .local_address(local)
+                .build()
+                .expect("a plain HTTP client builds")
+        };
+        HttpTransport { bound: client(local), local, unbound: client(None) }
+    }
+
+    fn client_for(&self, addr: &str) -> &reqwest::Client {
+        let peer: Option<std::net::SocketAddr> = addr.parse().ok();
+        match (self.local, peer) {
+            (Some(local), Some(peer)) if local.is_ipv4() != peer.is_ipv4() => &self.unbound,
+            _ => &self.bound,
+        }
     }
 }
 
@@ -36,7 +49,7 @@ impl PeerTransport for HttpTransport {
         rpc: PeerRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
-        let http = self.http.clone();
+        let http = self.client_for(api_addr).clone();
         let addr = api_addr.to_string();
         Box::pin(async move {
             let response =

@@ -125,10 +125,10 @@ impl Connection {
         let connect_error = |source| ReplicaError::Connect { addr: addr.to_string(), source };
         let connecting = async {
             let Some(local) = local else { return TcpStream::connect(addr).await };
-            let target =
-                tokio::net::lookup_host(addr).await?.find(|a| a.is_ipv4() == local.is_ipv4()).ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "no address of that family")
-                })?;
+            // A peer of the other family (a mixed IPv4/IPv6 cluster) is called unbound.
+            let Some(target) = tokio::net::lookup_host(addr).await?.find(|a| a.is_ipv4() == local.is_ipv4()) else {
+                return TcpStream::connect(addr).await;
+            };
             let socket =
                 if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             socket.bind(std::net::SocketAddr::new(local, 0))?;
