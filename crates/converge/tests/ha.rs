@@ -31,6 +31,18 @@ fn last_acked(console: &str) -> Option<usize> {
     console.lines().rev().filter_map(|l| l.strip_prefix("GUEST: HA acked ")).find_map(|b| b.trim().parse().ok())
 }
 
+/// Exports `volume` through `node` to `to` and checks blocks 0..=`acked` of the guest's
+/// pattern are on it, each at its place.
+fn assert_acknowledged_on_disk(node: &NodeProcess, volume: &str, to: &std::path::Path, acked: usize) {
+    node.cli(&["volume", "export", volume, to.to_str().unwrap()]);
+    let bytes = std::fs::read(to).unwrap();
+    let pattern = pattern_of(acked + 1);
+    for block in 0..=acked {
+        let at = block * HA_STRIDE_BYTES;
+        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "acknowledged block {block} intact");
+    }
+}
+
 /// A number after `key ` and before ` ms` in an event message.
 fn ms_after(message: &str, key: &str) -> u64 {
     let rest = message.split(key).nth(1).unwrap_or_else(|| panic!("no {key:?} in {message}"));
@@ -87,14 +99,7 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     let acked = last_acked(&first_run).unwrap();
     assert!(acked >= acked_before);
     assert!(!first_run.contains("GUEST: HA failed"), "no write failed in the guest");
-    let exported = dir.path().join("ha-disk1.raw");
-    nodes[2].cli(&["volume", "export", "ha-disk1", exported.to_str().unwrap()]);
-    let bytes = std::fs::read(&exported).unwrap();
-    let pattern = pattern_of(acked + 1);
-    for block in 0..=acked {
-        let at = block * HA_STRIDE_BYTES;
-        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "acknowledged block {block} intact");
-    }
+    assert_acknowledged_on_disk(&nodes[2], "ha-disk1", &dir.path().join("ha-disk1.raw"), acked);
 
     // The event log tells the failover, split into its steps.
     let log = events(&nodes[0]);
@@ -219,14 +224,7 @@ fn a_node_cut_off_ends_its_vm_before_the_majority_runs_it_elsewhere() {
 
     // Every write the guest saw acknowledged is on the disk the new copy uses.
     let acked = last_acked(&std::fs::read_to_string(&console_file).unwrap()).unwrap();
-    let exported = dir.path().join("cut-disk1.raw");
-    nodes[2].cli(&["volume", "export", "cut-disk1", exported.to_str().unwrap()]);
-    let bytes = std::fs::read(&exported).unwrap();
-    let pattern = pattern_of(acked + 1);
-    for block in 0..=acked {
-        let at = block * HA_STRIDE_BYTES;
-        assert!(bytes[at..at + 4096] == pattern[block * 4096..(block + 1) * 4096], "acknowledged block {block} intact");
-    }
+    assert_acknowledged_on_disk(&nodes[2], "cut-disk1", &dir.path().join("cut-disk1.raw"), acked);
 
     // Healed: the node comes back and leaves the VM where it runs now.
     drop(cut);

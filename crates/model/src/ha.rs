@@ -198,28 +198,13 @@ impl ClusterState {
 
     /// Moves an HA VM off `from`, which is down, to `to`.
     pub(crate) fn failover_vm(&mut self, vm: VmId, from: NodeId, to: NodeId, at_ms: u64) -> Result<(), CommandError> {
-        if !self.nodes.contains_key(&to) {
-            return Err(CommandError::UnknownNode(to));
-        }
         let Some(down) = self.down.get(&from).copied() else {
             return Err(CommandError::NodeNotDown(from));
         };
-        if self.down.contains_key(&to) {
-            return Err(CommandError::NodeDown(to));
-        }
-        let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
-        if found.desired != (VmDesired::Running { node: from }) {
-            return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
-        }
-        found.desired = VmDesired::Running { node: to };
-        found.force_stop = false;
-        let name = found.spec.name.clone();
-        let message = format!(
-            "VM {name} restarts on {}: {} went down {} ms ago",
-            self.node_name(to),
-            self.node_name(from),
-            at_ms.saturating_sub(down.at_ms)
-        );
+        let name = self.move_vm(vm, from, to)?;
+        let (to, from) = (self.node_name(to), self.node_name(from));
+        let message =
+            format!("VM {name} restarts on {to}: {from} went down {} ms ago", at_ms.saturating_sub(down.at_ms));
         self.record_event(at_ms, EventKind::VmFailover, &message);
         Ok(())
     }
@@ -233,11 +218,19 @@ impl ClusterState {
         to: NodeId,
         at_ms: u64,
     ) -> Result<(), CommandError> {
-        if !self.nodes.contains_key(&to) {
-            return Err(CommandError::UnknownNode(to));
-        }
         if !self.drained.contains(&from) {
             return Err(CommandError::NodeNotDrained(from));
+        }
+        let name = self.move_vm(vm, from, to)?;
+        let message = format!("VM {name} moves off drained {} to {}", self.node_name(from), self.node_name(to));
+        self.record_event(at_ms, EventKind::Drain, &message);
+        Ok(())
+    }
+
+    /// Points a VM still meant to run on `from` at `to`, a member that is not down; its name.
+    fn move_vm(&mut self, vm: VmId, from: NodeId, to: NodeId) -> Result<String, CommandError> {
+        if !self.nodes.contains_key(&to) {
+            return Err(CommandError::UnknownNode(to));
         }
         if self.down.contains_key(&to) {
             return Err(CommandError::NodeDown(to));
@@ -248,10 +241,7 @@ impl ClusterState {
         }
         found.desired = VmDesired::Running { node: to };
         found.force_stop = false;
-        let name = found.spec.name.clone();
-        let message = format!("VM {name} moves off drained {} to {}", self.node_name(from), self.node_name(to));
-        self.record_event(at_ms, EventKind::Drain, &message);
-        Ok(())
+        Ok(found.spec.name.clone())
     }
 
     /// Adds a member, or confirms one that is already in with the same addresses. An id
