@@ -26,10 +26,10 @@ impl Cluster {
                 // A node declared down is refused at once (by the command); one not heard
                 // from yet (just joined, or this node just started) gets the down time.
                 let deadline = std::time::Instant::now() + self.down_after();
-                while !state.is_down(node) && !self.is_up(node) && std::time::Instant::now() < deadline {
+                while !self.state().is_down(node) && !self.is_up(node) && std::time::Instant::now() < deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
-                if !state.is_down(node) && !self.is_up(node) {
+                if !self.state().is_down(node) && !self.is_up(node) {
                     return Err(ClusterError::Refused(format!(
                         "{node} does not answer: start the VM on a node that is up"
                     )));
