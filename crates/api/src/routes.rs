@@ -4,7 +4,7 @@ use crate::error::ApiError;
 use crate::services::NodeServices;
 use crate::v1;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,7 +31,8 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/nodes/{node}/resume", post(resume_node))
         .route("/v1/nodes/{node}/check", get(check_node))
         .route("/v1/nodes/{node}", axum::routing::delete(remove_node))
-        .route("/internal/peer", post(peer))
+        .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
+        .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
         .with_state(services)
 }
 
@@ -152,6 +153,10 @@ async fn write_blocks(
 
 async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
     Json(node.cluster().handle_peer(rpc).await)
+}
+
+async fn snapshot(State(node): State<NodeServices>, body: axum::body::Bytes) -> Json<PeerReply> {
+    Json(node.cluster().handle_snapshot(&body).await)
 }
 
 async fn list_vms(State(node): State<NodeServices>) -> Json<Vec<v1::VmInfo>> {

@@ -49,23 +49,38 @@ impl PeerTransport for HttpTransport {
         rpc: PeerRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
-        let http = self.client_for(api_addr).clone();
-        let addr = api_addr.to_string();
-        Box::pin(async move {
-            let response =
-                http.post(format!("http://{addr}/internal/peer")).timeout(timeout).json(&rpc).send().await.map_err(
-                    |e| {
-                        if e.is_connect() || e.is_timeout() {
-                            TransportError::Unreachable { addr: addr.clone(), source: Box::new(e) }
-                        } else {
-                            TransportError::Failed { addr: addr.clone(), reason: e.to_string() }
-                        }
-                    },
-                )?;
-            if !response.status().is_success() {
-                return Err(TransportError::Failed { addr, reason: format!("HTTP {}", response.status()) });
-            }
-            response.json().await.map_err(|e| TransportError::Failed { addr, reason: e.to_string() })
-        })
+        let request = self.client_for(api_addr).post(format!("http://{api_addr}/internal/peer")).json(&rpc);
+        Box::pin(send(request, api_addr.to_string(), timeout))
     }
+
+    fn send_snapshot(
+        &self,
+        api_addr: &str,
+        transfer: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
+        let request = self
+            .client_for(api_addr)
+            .post(format!("http://{api_addr}/internal/snapshot"))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(transfer);
+        Box::pin(send(request, api_addr.to_string(), timeout))
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder, addr: String, timeout: Duration) -> Result<PeerReply, TransportError> {
+    let response = request.timeout(timeout).send().await.map_err(|e| {
+        if e.is_connect() || e.is_timeout() {
+            TransportError::Unreachable { addr: addr.clone(), source: Box::new(e) }
+        } else {
+            TransportError::Failed { addr: addr.clone(), reason: e.to_string() }
+        }
+    })?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let reason = format!("HTTP {status}: {}", text.chars().take(200).collect::<String>());
+        return Err(TransportError::Failed { addr, reason });
+    }
+    response.json().await.map_err(|e| TransportError::Failed { addr, reason: e.to_string() })
 }

@@ -5,7 +5,7 @@ use crate::liveness::Liveness;
 use crate::network::{Network, PeerTransport};
 use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
-use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, TypeConfig};
+use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, SnapshotTransfer, TypeConfig};
 use model::{
     ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport, OwnerEpoch,
     Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
@@ -13,6 +13,7 @@ use model::{
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,16 @@ use tokio::sync::watch;
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// How long a forwarded proposal may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long sending a whole snapshot may take (the state is metadata: megabytes at most).
+const SNAPSHOT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries in one append request: with ENTRY_BYTES_MAX each, an append stays under
+/// `PEER_REQUEST_BYTES_MAX`.
+const APPEND_ENTRIES_MAX: u64 = 64;
+/// Largest peer request other than a snapshot (an append of APPEND_ENTRIES_MAX entries as
+/// JSON, with room to spare): what a node's peer endpoint accepts.
+pub const PEER_REQUEST_BYTES_MAX: usize = 16 << 20;
+/// Largest snapshot transfer a node accepts.
+pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 /// Joining waits for the new node to catch up with the log.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -77,6 +88,10 @@ impl Cluster {
             election_timeout_max: 2000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every,
+            // A snapshot goes whole, in one transfer (`SnapshotTransfer`).
+            install_snapshot_timeout: SNAPSHOT_SEND_TIMEOUT.as_millis() as u64,
+            // Bounds one append request: at most this many entries of ENTRY_BYTES_MAX each.
+            max_payload_entries: APPEND_ENTRIES_MAX,
             ..Default::default()
         }
         .validate()
@@ -251,7 +266,6 @@ impl Cluster {
                 PeerReply::Append(reply)
             }
             PeerRpc::Vote(request) => PeerReply::Vote(raft.vote(request).await),
-            PeerRpc::Snapshot(request) => PeerReply::Snapshot(raft.install_snapshot(request).await),
             PeerRpc::Propose(command) if check_entry_size(&command).is_err() => {
                 PeerReply::Propose(Err(RemoteRefusal::Other(format!("a proposal larger than {ENTRY_BYTES_MAX} bytes"))))
             }
@@ -268,6 +282,17 @@ impl Cluster {
             })),
             PeerRpc::Ping => PeerReply::Ping(self.local_report()),
         }
+    }
+
+    /// Installs a whole snapshot sent by the leader (`SnapshotTransfer`'s wire form).
+    pub async fn handle_snapshot(&self, wire: &[u8]) -> PeerReply {
+        let installed = async {
+            let transfer = SnapshotTransfer::decode(wire).map_err(RemoteRefusal::Other)?;
+            let snapshot = openraft::Snapshot { meta: transfer.meta, snapshot: Box::new(Cursor::new(transfer.data)) };
+            let raft = &self.inner.raft;
+            raft.install_full_snapshot(transfer.vote, snapshot).await.map_err(|e| RemoteRefusal::Other(e.to_string()))
+        };
+        PeerReply::Snapshot(installed.await)
     }
 
     /// Adds a node that presented `token`: its addresses go into the state, then it becomes

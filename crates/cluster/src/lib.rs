@@ -13,9 +13,9 @@ mod storage;
 mod types;
 mod vms;
 
-pub use cluster::{Cluster, ClusterConfig};
+pub use cluster::{Cluster, ClusterConfig, PEER_REQUEST_BYTES_MAX, SNAPSHOT_BYTES_MAX};
 pub use error::{ClusterError, ClusterErrorKind};
 pub use liveness::{DOWN_AFTER_DEFAULT, DOWN_AFTER_MIN, PING_INTERVAL};
 pub use network::{PeerTransport, TransportError};
 pub use status::{ClusterStatus, DiskStatus, NodeStatus};
-pub use types::{PeerReply, PeerRpc, RemoteRefusal};
+pub use types::{PeerReply, PeerRpc, RemoteRefusal, SnapshotTransfer};

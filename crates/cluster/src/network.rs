@@ -1,14 +1,15 @@
 //! openraft's network over the cluster transport. The transport itself (HTTP today) is
 //! supplied by the composition root; this crate never opens a socket.
 
-use crate::types::{PeerReply, PeerRpc, RaftNode, TypeConfig};
+use crate::types::{PeerReply, PeerRpc, RaftNode, SnapshotTransfer, TypeConfig};
 use futures_util::future::BoxFuture;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
 };
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{OptionalSend, Snapshot, Vote};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,15 @@ pub trait PeerTransport: Send + Sync + 'static {
         &self,
         api_addr: &str,
         rpc: PeerRpc,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
+
+    /// Sends a whole snapshot (`SnapshotTransfer::encode`) and waits until the node at
+    /// `api_addr` installed it or refused it.
+    fn send_snapshot(
+        &self,
+        api_addr: &str,
+        transfer: Vec<u8>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
 }
@@ -59,10 +69,14 @@ impl Connection {
         rpc: PeerRpc,
         option: &RPCOption,
     ) -> Result<PeerReply, RPCError<u64, RaftNode, E>> {
-        self.transport.call(&self.addr, rpc, option.hard_ttl()).await.map_err(|e| match e {
+        self.transport.call(&self.addr, rpc, option.hard_ttl()).await.map_err(Self::transport_error)
+    }
+
+    fn transport_error<E: std::error::Error>(e: TransportError) -> RPCError<u64, RaftNode, E> {
+        match e {
             TransportError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
-        })
+        }
     }
 
     fn unexpected<E: std::error::Error>(&self, reply: PeerReply) -> RPCError<u64, RaftNode, E> {
@@ -94,14 +108,35 @@ impl RaftNetwork<TypeConfig> for Connection {
         }
     }
 
-    async fn install_snapshot(
+    /// The whole snapshot in one transfer: the cluster state is metadata, megabytes at most,
+    /// and its bytes travel as they are.
+    async fn full_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, RaftNode, RaftError<u64, InstallSnapshotError>>> {
-        match self.call(PeerRpc::Snapshot(rpc), &option).await? {
-            PeerReply::Snapshot(result) => result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
-            other => Err(self.unexpected(other)),
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let transfer = SnapshotTransfer { vote, meta: snapshot.meta.clone(), data: snapshot.snapshot.into_inner() };
+        let bytes = transfer.data.len();
+        let sent = self.transport.send_snapshot(&self.addr, transfer.encode(), option.hard_ttl());
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            reply = sent => reply,
+        };
+        tracing::debug!(target = self.target, bytes, "sent a snapshot");
+        match reply {
+            Ok(PeerReply::Snapshot(Ok(response))) => Ok(response),
+            Ok(PeerReply::Snapshot(Err(refusal))) => {
+                let e = TransportError::Failed { addr: self.addr.clone(), reason: refusal.to_string() };
+                Err(StreamingError::Network(NetworkError::new(&e)))
+            }
+            Ok(other) => Err(StreamingError::Network(NetworkError::new(&TransportError::Failed {
+                addr: self.addr.clone(),
+                reason: format!("unexpected reply {other:?}"),
+            }))),
+            Err(e @ TransportError::Unreachable { .. }) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+            Err(e @ TransportError::Failed { .. }) => Err(StreamingError::Network(NetworkError::new(&e))),
         }
     }
 }

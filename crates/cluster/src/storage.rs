@@ -30,7 +30,9 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 const KEY_MACHINE: &str = "state_machine";
-const KEY_SNAPSHOT: &str = "snapshot";
+/// The newest snapshot: its metadata (JSON) and its data (the bytes as sent, raw).
+const KEY_SNAPSHOT_META: &str = "snapshot_meta";
+const KEY_SNAPSHOT_DATA: &str = "snapshot_data";
 
 /// Opens (or creates) the database both stores share.
 pub fn open_database(path: &std::path::Path) -> Result<Arc<Database>, redb::DatabaseError> {
@@ -52,12 +54,29 @@ fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>,
 
 fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), StorageIOError<u64>> {
     let bytes = serde_json::to_vec(value).map_err(|e| StorageIOError::write(&e))?;
+    write_raw(db, &[(key, &bytes)])
+}
+
+/// Writes every `(key, bytes)` in one transaction: all of them or none.
+fn write_raw(db: &Database, values: &[(&str, &[u8])]) -> Result<(), StorageIOError<u64>> {
     let tx = db.begin_write().map_err(|e| StorageIOError::write(&e))?;
     {
         let mut table = tx.open_table(META).map_err(|e| StorageIOError::write(&e))?;
-        table.insert(key, bytes.as_slice()).map_err(|e| StorageIOError::write(&e))?;
+        for (key, bytes) in values {
+            table.insert(*key, *bytes).map_err(|e| StorageIOError::write(&e))?;
+        }
     }
     tx.commit().map_err(|e| StorageIOError::write(&e))
+}
+
+fn read_raw(db: &Database, key: &str) -> Result<Option<Vec<u8>>, StorageIOError<u64>> {
+    let tx = db.begin_read().map_err(|e| StorageIOError::read(&e))?;
+    let table = match tx.open_table(META) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(StorageIOError::read(&e)),
+    };
+    Ok(table.get(key).map_err(|e| StorageIOError::read(&e))?.map(|v| v.value().to_vec()))
 }
 
 #[derive(Clone)]
@@ -195,12 +214,6 @@ struct Machine {
 /// Proposals whose outcome the state machine remembers: far more than can be in flight.
 const PROPOSALS_REMEMBERED: usize = 4096;
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, RaftNode>,
-    data: Vec<u8>,
-}
-
 /// Applies committed commands to `ClusterState` and publishes each new state.
 #[derive(Clone)]
 pub struct StateMachineStore {
@@ -226,18 +239,37 @@ impl StateMachineStore {
         self.published.send_replace(Arc::new(machine.state.clone()));
         Ok(())
     }
+
+    /// Stores `data` as the newest snapshot, with the machine it was taken from or made into
+    /// (one transaction: the stored snapshot is never behind the applied state after a crash).
+    fn store_snapshot(&self, machine: &Machine, meta: &SnapshotMeta<u64, RaftNode>, data: &[u8]) -> StorageResult<()> {
+        let machine_bytes = serde_json::to_vec(machine).map_err(|e| StorageIOError::write(&e))?;
+        let meta_bytes = serde_json::to_vec(meta).map_err(|e| StorageIOError::write(&e))?;
+        write_raw(
+            &self.db,
+            &[(KEY_MACHINE, &machine_bytes), (KEY_SNAPSHOT_META, &meta_bytes), (KEY_SNAPSHOT_DATA, data)],
+        )?;
+        Ok(())
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let machine = self.machine.lock().await.clone();
-        let data = serde_json::to_vec(&machine).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // The machine stays locked until the snapshot is stored: a snapshot installed from
+        // the leader meanwhile (newer) must not be overwritten by this one, or a restart
+        // finds the log purged past its snapshot.
+        let machine = self.machine.lock().await;
+        let data = serde_json::to_vec(&*machine).map_err(|e| StorageIOError::read_state_machine(&e))?;
         let snapshot_id = match machine.last_applied {
             Some(id) => format!("{}-{}", id.leader_id, id.index),
             None => "empty".to_string(),
         };
-        let meta = SnapshotMeta { last_log_id: machine.last_applied, last_membership: machine.membership, snapshot_id };
-        write_meta(&self.db, KEY_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        let meta = SnapshotMeta {
+            last_log_id: machine.last_applied,
+            last_membership: machine.membership.clone(),
+            snapshot_id,
+        };
+        self.store_snapshot(&machine, &meta, &data)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -303,16 +335,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         incoming.membership = meta.last_membership.clone();
         let mut machine = self.machine.lock().await;
         *machine = incoming;
-        self.persist_and_publish(&machine)?;
+        // Under the machine lock, like `build_snapshot`: a snapshot being built meanwhile
+        // (older) cannot overwrite this one.
+        self.store_snapshot(&machine, meta, &data)?;
+        self.published.send_replace(Arc::new(machine.state.clone()));
         let bytes = data.len();
-        write_meta(&self.db, KEY_SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
         tracing::info!(last = ?meta.last_log_id, bytes, "installed a snapshot of the cluster state");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let stored: Option<StoredSnapshot> = read_meta(&self.db, KEY_SNAPSHOT)?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let Some(meta) = read_meta::<SnapshotMeta<u64, RaftNode>>(&self.db, KEY_SNAPSHOT_META)? else {
+            return Ok(None);
+        };
+        let data = read_raw(&self.db, KEY_SNAPSHOT_DATA)?.unwrap_or_default();
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 

@@ -1,11 +1,9 @@
 //! openraft's type configuration and the messages nodes send each other.
 
 use model::{ClusterCommand, ClusterId, CommandError, CommandOutcome, Node, NodeReport};
-use openraft::error::{InstallSnapshotError, RaftError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
-};
+use openraft::error::RaftError;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
@@ -42,7 +40,6 @@ openraft::declare_raft_types!(
 pub enum PeerRpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
-    Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A command a follower forwards to the leader.
     Propose(Proposal),
     /// A new node asks to become a member.
@@ -57,11 +54,12 @@ pub enum PeerRpc {
 pub enum PeerReply {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
-    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// The outcome and the log index it was committed at.
     Propose(Result<(CommandOutcome, u64), RemoteRefusal>),
     Join(Result<ClusterId, RemoteRefusal>),
     Ping(NodeReport),
+    /// The answer to a `SnapshotTransfer`.
+    Snapshot(Result<SnapshotResponse<u64>, RemoteRefusal>),
 }
 
 /// Why a peer refused a forwarded request, carried across the wire.
@@ -74,4 +72,48 @@ pub enum RemoteRefusal {
     /// The node asked is not the leader (any more): ask the leader.
     #[error("not the leader")]
     NotLeader,
+}
+
+/// A whole snapshot of the cluster state on its way to a node that fell behind the log: the
+/// leader's vote and the snapshot's metadata as a small JSON header, then the state's bytes
+/// as they are, never re-encoded (openraft's full-snapshot API; no chunks).
+///
+/// Wire form: the header's length as 4 bytes big-endian, the header, the data.
+#[derive(Debug)]
+pub struct SnapshotTransfer {
+    pub vote: Vote<u64>,
+    pub meta: SnapshotMeta<u64, RaftNode>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    vote: Vote<u64>,
+    meta: SnapshotMeta<u64, RaftNode>,
+}
+
+/// Largest snapshot header: a vote and a membership, far below this.
+const SNAPSHOT_HEADER_MAX: usize = 1 << 20;
+
+impl SnapshotTransfer {
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(&SnapshotHeader { vote: self.vote, meta: self.meta.clone() })
+            .expect("a vote and snapshot metadata serialise");
+        let mut wire = Vec::with_capacity(4 + header.len() + self.data.len());
+        wire.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&header);
+        wire.extend_from_slice(&self.data);
+        wire
+    }
+
+    pub fn decode(wire: &[u8]) -> Result<Self, String> {
+        let len: [u8; 4] = wire.get(..4).and_then(|b| b.try_into().ok()).ok_or("a snapshot shorter than its header")?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > SNAPSHOT_HEADER_MAX || wire.len() < 4 + len {
+            return Err(format!("a snapshot header of {len} bytes in a transfer of {} bytes", wire.len()));
+        }
+        let header: SnapshotHeader =
+            serde_json::from_slice(&wire[4..4 + len]).map_err(|e| format!("a damaged snapshot header: {e}"))?;
+        Ok(SnapshotTransfer { vote: header.vote, meta: header.meta, data: wire[4 + len..].to_vec() })
+    }
 }

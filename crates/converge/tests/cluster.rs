@@ -246,6 +246,9 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
     for i in 0..60 {
         nodes[i % 3].cli(&["volume", "create", &format!("v{i}"), "--size", "4M", "--replicas", "2"]);
     }
+    // And a state of megabytes: VMs with the longest kernel command lines allowed.
+    let big_vms = 300;
+    grow_state_with_vms(&nodes[0].addr, big_vms);
 
     let mut late = start(67);
     late.cli(&["cluster", "join", "--peer", &nodes[1].addr, "--token", &token]);
@@ -253,12 +256,57 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
         let list = json(&node.cli(&["--json", "volume", "list"]));
         list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
     };
-    wait_until("the late node has every volume", Duration::from_secs(30), || names(&late).len() == 60);
-    assert!(late.log_text().contains("installed a snapshot of the cluster state"), "{}", late.log_text());
+    wait_until("the late node has every volume", Duration::from_secs(30), || names(&late).len() == 60 + big_vms);
+    let installed = late.log_text();
+    let bytes: u64 = installed
+        .lines()
+        .filter(|l| l.contains("installed a snapshot of the cluster state"))
+        .filter_map(|l| l.split("bytes=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("no snapshot installed: {installed}"));
+    assert!(bytes > 1 << 20, "a snapshot of {bytes} bytes: the test meant one of megabytes");
+    let vms = json(&late.cli(&["--json", "vm", "list"]));
+    assert_eq!(vms.as_array().unwrap().len(), big_vms);
 
     // What it got survives its restart, and it goes on with the log.
     late.sigkill();
     late.restart();
     nodes[0].cli(&["volume", "create", "after", "--size", "4M", "--replicas", "2"]);
-    wait_until("the restarted node follows the log", Duration::from_secs(30), || names(&late).len() == 61);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while names(&late).len() != 61 + big_vms {
+        if std::time::Instant::now() > deadline {
+            for node in &nodes {
+                eprintln!("=== {}\n{}", node.addr, node.log_text());
+            }
+            panic!("the restarted node does not follow: {}", late.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Creates `count` VMs through the API, each booting a kernel from a volume of its own with
+/// a 4000-byte command line: about 4 KiB of state each.
+fn grow_state_with_vms(addr: &str, count: usize) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: serde_json::Value| {
+            let request = http.post(format!("http://{addr}{path}")).json(&body);
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status();
+                assert!(status.is_success(), "{status}: {}", response.text().await.unwrap());
+            }
+        };
+        for i in 0..count {
+            let volume = format!("kernel-{i}");
+            post("/v1/volumes", serde_json::json!({"name": volume, "size_bytes": 1 << 20, "replicas": 2})).await;
+            let vm = serde_json::json!({
+                "name": format!("vm-{i}"), "cpus": 1, "memory_bytes": 64 << 20, "disks": [],
+                "boot": {"from": "kernel", "kernel": {"volume": volume, "len_bytes": 4096}, "initrd": null,
+                         "cmdline": "x".repeat(4000)},
+            });
+            post("/v1/vms", vm).await;
+        }
+    });
 }

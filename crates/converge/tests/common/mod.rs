@@ -74,8 +74,19 @@ impl NodeProcess {
         child.wait().expect("reaped");
     }
 
+    /// The node's log as plain text (colour codes taken out).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut plain = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
