@@ -276,10 +276,18 @@ impl Cluster {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(RemoteRefusal::NotLeader),
                 Err(e) => Err(RemoteRefusal::Other(e.to_string())),
             }),
-            PeerRpc::Join { token, node } => PeerReply::Join(self.admit(token, node).await.map_err(|e| match e {
-                ClusterError::Command(c) => RemoteRefusal::Command(c),
-                other => RemoteRefusal::Other(other.to_string()),
-            })),
+            PeerRpc::Join { token, node } => {
+                // Its own task: a caller that hangs up mid-way does not leave the join half
+                // done (a learner nobody promotes); it finishes or is undone either way.
+                let cluster = self.clone();
+                let admitted = tokio::spawn(async move { cluster.admit(token, node).await })
+                    .await
+                    .unwrap_or_else(|e| Err(ClusterError::Refused(format!("the join failed: {e}"))));
+                PeerReply::Join(admitted.map_err(|e| match e {
+                    ClusterError::Command(c) => RemoteRefusal::Command(c),
+                    other => RemoteRefusal::Other(other.to_string()),
+                }))
+            }
             PeerRpc::Ping => PeerReply::Ping(self.local_report()),
         }
     }
@@ -322,7 +330,18 @@ impl Cluster {
         self.propose(ClusterCommand::AddNode(node.clone())).await?;
         let raft_node = RaftNode { api_addr: node.api_addr.clone() };
         let joined = async {
-            raft.add_learner(node.id.0, raft_node, true).await.map_err(raft_error)?;
+            // Bounded: a node that never catches up is not waited for forever.
+            let learner = tokio::time::timeout(JOIN_TIMEOUT, raft.add_learner(node.id.0, raft_node, true)).await;
+            match learner {
+                Ok(added) => added.map_err(raft_error)?,
+                Err(_) => {
+                    return Err(ClusterError::Refused(format!(
+                        "{} did not catch up with the cluster log within {} s",
+                        node.id,
+                        JOIN_TIMEOUT.as_secs()
+                    )))
+                }
+            };
             let voters = ChangeMembers::AddVoterIds(BTreeSet::from([node.id.0]));
             raft.change_membership(voters, false).await.map_err(raft_error)
         }
@@ -353,7 +372,12 @@ impl Cluster {
         };
         let waited = tokio::time::timeout(LEADER_WAIT, metrics.wait_for(out)).await.map(|r| r.is_ok());
         if waited != Ok(true) {
-            return Err(ClusterError::NoLeader { waited_ms: LEADER_WAIT.as_millis() as u64 });
+            // The removal itself is committed; only the voters' change is late.
+            return Err(ClusterError::Refused(format!(
+                "{node} is removed, but it is still a Raft voter after {} s: the leader takes it out as soon as a \
+                 majority answers; `converge cluster status` shows when",
+                LEADER_WAIT.as_secs()
+            )));
         }
         Ok(())
     }
@@ -378,6 +402,60 @@ impl Cluster {
     /// Adds to the event log in the background, best effort.
     pub fn record_event(&self, kind: model::EventKind, message: String) {
         crate::liveness::record_event(self.clone(), kind, message);
+    }
+
+    /// Makes the Raft membership follow the state, as the leader: members that are not (or
+    /// no longer) nodes of the state leave it; nodes of the state that are not members (a
+    /// join whose leader died half-way) become learners, and learners that caught up become
+    /// voters. Skipped while a join is under way: that join does all of this itself.
+    pub(crate) async fn reconcile_membership(&self) {
+        let Ok(_joining) = self.inner.joining.try_lock() else { return };
+        let raft = &self.inner.raft;
+        let metrics = raft.metrics().borrow().clone();
+        let me = self.node_id().0;
+        let state = self.state();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        let in_state = |id: &u64| state.nodes.contains_key(&NodeId(*id));
+        let leaving: BTreeSet<u64> = members.iter().copied().filter(|id| *id != me && !in_state(id)).collect();
+        if !leaving.is_empty() {
+            let change = if leaving.iter().any(|id| voters.contains(id)) {
+                ChangeMembers::RemoveVoters(leaving.clone())
+            } else {
+                ChangeMembers::RemoveNodes(leaving.clone())
+            };
+            match raft.change_membership(change, false).await {
+                Ok(_) => tracing::info!(?leaving, "nodes no longer in the cluster left the Raft membership"),
+                Err(e) => tracing::warn!(?leaving, error = %e, "taking nodes out of the Raft membership failed"),
+            }
+            return;
+        }
+        for node in state.nodes.values().filter(|n| !members.contains(&n.id.0) && self.is_up(n.id)) {
+            let raft_node = RaftNode { api_addr: node.api_addr.clone() };
+            match raft.add_learner(node.id.0, raft_node, false).await {
+                Ok(_) => {
+                    tracing::info!(node = %node.id, "a node of the cluster missing from the Raft membership is a learner again")
+                }
+                Err(e) => tracing::warn!(node = %node.id, error = %e, "adding a node back as a learner failed"),
+            }
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let caught_up: BTreeSet<u64> = members
+            .iter()
+            .copied()
+            .filter(|id| !voters.contains(id) && in_state(id))
+            .filter(|id| {
+                let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
+                matched.is_some_and(|m| m.index + APPEND_ENTRIES_MAX >= last)
+            })
+            .collect();
+        if !caught_up.is_empty() {
+            match raft.change_membership(ChangeMembers::AddVoterIds(caught_up.clone()), false).await {
+                Ok(_) => tracing::info!(?caught_up, "learners of the cluster that caught up became voters"),
+                Err(e) => tracing::warn!(?caught_up, error = %e, "promoting learners failed"),
+            }
+        }
     }
 
     pub(crate) fn from_inner(inner: &Arc<Inner>) -> Cluster {

@@ -236,24 +236,8 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
         if state.is_down(me) {
             propose(&cluster, ClusterCommand::MarkNodeUp { node: me, at_ms: now_ms() }).await;
         }
-        // The Raft membership follows the state: removed nodes leave it.
-        let members: BTreeSet<u64> =
-            inner.raft.metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect();
-        let leaving: BTreeSet<u64> =
-            members.into_iter().filter(|id| state.removed.contains_key(&NodeId(*id))).collect();
-        if !leaving.is_empty() {
-            let change = if leaving.iter().any(|id| voters.contains(id)) {
-                openraft::ChangeMembers::RemoveVoters(leaving.clone())
-            } else {
-                openraft::ChangeMembers::RemoveNodes(leaving.clone())
-            };
-            match inner.raft.change_membership(change, false).await {
-                Ok(_) => tracing::info!(?leaving, "removed nodes left the Raft membership"),
-                Err(e) => {
-                    tracing::warn!(?leaving, error = %e, "taking removed nodes out of the Raft membership failed")
-                }
-            }
-        }
+        // The Raft membership follows the state.
+        cluster.reconcile_membership().await;
         // Silence before this node's own stall, or before it started, counts for nothing.
         let steady_since = inner.liveness.steady_since().max(judging_since);
         let down_after = inner.liveness.down_after;

@@ -66,6 +66,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // Peers are told the --advertise address (default: the address listened on), with the
     // ports actually bound.
     let advertised = args.advertise.unwrap_or(api_local.ip());
+    // Outgoing connections leave from the advertised address: it must be this machine's.
+    if !advertised.is_unspecified() {
+        if let Err(e) = std::net::TcpListener::bind(SocketAddr::new(advertised, 0)) {
+            anyhow::bail!(
+                "--advertise {advertised} is not an address of this machine ({e}): give one of its own addresses \
+                 that the other nodes can reach"
+            );
+        }
+    }
     let api_addr = SocketAddr::new(advertised, api_local.port()).to_string();
     let data_addr = SocketAddr::new(advertised, data_listener.local_addr()?.port()).to_string();
 

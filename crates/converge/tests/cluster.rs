@@ -115,6 +115,13 @@ fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
         .args(["--listen", "0.0.0.0:18760"])
         .output()
         .unwrap();
+    // 192.0.2.0/24 is TEST-NET-1: never an address of this machine. Nothing is sent to it.
+    let foreign = Command::new(common::BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("foreign"))
+        .args(["--listen", "0.0.0.0:18760", "--advertise", "192.0.2.7"])
+        .output()
+        .unwrap();
     let first = NodeProcess::start_with(
         dir.path(),
         "v4",
@@ -129,6 +136,9 @@ fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
     let error = String::from_utf8_lossy(&unspecified.stderr);
     assert!(!unspecified.status.success());
     assert!(error.contains("--advertise"), "the refusal says what to do: {error}");
+    let error = String::from_utf8_lossy(&foreign.stderr);
+    assert!(!foreign.status.success());
+    assert!(error.contains("not an address of this machine"), "{error}");
     let addresses: Vec<(&str, &str)> = status["nodes"]
         .as_array()
         .unwrap()

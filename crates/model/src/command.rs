@@ -1057,8 +1057,9 @@ mod tests {
     }
 
     #[test]
-    fn a_node_holding_the_last_acting_replica_is_not_removed() {
+    fn a_node_holding_the_last_acting_replica_of_volume_data_is_not_removed() {
         let mut state = two_node_cluster();
+        vm_with_disk(&mut state, "web");
         state.apply(&down(NODE_A, 1)).unwrap();
         state.apply(&down(NODE_B, 1)).unwrap();
         state.apply(&ClusterCommand::MarkNodeUp { node: NODE_A, at_ms: 2 }).unwrap();
@@ -1069,6 +1070,18 @@ mod tests {
             matches!(&refused, Err(CommandError::NodeInUse { reason, .. }) if reason.contains("only acting replica")),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn a_node_holding_the_last_replica_of_pgs_without_volumes_is_removed() {
+        let mut state = two_node_cluster();
+        state.apply(&down(NODE_A, 1)).unwrap();
+        state.apply(&down(NODE_B, 1)).unwrap();
+        state.apply(&ClusterCommand::MarkNodeUp { node: NODE_A, at_ms: 2 }).unwrap();
+        assert!(state.pools[&PoolId(0)].pgs.iter().any(|pg| pg.acting().eq([DiskId(20)])), "B holds a last replica");
+
+        assert_eq!(state.apply(&ClusterCommand::RemoveNode { node: NODE_B, at_ms: 3 }), Ok(CommandOutcome::Done));
+        state.check_invariants();
     }
 
     #[test]

@@ -290,11 +290,21 @@ impl ClusterState {
             return in_use(format!("VMs {} are meant to run on it: start them elsewhere or stop them", vms.join(", ")));
         }
         let disks: Vec<crate::ids::DiskId> = self.disks_of(node).map(|d| d.id).collect();
-        let sole =
-            self.pools.values().flat_map(|p| p.pgs.iter()).filter(|pg| disks.iter().any(|d| pg.is_acting(*d))).count();
+        // A PG no volume maps to holds nothing to lose.
+        let sole: usize = self
+            .pools
+            .values()
+            .map(|pool| {
+                let holding = pool.pgs_holding_volumes(self);
+                let sole = |(i, pg): &(usize, &crate::state::Pg)| {
+                    holding.contains(i) && disks.iter().any(|d| pg.is_acting(*d))
+                };
+                pool.pgs.iter().enumerate().filter(sole).count()
+            })
+            .sum();
         if sole > 0 {
             return in_use(format!(
-                "it holds the only acting replica of {sole} PGs: bring it back, or their data is lost"
+                "it holds the only acting replica of {sole} PGs with volume data: bring it back, or that data is lost"
             ));
         }
         let gone = self.nodes.remove(&node).expect("checked above");

@@ -176,6 +176,20 @@ impl Pool {
             .collect()
     }
 
+    /// The indexes of the PGs that some volume of this pool maps an extent to.
+    pub fn pgs_holding_volumes(&self, state: &ClusterState) -> std::collections::BTreeSet<usize> {
+        let mut holding = std::collections::BTreeSet::new();
+        for volume in state.volumes.values().filter(|v| v.pool == self.id) {
+            for extent in 0..volume.extent_count() {
+                if holding.len() == self.pgs.len() {
+                    return holding;
+                }
+                holding.insert(pg_of(volume.id, crate::ids::ExtentIndex(extent), self.pg_count()).0 as usize);
+            }
+        }
+        holding
+    }
+
     pub fn pgs_degraded(&self) -> u32 {
         self.pgs.iter().filter(|pg| pg.is_degraded()).count() as u32
     }
