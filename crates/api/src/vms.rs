@@ -106,12 +106,8 @@ impl NodeServices {
             .unwrap_or(0);
         self.cluster().propose(model::ClusterCommand::SetDrain { node: id, drained, at_ms }).await?;
         let state = self.cluster().state();
-        let vms = state
-            .vms
-            .values()
-            .filter(|vm| vm.desired == (model::VmDesired::Running { node: id }))
-            .map(|vm| vm.spec.name.clone())
-            .collect();
+        let vms =
+            state.vms.values().filter(|vm| vm.desired.node() == Some(id)).map(|vm| vm.spec.name.clone()).collect();
         Ok(v1::NodeDrain { node: id, drained: state.drained.contains(&id), vms })
     }
 
@@ -216,7 +212,7 @@ fn vm_info(state: &ClusterState, vm: &Vm) -> v1::VmInfo {
         state: vm.observed.state.clone(),
         ha: vm.spec.ha.clone(),
         node_down: match vm.desired {
-            model::VmDesired::Running { node } => state.is_down(node),
+            model::VmDesired::Running { node } | model::VmDesired::Moving { from: node, .. } => state.is_down(node),
             model::VmDesired::Stopped => vm.observed.node.is_some_and(|n| state.is_down(n)),
         },
     }

@@ -28,11 +28,12 @@ pub async fn run(api: &Client, out: &Output, command: NodeCommand) -> Result<()>
             loop {
                 let vms = api.vms().await?;
                 let moving: Vec<&api::v1::VmInfo> = vms.iter().filter(|vm| drain.vms.contains(&vm.name)).collect();
-                let left = moving.iter().filter(|vm| vm.desired == (VmDesired::Running { node: id })).count();
+                let left = moving.iter().filter(|vm| vm.desired.node() == Some(id)).count();
                 let settled = moving.iter().all(|vm| match vm.desired {
                     VmDesired::Running { node } => {
                         node != id && vm.node == Some(node) && matches!(vm.state, VmRunState::Running { .. })
                     }
+                    VmDesired::Moving { .. } => false,
                     VmDesired::Stopped => true,
                 });
                 if left == 0 && settled {
@@ -45,7 +46,7 @@ pub async fn run(api: &Client, out: &Output, command: NodeCommand) -> Result<()>
                             .iter()
                             .map(|vm| match vm.desired {
                                 VmDesired::Running { node } => format!("{} on {node}", vm.name),
-                                VmDesired::Stopped => format!("{} (stopped)", vm.name),
+                                VmDesired::Moving { .. } | VmDesired::Stopped => format!("{} (stopped)", vm.name),
                             })
                             .collect();
                         format!("{id} is drained; its VMs run elsewhere: {}.", placed.join(", "))

@@ -104,6 +104,7 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
             let vm = api.start_vm(&name, &v1::StartVm { node, force }).await?;
             let target = match vm.desired {
                 VmDesired::Running { node } => node,
+                VmDesired::Moving { .. } => bail!("VM {name} is moving off a drained node meanwhile"),
                 VmDesired::Stopped => bail!("VM {name} was stopped again meanwhile"),
             };
             let vm = if no_wait { vm } else { wait(api, out, &name, |vm| running_on(vm, target)).await? };
@@ -232,6 +233,7 @@ fn details(vm: &v1::VmInfo) -> String {
     let desired = match vm.desired {
         VmDesired::Stopped => "stopped".to_string(),
         VmDesired::Running { node } => format!("running on {node}"),
+        VmDesired::Moving { from, to } => format!("moving from {from} to {to} (shutting down there first)"),
     };
     let boot = match &vm.boot {
         model::Boot::Disk => "BIOS from the first disk".to_string(),

@@ -307,6 +307,13 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
             }
             unplaced.extend(drain.unplaced);
         }
+        // Moves whose guest shut down on the node it leaves: it starts on its new node.
+        let finishing = policy::finish_moves(&state, |n| cluster.is_up(n));
+        for moved in finishing.moves {
+            let command = ClusterCommand::FinishMove { vm: moved.vm, to: moved.to, at_ms: now_ms() };
+            propose(&cluster, command).await;
+        }
+        unplaced.extend(finishing.unplaced);
         unplaced_told.retain(|(vm, from)| unplaced.iter().any(|u| u.vm == *vm && u.from == *from));
         for unplaced in unplaced {
             if unplaced_told.insert((unplaced.vm, unplaced.from)) {

@@ -140,6 +140,9 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     let drained = vm(&nodes[0], "ha");
     assert_ne!(drained["node"], moved_to, "{drained}");
     assert_eq!(drained["state"]["state"], "running", "{drained}");
+    // Stop then start: the guest shut down cleanly on the drained node before it ran again.
+    let left = std::fs::read_to_string(target.data_dir.join("vms/vm-0/console.log")).unwrap();
+    assert!(left.contains("GUEST: power button pressed, shutting down"), "{left}");
     nodes[0].cli(&["node", "resume", &target.addr]);
 }
 

@@ -45,6 +45,11 @@ pub fn plan(state: &ClusterState, this: NodeId, local: &BTreeMap<VmId, LocalPhas
             // Moved to another node, which owns its volumes now: nothing the guest here
             // writes can land, so end it at once.
             Some((VmDesired::Running { .. }, _)) => actions.push(Action::Stop { vm: id, force: true }),
+            // Moving off this node: the guest shuts down cleanly first, then starts there.
+            Some((VmDesired::Moving { from, .. }, force)) if from == this => {
+                actions.push(Action::Stop { vm: id, force })
+            }
+            Some((VmDesired::Moving { .. }, _)) => actions.push(Action::Stop { vm: id, force: true }),
             Some((VmDesired::Stopped, force)) => actions.push(Action::Stop { vm: id, force }),
             None => actions.push(Action::Stop { vm: id, force: true }),
         }
@@ -93,6 +98,18 @@ mod tests {
         state.apply(&ClusterCommand::StartVm { vm, node: A, force: false }).unwrap();
         assert_eq!(plan(&state, A, &BTreeMap::new(), false), vec![Action::Start(vm)]);
         assert_eq!(plan(&state, B, &BTreeMap::new(), false), vec![]);
+    }
+
+    #[test]
+    fn a_vm_moving_off_this_node_shuts_down_gracefully_and_starts_only_at_the_end() {
+        let (mut state, vm) = state_with_vm();
+        state.apply(&ClusterCommand::StartVm { vm, node: A, force: false }).unwrap();
+        state.apply(&ClusterCommand::SetDrain { node: A, drained: true, at_ms: 0 }).unwrap();
+        state.apply(&ClusterCommand::MoveOffDrained { vm, from: A, to: B, at_ms: 0 }).unwrap();
+        let local = BTreeMap::from([(vm, LocalPhase::Running)]);
+
+        assert_eq!(plan(&state, A, &local, false), vec![Action::Stop { vm, force: false }]);
+        assert_eq!(plan(&state, B, &BTreeMap::new(), false), vec![], "not started before it stopped on A");
     }
 
     #[test]

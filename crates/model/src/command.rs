@@ -117,10 +117,18 @@ pub enum ClusterCommand {
         to: NodeId,
         at_ms: u64,
     },
-    /// Moves a VM off `from`, which is drained, to `to` (a stop there and a start here).
+    /// Starts moving a VM off `from`, which is drained, to `to`: it shuts down on `from`
+    /// first (`VmDesired::Moving`).
     MoveOffDrained {
         vm: VmId,
         from: NodeId,
+        to: NodeId,
+        at_ms: u64,
+    },
+    /// A moving VM stopped on the node it leaves (or that node is down): it runs on `to`,
+    /// the planned node or another one if that can no longer take it.
+    FinishMove {
+        vm: VmId,
         to: NodeId,
         at_ms: u64,
     },
@@ -288,7 +296,7 @@ impl ClusterState {
                     return Err(CommandError::NodeDown(*node));
                 }
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
-                if let VmDesired::Running { node: current } = found.desired {
+                if let Some(current) = found.desired.node() {
                     if current != *node && !force {
                         return Err(CommandError::VmRunningElsewhere { vm: found.spec.name.clone(), node: current });
                     }
@@ -308,7 +316,7 @@ impl ClusterState {
                 // The node the VM is meant to run on always reports; another node only while
                 // nothing else is running it, so a late "stopped" from the node it left does
                 // not hide it running elsewhere.
-                let meant_here = found.desired == VmDesired::Running { node: *node };
+                let meant_here = found.desired.node() == Some(*node);
                 let other_running = found.observed.node.is_some_and(|n| n != *node)
                     && !matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
                 if meant_here || !other_running {
@@ -373,6 +381,9 @@ impl ClusterState {
             ClusterCommand::MoveOffDrained { vm, from, to, at_ms } => {
                 self.move_off_drained(*vm, *from, *to, *at_ms).map(|()| CommandOutcome::Done)
             }
+            ClusterCommand::FinishMove { vm, to, at_ms } => {
+                self.finish_move(*vm, *to, *at_ms).map(|()| CommandOutcome::Done)
+            }
             ClusterCommand::GuestStopped { vm, node } => {
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
                 if found.desired == (VmDesired::Running { node: *node }) {
@@ -415,7 +426,7 @@ impl ClusterState {
                 // A VM's disks are written only from the node it is meant to run on: a late
                 // start on the node it left cannot take them back.
                 if let Some(vm) = self.vm_using(*volume) {
-                    if let VmDesired::Running { node: meant } = vm.desired {
+                    if let Some(meant) = vm.desired.node() {
                         if meant != *node {
                             let vm = vm.spec.name.clone();
                             return Err(CommandError::VolumeOfVmElsewhere { volume: *volume, vm, node: meant });
@@ -1032,8 +1043,50 @@ mod tests {
         assert_eq!(state.apply(&move_off), Err(CommandError::VmMovedOn { vm: "web".into() }));
         state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
         assert_eq!(state.apply(&move_off), Ok(CommandOutcome::Done));
-        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+        assert_eq!(state.vms[&vm].desired, VmDesired::Moving { from: NODE_A, to: NODE_B });
         assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::Drain));
+    }
+
+    #[test]
+    fn a_move_off_a_drained_node_starts_elsewhere_only_once_the_guest_stopped() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
+        state.apply(&ClusterCommand::SetDrain { node: NODE_A, drained: true, at_ms: 0 }).unwrap();
+        state.apply(&ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 }).unwrap();
+        let finish = ClusterCommand::FinishMove { vm, to: NODE_B, at_ms: 1 };
+        let disk = state.vms[&vm].spec.disks[0];
+        let acquire = |node| ClusterCommand::AcquireVolume { volume: disk, node, unless_vm_running: false };
+
+        assert!(matches!(state.apply(&finish), Err(CommandError::InvalidInput(_))), "it still runs on A");
+        assert!(state.apply(&acquire(NODE_B)).is_err(), "its disks stay A's while it shuts down");
+        assert!(state.apply(&acquire(NODE_A)).is_ok());
+        let stopping = ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopping };
+        state.apply(&stopping).unwrap();
+        assert!(state.apply(&finish).is_err(), "shutting down is not stopped");
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+        assert_eq!(state.apply(&finish), Ok(CommandOutcome::Done));
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
+        assert!(state.apply(&acquire(NODE_B)).is_ok());
+        assert!(matches!(state.apply(&finish), Err(CommandError::VmMovedOn { .. })), "once");
+    }
+
+    #[test]
+    fn a_move_whose_source_went_down_finishes_without_waiting_for_it() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
+        state.apply(&ClusterCommand::SetDrain { node: NODE_A, drained: true, at_ms: 0 }).unwrap();
+        state.apply(&ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 }).unwrap();
+
+        state.apply(&down(NODE_A, 1)).unwrap();
+
+        assert_eq!(state.apply(&ClusterCommand::FinishMove { vm, to: NODE_B, at_ms: 2 }), Ok(CommandOutcome::Done));
+        assert_eq!(state.vms[&vm].desired, VmDesired::Running { node: NODE_B });
     }
 
     #[test]

@@ -221,20 +221,47 @@ impl ClusterState {
         if !self.drained.contains(&from) {
             return Err(CommandError::NodeNotDrained(from));
         }
-        let name = self.move_vm(vm, from, to)?;
-        let message = format!("VM {name} moves off drained {} to {}", self.node_name(from), self.node_name(to));
+        self.check_target(to)?;
+        let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
+        if found.desired != (VmDesired::Running { node: from }) {
+            return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
+        }
+        found.desired = VmDesired::Moving { from, to };
+        found.force_stop = false;
+        let name = found.spec.name.clone();
+        let message =
+            format!("VM {name} shuts down on drained {} to start on {}", self.node_name(from), self.node_name(to));
+        self.record_event(at_ms, EventKind::Drain, &message);
+        Ok(())
+    }
+
+    /// Ends a move: the VM stopped on the node it leaves (or that node is down), and runs on
+    /// `to` from now on.
+    pub(crate) fn finish_move(&mut self, vm: VmId, to: NodeId, at_ms: u64) -> Result<(), CommandError> {
+        self.check_target(to)?;
+        let down = self.down.clone();
+        let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
+        let VmDesired::Moving { from, .. } = found.desired else {
+            return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
+        };
+        let stopped = matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. })
+            || found.observed.node != Some(from);
+        if !stopped && !down.contains_key(&from) {
+            return Err(CommandError::InvalidInput(format!(
+                "VM {} still runs on {from}: it moves once it stopped there",
+                found.spec.name
+            )));
+        }
+        found.desired = VmDesired::Running { node: to };
+        let name = found.spec.name.clone();
+        let message = format!("VM {name} moved off {} to {}", self.node_name(from), self.node_name(to));
         self.record_event(at_ms, EventKind::Drain, &message);
         Ok(())
     }
 
     /// Points a VM still meant to run on `from` at `to`, a member that is not down; its name.
     fn move_vm(&mut self, vm: VmId, from: NodeId, to: NodeId) -> Result<String, CommandError> {
-        if !self.nodes.contains_key(&to) {
-            return Err(CommandError::UnknownNode(to));
-        }
-        if self.down.contains_key(&to) {
-            return Err(CommandError::NodeDown(to));
-        }
+        self.check_target(to)?;
         let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
         if found.desired != (VmDesired::Running { node: from }) {
             return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
@@ -242,6 +269,17 @@ impl ClusterState {
         found.desired = VmDesired::Running { node: to };
         found.force_stop = false;
         Ok(found.spec.name.clone())
+    }
+
+    /// A node a VM can be moved to: a member that is not down.
+    fn check_target(&self, to: NodeId) -> Result<(), CommandError> {
+        if !self.nodes.contains_key(&to) {
+            return Err(CommandError::UnknownNode(to));
+        }
+        if self.down.contains_key(&to) {
+            return Err(CommandError::NodeDown(to));
+        }
+        Ok(())
     }
 
     /// Adds a member, or confirms one that is already in with the same addresses. An id
@@ -280,12 +318,8 @@ impl ClusterState {
             return Err(CommandError::NodeNotDown(node));
         }
         let in_use = |reason: String| Err(CommandError::NodeInUse { node, reason });
-        let vms: Vec<String> = self
-            .vms
-            .values()
-            .filter(|vm| vm.desired == (VmDesired::Running { node }))
-            .map(|vm| vm.spec.name.clone())
-            .collect();
+        let vms: Vec<String> =
+            self.vms.values().filter(|vm| vm.desired.node() == Some(node)).map(|vm| vm.spec.name.clone()).collect();
         if !vms.is_empty() {
             return in_use(format!("VMs {} are meant to run on it: start them elsewhere or stop them", vms.join(", ")));
         }

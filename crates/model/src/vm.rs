@@ -59,6 +59,24 @@ pub enum VmDesired {
     Running {
         node: NodeId,
     },
+    /// Shutting down on `from`, to run on `to` once it stopped: a move off a drained node,
+    /// stop then start (until live migration exists). The guest shuts down cleanly, and its
+    /// disks stay `from`'s until then, so the two never run at once.
+    Moving {
+        from: NodeId,
+        to: NodeId,
+    },
+}
+
+impl VmDesired {
+    /// The node that may run the VM and write its disks now.
+    pub fn node(&self) -> Option<NodeId> {
+        match *self {
+            VmDesired::Stopped => None,
+            VmDesired::Running { node } => Some(node),
+            VmDesired::Moving { from, .. } => Some(from),
+        }
+    }
 }
 
 /// How a VM's guest is run.

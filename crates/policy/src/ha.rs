@@ -45,6 +45,34 @@ pub fn failover_plan(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Pl
     place(state, &moving, is_up, None)
 }
 
+/// Moves whose VM stopped on the node it leaves (or that node is down), ready to finish:
+/// on the planned node if it can still take the VM, else on another one.
+pub fn finish_moves(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Placement {
+    let stopped = |vm: &Vm, from: NodeId| {
+        state.is_down(from)
+            || vm.observed.node != Some(from)
+            || matches!(vm.observed.state, model::VmRunState::Stopped | model::VmRunState::Failed { .. })
+    };
+    let mut placement = Placement::default();
+    let mut replan = Vec::new();
+    for vm in state.vms.values() {
+        let VmDesired::Moving { from, to } = vm.desired else { continue };
+        if !stopped(vm, from) {
+            continue;
+        }
+        if is_up(to) && !state.is_down(to) && !state.drained.contains(&to) {
+            placement.moves.push(Move { vm: vm.id, from, to });
+        } else {
+            replan.push(vm);
+        }
+    }
+    // The planned node can no longer take it: place it anew.
+    let again = place(state, &replan, is_up, None);
+    placement.moves.extend(again.moves);
+    placement.unplaced.extend(again.unplaced);
+    placement
+}
+
 /// Every VM meant to run on `node`, placed on the other nodes that are up.
 pub fn drain_plan(state: &ClusterState, node: NodeId, is_up: impl Fn(NodeId) -> bool) -> Placement {
     let moving: Vec<&Vm> = state.vms.values().filter(|vm| vm.desired == (VmDesired::Running { node })).collect();
@@ -64,7 +92,8 @@ fn place(state: &ClusterState, moving: &[&Vm], is_up: impl Fn(NodeId) -> bool, l
         .map(|&n| (n, Load::default()))
         .collect();
     for vm in state.vms.values() {
-        if let VmDesired::Running { node } = vm.desired {
+        // A VM on its way to a node counts there already.
+        if let VmDesired::Running { node } | VmDesired::Moving { to: node, .. } = vm.desired {
             if let Some(load) = loads.get_mut(&node) {
                 load.memory_bytes += vm.spec.memory_bytes;
                 load.vms += 1;
@@ -76,7 +105,7 @@ fn place(state: &ClusterState, moving: &[&Vm], is_up: impl Fn(NodeId) -> bool, l
     order.sort_by_key(|vm| (std::cmp::Reverse(vm.spec.ha.priority), vm.id));
     let mut placement = Placement::default();
     for vm in order {
-        let VmDesired::Running { node: from } = vm.desired else { continue };
+        let (VmDesired::Running { node: from } | VmDesired::Moving { from, .. }) = vm.desired else { continue };
         let capacity = |n: &NodeId| state.capacity.get(n).copied().filter(|c| c.memory_bytes > 0);
         let fits = |(n, load): &(&NodeId, &Load)| {
             let room = capacity(n)
@@ -287,5 +316,28 @@ mod tests {
             vec![Move { vm: VmId(0), from: NodeId(2), to: NodeId(1) }],
             "node 1 has the most room"
         );
+    }
+
+    #[test]
+    fn a_move_finishes_on_its_node_once_the_guest_stopped_or_elsewhere_if_that_node_went_down() {
+        let mut state = cluster(3, 8, &[("a", 1, 2, ha()), ("b", 1, 2, ha())]);
+        state.apply(&ClusterCommand::SetDrain { node: NodeId(1), drained: true, at_ms: 0 }).unwrap();
+        for vm in [VmId(0), VmId(1)] {
+            let running = model::VmRunState::Running { accel: model::Accel::Tcg, pid: 1 };
+            state.apply(&ClusterCommand::ReportVm { vm, node: NodeId(1), state: running }).unwrap();
+            let to = NodeId(2 + vm.0);
+            state.apply(&ClusterCommand::MoveOffDrained { vm, from: NodeId(1), to, at_ms: 0 }).unwrap();
+        }
+
+        assert!(finish_moves(&state, |_| true).moves.is_empty(), "both still run on node 1");
+        for vm in [VmId(0), VmId(1)] {
+            let stopped = model::VmRunState::Stopped;
+            state.apply(&ClusterCommand::ReportVm { vm, node: NodeId(1), state: stopped }).unwrap();
+        }
+        down(&mut state, 3);
+        let plan = finish_moves(&state, |n| n != NodeId(3));
+
+        let to: Vec<(VmId, NodeId)> = plan.moves.iter().map(|m| (m.vm, m.to)).collect();
+        assert_eq!(to, vec![(VmId(0), NodeId(2)), (VmId(1), NodeId(2))], "node 3 went down: b goes to 2 as well");
     }
 }

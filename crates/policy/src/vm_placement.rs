@@ -7,7 +7,9 @@ use model::{ClusterState, NodeId, VmDesired};
 pub fn choose_vm_node(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Option<NodeId> {
     let takes_vms = |n: NodeId| is_up(n) && !state.is_down(n) && !state.drained.contains(&n);
     state.nodes.keys().copied().filter(|&n| takes_vms(n)).min_by_key(|&node| {
-        let load = state.vms.values().filter(|vm| vm.desired == VmDesired::Running { node }).count();
+        let headed_here =
+            |d: VmDesired| matches!(d, VmDesired::Running { node: n } | VmDesired::Moving { to: n, .. } if n == node);
+        let load = state.vms.values().filter(|vm| headed_here(vm.desired)).count();
         (load, node)
     })
 }
