@@ -144,7 +144,7 @@ impl NodeServices {
         let existed = path.exists();
         let identity =
             DiskIdentity { disk: DiskId(random_id()?), node: self.inner.cluster.node_id(), cluster: cluster.id };
-        let disk = LocalDisk::create(path, request.size_bytes, identity).await?;
+        let disk = LocalDisk::claim(path, request.size_bytes, identity, request.force).await?;
         let sb = *disk.superblock();
         let record = Disk {
             id: sb.disk,

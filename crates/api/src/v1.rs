@@ -29,6 +29,9 @@ pub struct AddDisk {
     pub path: String,
     /// Create a file of this size if `path` does not exist.
     pub size_bytes: Option<u64>,
+    /// Format it even if it holds a file system, a partition table or another cluster's disk.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

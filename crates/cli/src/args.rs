@@ -195,6 +195,10 @@ pub enum DiskCommand {
         /// Create a file of this size at PATH (for example 20G) if it does not exist.
         #[arg(long)]
         size: Option<String>,
+        /// Format PATH even if it holds a file system, a partition table or another
+        /// cluster's disk: what it holds is lost. A mounted device is refused regardless.
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -42,10 +42,10 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
             let status = api.status().await?;
             out.print(&status, || output::cluster_status(&status))
         }
-        Command::Disk(DiskCommand::Add { path, size }) => {
+        Command::Disk(DiskCommand::Add { path, size, force }) => {
             let size_bytes = size.as_deref().map(parse_size).transpose()?;
             let absolute = std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?;
-            let request = v1::AddDisk { path: absolute.display().to_string(), size_bytes };
+            let request = v1::AddDisk { path: absolute.display().to_string(), size_bytes, force };
             let disk = api.add_disk(&request).await?;
             out.print(&disk, || {
                 format!(

@@ -68,6 +68,34 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit() {
 }
 
 #[test]
+fn disks_are_claimed_only_deliberately_and_the_data_dir_is_the_owners_alone() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let node = NodeProcess::start(dir.path(), 11, 18745);
+    node.cli(&["cluster", "init"]);
+    let ext4 = dir.path().join("ext4.img");
+    std::fs::write(&ext4, vec![0u8; 64 << 20]).unwrap();
+    let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&ext4).status().expect("mkfs.ext4 runs");
+    assert!(mkfs.success());
+    let path = ext4.to_str().unwrap();
+
+    let refused = run(&node.addr, &["disk", "add", path]).unwrap_err();
+    let untouched = Command::new("e2fsck").args(["-n", "-f"]).arg(&ext4).output().unwrap();
+    node.cli(&["disk", "add", path, "--force"]);
+    let second = dir.path().join("second.img");
+    node.cli(&["disk", "add", second.to_str().unwrap(), "--size", "64M"]);
+    let again = run(&node.addr, &["disk", "add", second.to_str().unwrap()]).unwrap_err();
+
+    assert!(refused.contains("an ext2/ext3/ext4 file system") && refused.contains("--force"), "{refused}");
+    assert!(untouched.status.success(), "the refused file system is intact: {untouched:?}");
+    assert!(again.contains("already holds converge disk"), "{again}");
+    let status = json(&node.cli(&["--json", "cluster", "status"]));
+    assert_eq!(status["nodes"][0]["disks"].as_array().unwrap().len(), 2, "{status}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&node.data_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data dir, with the cluster's secrets, is its owner's alone");
+}
+
+#[test]
 fn qcow2_image_imports_as_its_raw_contents_on_a_single_replica_volume() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let node = NodeProcess::start(dir.path(), 9, 18730);

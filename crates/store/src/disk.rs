@@ -58,6 +58,19 @@ impl LocalDisk {
     /// Formats `path` for converge. A missing path is created as a file of `size_bytes`;
     /// an existing device or file is used whole, unless it already is a converge disk.
     pub async fn create(path: &Path, size_bytes: Option<u64>, identity: DiskIdentity) -> Result<Self, StoreError> {
+        Self::claim(path, size_bytes, identity, false).await
+    }
+
+    /// Formats the device at `path` (a file of `size_bytes` is created if it does not
+    /// exist). An existing device that holds a file system, a partition table, another
+    /// converge disk or anything else `claim::signature` knows is refused unless `force`; one
+    /// that is mounted or held by the kernel is always refused.
+    pub async fn claim(
+        path: &Path,
+        size_bytes: Option<u64>,
+        identity: DiskIdentity,
+        force: bool,
+    ) -> Result<Self, StoreError> {
         let created = match (path.exists(), size_bytes) {
             (false, None) => return Err(StoreError::NotFound { path: path.into() }),
             (false, Some(size)) => {
@@ -71,7 +84,7 @@ impl LocalDisk {
             }
             (true, _) => false,
         };
-        let result = Self::format(path, size_bytes, identity, created).await;
+        let result = Self::format(path, size_bytes, identity, created, force).await;
         if result.is_err() && created {
             let _ = std::fs::remove_file(path);
         }
@@ -83,15 +96,23 @@ impl LocalDisk {
         size_bytes: Option<u64>,
         identity: DiskIdentity,
         created: bool,
+        force: bool,
     ) -> Result<Self, StoreError> {
+        if let Some(device) = crate::claim::loop_device_backed_by(path) {
+            return Err(StoreError::InUse { path: path.into(), what: format!("the backing file of {device}") });
+        }
         let (ring, device_bytes) = open_ring(path)?;
         if let Some(requested_bytes) = size_bytes.filter(|&s| s != device_bytes) {
             return Err(StoreError::SizeMismatch { path: path.into(), actual_bytes: device_bytes, requested_bytes });
         }
-        if !created {
-            let head = read_at(&ring, path, 0, SUPERBLOCK_BYTES as usize).await?;
+        if !created && !force {
+            let probe = (crate::claim::PROBE_BYTES as u64).min(device_bytes & !(SECTOR_SIZE_BYTES - 1));
+            let head = read_at(&ring, path, 0, probe as usize).await?;
             if let Ok(sb) = Superblock::decode(head.as_slice(), device_bytes) {
                 return Err(StoreError::AlreadyFormatted { path: path.into(), disk: sb.disk, cluster: sb.cluster });
+            }
+            if let Some(what) = crate::claim::signature(head.as_slice()) {
+                return Err(StoreError::HoldsData { path: path.into(), what });
             }
         }
         let sb = Superblock::new(identity.disk, identity.node, identity.cluster, device_bytes)
@@ -373,12 +394,24 @@ fn io_error(path: &Path, op: &'static str, offset_bytes: u64, source: io::Error)
 
 /// Opens the device for direct, synchronous IO and starts its ring.
 fn open_ring(path: &Path) -> Result<(Ring, u64), StoreError> {
+    // A block device is opened exclusively: the kernel refuses it while it is mounted or
+    // held by RAID, LVM or device-mapper, and refuses them while converge has it.
+    let block_device = std::fs::metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    let exclusive = if block_device { libc::O_EXCL } else { 0 };
     let mut file: File = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+        .custom_flags(libc::O_DIRECT | libc::O_DSYNC | exclusive)
         .open(path)
-        .map_err(|e| io_error(path, "opening", 0, e))?;
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                StoreError::InUse { path: path.into(), what: "mounted, or held by RAID, LVM or device-mapper".into() }
+            }
+            _ => io_error(path, "opening", 0, e),
+        })?;
     let device_bytes = file.seek(SeekFrom::End(0)).map_err(|e| io_error(path, "sizing", 0, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let ring = Ring::new(file, &name).map_err(|e| io_error(path, "setting up io_uring for", 0, e))?;

@@ -16,8 +16,15 @@ pub enum StoreError {
         #[source]
         reason: FormatError,
     },
-    #[error("{path} already holds converge disk {disk} of cluster {cluster}; converge will not overwrite it")]
+    #[error(
+        "{path} already holds converge disk {disk} of cluster {cluster}; converge will not overwrite it \
+         (add --force if that disk is no longer used)"
+    )]
     AlreadyFormatted { path: PathBuf, disk: DiskId, cluster: ClusterId },
+    #[error("{path} holds {what}; converge will not overwrite it (add --force if its contents can be lost)")]
+    HoldsData { path: PathBuf, what: &'static str },
+    #[error("{path} is in use ({what}); converge will not take it, even with --force")]
+    InUse { path: PathBuf, what: String },
     #[error("{path} holds disk {found}, but disk {expected} was expected there")]
     WrongDisk { path: PathBuf, expected: DiskId, found: DiskId },
     #[error("Disk {disk} is full: all {slots} extents are in use; add a disk or delete volumes")]

@@ -5,6 +5,7 @@
 //! Never does networking or cluster decisions: it stores extents it is told to store.
 
 mod buf;
+pub mod claim;
 mod disk;
 mod error;
 pub mod format;
