@@ -1,44 +1,167 @@
 //! The replica server: accepts connections from other nodes' engines on the data address
 //! and answers their requests, many in flight per connection.
+//!
+//! Everything a peer can make this node hold is bounded (`DataLimits`): connections per
+//! peer address and in total, requests and bytes in flight per connection and in total,
+//! and the time a request's payload or a reply may take on the wire. Bytes are charged
+//! when a request's header is read, before its payload is, and released only once its
+//! reply is on the wire, so a peer that sends and never reads its replies holds at most
+//! its connection's share until the reply timeout closes the connection.
 
 use crate::replica::{Payload, ReplicaService, Reply};
-use crate::wire::{Request, ResponseHeader, REQUEST_HEADER_BYTES};
-use std::sync::Arc;
+use crate::wire::{Request, ResponseHeader, PAYLOAD_MAX_BYTES, REQUEST_HEADER_BYTES};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use store::AlignedBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// Requests one connection may have in flight; bounds the memory a peer can make us hold.
+/// Requests one connection may have in flight.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 
-/// Serves replica requests on `listener` until the task is dropped.
+/// What the data port lets peers make this node hold.
+#[derive(Clone, Debug)]
+pub struct DataLimits {
+    pub connections_total: usize,
+    pub connections_per_peer: usize,
+    /// Request payloads and reply data held for one connection.
+    pub bytes_per_connection: usize,
+    /// The same, over every connection from one peer address.
+    pub bytes_per_peer: usize,
+    /// The same, over every connection: bounds the memory the data port can take.
+    pub bytes_total: usize,
+    /// How long a request's payload may take to arrive, and a reply to be taken by the
+    /// peer, before the connection is closed.
+    pub io_timeout: Duration,
+}
+
+impl Default for DataLimits {
+    fn default() -> Self {
+        DataLimits {
+            connections_total: 256,
+            connections_per_peer: 16,
+            bytes_per_connection: 32 << 20,
+            bytes_per_peer: 64 << 20,
+            bytes_total: 256 << 20,
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bytes are counted in units of this size (a request costs at least one).
+const UNIT_BYTES: usize = 4096;
+
+fn units(bytes: usize) -> u32 {
+    bytes.div_ceil(UNIT_BYTES).max(1) as u32
+}
+
+/// Serves replica requests on `listener` with the default limits until the task is dropped.
 pub async fn serve(listener: TcpListener, service: Arc<ReplicaService>) {
+    serve_with(listener, service, DataLimits::default()).await
+}
+
+/// Serves replica requests on `listener` until the task is dropped.
+pub async fn serve_with(listener: TcpListener, service: Arc<ReplicaService>, limits: DataLimits) {
+    let shared = Arc::new(Shared {
+        bytes: Arc::new(Semaphore::new(units(limits.bytes_total) as usize)),
+        connections: Mutex::new(HashMap::new()),
+        limits,
+    });
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let service = service.clone();
+                let Some(slot) = ConnectionSlot::take(&shared, peer.ip()) else {
+                    tracing::warn!(%peer, "refused a data connection: too many from that address or in all");
+                    continue;
+                };
+                let (service, shared) = (service.clone(), shared.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, service).await {
+                    if let Err(e) = serve_connection(stream, service, &shared, slot.peer_bytes.clone()).await {
                         tracing::debug!(%peer, error = %e, "data connection closed");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a data connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> std::io::Result<()> {
+struct Shared {
+    /// Node-wide byte budget, in `UNIT_BYTES`.
+    bytes: Arc<Semaphore>,
+    /// Open connections per peer address, and the byte budget they share.
+    connections: Mutex<HashMap<IpAddr, (usize, Arc<Semaphore>)>>,
+    limits: DataLimits,
+}
+
+/// One counted connection; uncounted when dropped.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    /// The byte budget of every connection from `peer`.
+    peer_bytes: Arc<Semaphore>,
+}
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>, peer: IpAddr) -> Option<Self> {
+        let mut open = shared.connections.lock().expect("connections lock");
+        let total: usize = open.values().map(|(count, _)| count).sum();
+        let from_peer = open.get(&peer).map_or(0, |(count, _)| *count);
+        if total >= shared.limits.connections_total || from_peer >= shared.limits.connections_per_peer {
+            return None;
+        }
+        let per_peer = units(shared.limits.bytes_per_peer) as usize;
+        let entry = open.entry(peer).or_insert_with(|| (0, Arc::new(Semaphore::new(per_peer))));
+        entry.0 += 1;
+        Some(ConnectionSlot { shared: shared.clone(), peer, peer_bytes: entry.1.clone() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.connections.lock().expect("connections lock");
+        if let Some((count, _)) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// What one request holds until its reply is on the wire.
+struct Held {
+    _connection: OwnedSemaphorePermit,
+    _peer: OwnedSemaphorePermit,
+    _node: OwnedSemaphorePermit,
+    _slot: OwnedSemaphorePermit,
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} took longer than the data port allows"))
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    service: Arc<ReplicaService>,
+    shared: &Shared,
+    peer_bytes: Arc<Semaphore>,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let io_timeout = shared.limits.io_timeout;
     let (mut reader, writer) = stream.into_split();
-    let (replies, mut outgoing) = mpsc::channel::<(u64, Reply)>(REQUESTS_IN_FLIGHT_MAX);
-    let sender = tokio::spawn(async move {
+    let (replies, mut outgoing) = mpsc::channel::<(u64, Reply, Option<Held>)>(REQUESTS_IN_FLIGHT_MAX);
+    // Replies go out in the order they are ready; each must be taken by the peer in time.
+    let mut sender = tokio::spawn(async move {
         let mut writer = BufWriter::new(writer);
-        while let Some((id, reply)) = outgoing.recv().await {
+        while let Some((id, reply, held)) = outgoing.recv().await {
             let payload: &[u8] = match &reply.data {
                 Some(data) => data.as_slice(),
                 None => reply.message.as_bytes(),
@@ -50,48 +173,74 @@ async fn serve_connection(stream: TcpStream, service: Arc<ReplicaService>) -> st
                 pg_epoch: reply.pg_epoch,
                 payload_len: payload.len() as u32,
             };
-            writer.write_all(&header.encode()).await?;
-            writer.write_all(payload).await?;
-            if outgoing.is_empty() {
-                writer.flush().await?;
-            }
+            let write = async {
+                writer.write_all(&header.encode()).await?;
+                writer.write_all(payload).await?;
+                if outgoing.is_empty() {
+                    writer.flush().await?;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            tokio::time::timeout(io_timeout, write).await.map_err(|_| timed_out("a reply"))??;
+            drop(held);
         }
         Ok::<_, std::io::Error>(())
     });
+    let connection_bytes = Arc::new(Semaphore::new(units(shared.limits.bytes_per_connection) as usize));
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
-    loop {
-        let mut header = [0u8; REQUEST_HEADER_BYTES];
-        match reader.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        // A header that does not parse leaves the stream unframed: close the connection.
-        let request = Request::parse(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        // A request for another cluster or a disk this node does not have: the peer is
-        // misconfigured or hostile. It gets a clear answer, and the connection is closed.
-        if let Some(reply) = service.wrong_target(&request) {
-            tracing::warn!(disk = %request.disk, cluster = %request.cluster, reason = %reply.message, "refused a request meant for another target");
-            let _ = replies.send((request.id, reply)).await;
-            break;
-        }
-        let permit = slots.clone().acquire_owned().await.expect("semaphore is never closed");
-        let payload = match request.payload_bytes() {
-            0 => Payload::None,
-            n => {
-                let mut buf = AlignedBuf::zeroed(n);
-                reader.read_exact(buf.as_mut_slice()).await?;
-                Payload::Write(Arc::new(buf), 0..n)
+    let receiver = async move {
+        loop {
+            let mut header = [0u8; REQUEST_HEADER_BYTES];
+            match reader.read_exact(&mut header).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
             }
-        };
-        let service = service.clone();
-        let replies = replies.clone();
-        tokio::spawn(async move {
-            let reply = service.handle(request, payload).await;
-            let _ = replies.send((request.id, reply)).await;
-            drop(permit);
-        });
+            // A header that does not parse leaves the stream unframed: close the connection.
+            let request =
+                Request::parse(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            // A request for another cluster or a disk this node does not have: the peer is
+            // misconfigured or hostile. It gets a clear answer, and the connection is closed.
+            if let Some(reply) = service.wrong_target(&request) {
+                tracing::warn!(disk = %request.disk, cluster = %request.cluster, reason = %reply.message, "refused a request meant for another target");
+                let _ = replies.send((request.id, reply, None)).await;
+                return Ok(());
+            }
+            // Charged before the payload is read: a peer out of budget is simply not read
+            // from (TCP pushes back on it) until its replies are taken.
+            let bytes = request.payload_bytes().max(request.reply_bytes().unwrap_or(PAYLOAD_MAX_BYTES) as usize);
+            let held = Held {
+                _slot: slots.clone().acquire_owned().await.expect("never closed"),
+                _connection: connection_bytes.clone().acquire_many_owned(units(bytes)).await.expect("never closed"),
+                _peer: peer_bytes.clone().acquire_many_owned(units(bytes)).await.expect("never closed"),
+                _node: shared.bytes.clone().acquire_many_owned(units(bytes)).await.expect("never closed"),
+            };
+            let payload = match request.payload_bytes() {
+                0 => Payload::None,
+                n => {
+                    let mut buf = AlignedBuf::zeroed(n);
+                    let read = reader.read_exact(buf.as_mut_slice());
+                    tokio::time::timeout(io_timeout, read).await.map_err(|_| timed_out("a request's payload"))??;
+                    Payload::Write(Arc::new(buf), 0..n)
+                }
+            };
+            let service = service.clone();
+            let replies = replies.clone();
+            tokio::spawn(async move {
+                let reply = service.handle(request, payload).await;
+                // The connection may be gone; what the request held goes with the reply.
+                let _ = replies.send((request.id, reply, Some(held))).await;
+            });
+        }
+    };
+    // Whichever side ends first ends the connection; requests still being handled finish
+    // and let go of what they hold.
+    tokio::select! {
+        received = receiver => {
+            received?;
+            // The replies still due go out before the connection closes.
+            sender.await.map_err(std::io::Error::other)?
+        }
+        sent = &mut sender => sent.map_err(std::io::Error::other)?,
     }
-    drop(replies);
-    sender.await.map_err(std::io::Error::other)?
 }

@@ -57,6 +57,10 @@ impl NodeProcess {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Sends `signal` (STOP, CONT, ...) to the node's process, by its pid.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id();
