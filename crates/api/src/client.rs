@@ -17,6 +17,8 @@ pub enum ClientError {
     },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
+    #[error("{0:?} cannot name anything: a path step")]
+    BadSegment(String),
     #[error("Talking to {server}")]
     Http {
         server: String,
@@ -110,7 +112,7 @@ impl Client {
     }
 
     pub async fn volume(&self, name: &str) -> Result<v1::VolumeInfo, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/volumes/{name}"), None).await
+        self.call::<(), _>(Method::GET, &format!("/v1/volumes/{}", segment(name)?), None).await
     }
 
     pub async fn create_volume(&self, request: &v1::CreateVolume) -> Result<v1::VolumeInfo, ClientError> {
@@ -118,7 +120,7 @@ impl Client {
     }
 
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(self.url(&format!("/v1/volumes/{name}")))).await.map(drop)
+        self.send(self.http.delete(self.url(&format!("/v1/volumes/{}", segment(name)?)))).await.map(drop)
     }
 
     /// Streams `body` into the volume from offset 0.
@@ -126,8 +128,10 @@ impl Client {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
-        let request =
-            self.http.put(self.url(&format!("/v1/volumes/{name}/data"))).body(reqwest::Body::wrap_stream(body));
+        let request = self
+            .http
+            .put(self.url(&format!("/v1/volumes/{}/data", segment(name)?)))
+            .body(reqwest::Body::wrap_stream(body));
         let response = self.send(request).await?;
         response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
     }
@@ -137,7 +141,7 @@ impl Client {
         &self,
         name: &str,
     ) -> Result<(u64, impl Stream<Item = Result<Bytes, reqwest::Error>>), ClientError> {
-        let response = self.send(self.http.get(self.url(&format!("/v1/volumes/{name}/data")))).await?;
+        let response = self.send(self.http.get(self.url(&format!("/v1/volumes/{}/data", segment(name)?)))).await?;
         let len = response.content_length().unwrap_or(0);
         Ok((len, response.bytes_stream()))
     }
@@ -147,19 +151,19 @@ impl Client {
     }
 
     pub async fn drain_node(&self, node: &str) -> Result<v1::NodeDrain, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{node}/drain"), None).await
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{}/drain", segment(node)?), None).await
     }
 
     pub async fn resume_node(&self, node: &str) -> Result<v1::NodeDrain, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{node}/resume"), None).await
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{}/resume", segment(node)?), None).await
     }
 
     pub async fn remove_node(&self, node: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(self.url(&format!("/v1/nodes/{node}")))).await.map(drop)
+        self.send(self.http.delete(self.url(&format!("/v1/nodes/{}", segment(node)?)))).await.map(drop)
     }
 
     pub async fn check_node(&self, node: &str) -> Result<v1::NodeCheck, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/nodes/{node}/check"), None).await
+        self.call::<(), _>(Method::GET, &format!("/v1/nodes/{}/check", segment(node)?), None).await
     }
 
     pub async fn vms(&self) -> Result<Vec<v1::VmInfo>, ClientError> {
@@ -167,7 +171,7 @@ impl Client {
     }
 
     pub async fn vm(&self, name: &str) -> Result<v1::VmInfo, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/vms/{name}"), None).await
+        self.call::<(), _>(Method::GET, &format!("/v1/vms/{}", segment(name)?), None).await
     }
 
     pub async fn create_vm(&self, request: &v1::CreateVm) -> Result<v1::VmInfo, ClientError> {
@@ -175,15 +179,15 @@ impl Client {
     }
 
     pub async fn start_vm(&self, name: &str, request: &v1::StartVm) -> Result<v1::VmInfo, ClientError> {
-        self.call(Method::POST, &format!("/v1/vms/{name}/start"), Some(request)).await
+        self.call(Method::POST, &format!("/v1/vms/{}/start", segment(name)?), Some(request)).await
     }
 
     pub async fn stop_vm(&self, name: &str, request: &v1::StopVm) -> Result<v1::VmInfo, ClientError> {
-        self.call(Method::POST, &format!("/v1/vms/{name}/stop"), Some(request)).await
+        self.call(Method::POST, &format!("/v1/vms/{}/stop", segment(name)?), Some(request)).await
     }
 
     pub async fn delete_vm(&self, name: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(self.url(&format!("/v1/vms/{name}")))).await.map(drop)
+        self.send(self.http.delete(self.url(&format!("/v1/vms/{}", segment(name)?)))).await.map(drop)
     }
 
     /// The VM's console output; with `follow`, until the VM stops.
@@ -192,7 +196,39 @@ impl Client {
         name: &str,
         follow: bool,
     ) -> Result<impl Stream<Item = Result<Bytes, reqwest::Error>>, ClientError> {
-        let url = self.url(&format!("/v1/vms/{name}/console?follow={follow}"));
+        let url = self.url(&format!("/v1/vms/{}/console?follow={follow}", segment(name)?));
         Ok(self.send(self.http.get(url)).await?.bytes_stream())
+    }
+}
+
+/// `text` as one URL path segment: every byte but ASCII letters, digits, '-' and '_'
+/// percent-encoded, so a name with '/' or '?' stays one segment. "." and ".." are path
+/// steps however they are written, and are refused.
+fn segment(text: &str) -> Result<String, ClientError> {
+    if text == "." || text == ".." {
+        return Err(ClientError::BadSegment(text.to_string()));
+    }
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment;
+
+    #[test]
+    fn a_name_is_always_one_path_segment() {
+        assert_eq!(segment("web-1_a").unwrap(), "web-1_a");
+        assert_eq!(segment("../vms/web").unwrap(), "%2E%2E%2Fvms%2Fweb");
+        assert_eq!(segment("127.0.0.1:7700").unwrap(), "127%2E0%2E0%2E1%3A7700");
+        assert_eq!(segment("a?b#c").unwrap(), "a%3Fb%23c");
+        assert!(segment("..").is_err() && segment(".").is_err());
     }
 }

@@ -206,7 +206,7 @@ impl NodeServices {
         if request.replicas == 0 || request.replicas > REPLICAS_MAX {
             return Err(ApiError::bad_request(format!("--replicas must be 1, 2 or 3, not {}", request.replicas)));
         }
-        check_name(&request.name)?;
+        check_name("volume", &request.name)?;
         let volume = self.inner.cluster.create_volume(&request.name, request.size_bytes, request.replicas).await?;
         Ok(volume_info(&self.inner.cluster.state(), &volume))
     }
@@ -291,16 +291,9 @@ impl NodeServices {
 }
 
 /// Names of volumes and VMs: letters, digits, '-', '_' and '.', up to 128 characters.
-pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
-    let valid =
-        !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "{name:?} is not a valid name: use letters, digits, '-', '_' and '.', up to 128 characters"
-        )))
-    }
+/// The API's early answer for a bad name; `apply` checks the same.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    model::check_name(what, name, model::NAME_MAX_BYTES).map_err(ApiError::bad_request)
 }
 
 async fn write_chunk(

@@ -29,7 +29,7 @@ impl NodeServices {
     /// Creates the VM's disk volumes (`NAME-disk0`, ...) and the VM; removes the volumes
     /// again if the VM cannot be created.
     pub async fn create_vm(&self, request: v1::CreateVm) -> Result<v1::VmInfo, ApiError> {
-        crate::services::check_name(&request.name)?;
+        crate::services::check_name("VM", &request.name)?;
         if self.cluster().state().vm_by_name(&request.name).is_some() {
             return Err(model::CommandError::VmExists(request.name).into_api());
         }

@@ -60,11 +60,20 @@ fn bad_input_gets_a_clear_error_and_a_failing_exit() {
     let bad_size = run(&node.addr, &["volume", "create", "v", "--size", "lots"]).unwrap_err();
     let too_few_nodes = run(&node.addr, &["volume", "create", "v", "--size", "1G", "--replicas", "2"]);
     let missing = run(&node.addr, &["volume", "show", "nope"]).unwrap_err();
+    node.cli(&["disk", "add", node.data_dir.with_extension("disk").to_str().unwrap(), "--size", "256M"]);
+    node.cli(&["volume", "create", "v", "--size", "4M", "--replicas", "1"]);
+    let escaping = run(&node.addr, &["volume", "delete", "../volumes/v"]).unwrap_err();
+    let dotted = run(&node.addr, &["volume", "create", ".hidden", "--size", "4M", "--replicas", "1"]).unwrap_err();
+    let step = run(&node.addr, &["volume", "delete", ".."]).unwrap_err();
 
     assert!(before_init.contains("not in a cluster yet"), "{before_init}");
     assert!(bad_size.contains("is not a number"), "{bad_size}");
     assert!(too_few_nodes.as_ref().unwrap_err().contains("different nodes"), "{too_few_nodes:?}");
     assert!(missing.contains("No volume named \"nope\""), "{missing}");
+    assert!(escaping.contains("No volume named \"../volumes/v\""), "a name stays one path segment: {escaping}");
+    node.cli(&["volume", "show", "v"]);
+    assert!(dotted.contains("is not a valid volume name"), "{dotted}");
+    assert!(step.contains("a path step"), "{step}");
 }
 
 #[test]

@@ -162,8 +162,7 @@ pub enum ClusterCommand {
     },
 }
 
-/// Longest VM or volume name.
-pub const NAME_MAX_BYTES: usize = 128;
+pub use crate::names::NAME_MAX_BYTES;
 /// Longest kernel command line.
 pub const CMDLINE_MAX_BYTES: usize = 4096;
 /// Longest disk path.
@@ -473,8 +472,8 @@ impl ClusterState {
         if let Err(reason) = spec.ha.check() {
             return invalid(reason);
         }
-        if spec.name.is_empty() || spec.name.len() > NAME_MAX_BYTES {
-            return invalid(format!("a VM name is 1 to {NAME_MAX_BYTES} bytes"));
+        if let Err(reason) = crate::names::check_name("VM", &spec.name, NAME_MAX_BYTES) {
+            return invalid(reason);
         }
         if let crate::vm::Boot::Kernel { cmdline, .. } = &spec.boot {
             if cmdline.len() > CMDLINE_MAX_BYTES {
@@ -586,9 +585,7 @@ impl ClusterState {
         if self.volume_by_name(name).is_some() {
             return Err(CommandError::VolumeExists(name.to_string()));
         }
-        if name.is_empty() || name.len() > NAME_MAX_BYTES {
-            return Err(CommandError::InvalidInput(format!("a volume name is 1 to {NAME_MAX_BYTES} bytes")));
-        }
+        crate::names::check_name("volume", name, NAME_MAX_BYTES).map_err(CommandError::InvalidInput)?;
         let id = self.next_volume_id;
         self.next_volume_id = VolumeId(id.0 + 1);
         let volume = Volume { id, name: name.to_string(), pool, size_bytes, owner: None, owner_epoch: OwnerEpoch(0) };

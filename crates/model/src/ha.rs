@@ -67,12 +67,7 @@ impl HaPolicy {
             return Err(format!("priority {} is above {VM_PRIORITY_MAX}", self.priority));
         }
         if let Some(group) = &self.anti_affinity {
-            let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-            if group.is_empty() || group.len() > GROUP_NAME_MAX_BYTES || !group.chars().all(valid) {
-                return Err(format!(
-                    "anti-affinity group {group:?} must be 1 to {GROUP_NAME_MAX_BYTES} letters, digits, '-', '_' or '.'"
-                ));
-            }
+            crate::names::check_name("anti-affinity group", group, GROUP_NAME_MAX_BYTES)?;
         }
         Ok(())
     }

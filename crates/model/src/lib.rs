@@ -7,6 +7,7 @@
 mod command;
 mod ha;
 mod ids;
+mod names;
 mod report;
 mod state;
 mod units;
@@ -18,6 +19,7 @@ pub use ha::{
     VM_PRIORITY_MAX,
 };
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+pub use names::{check_name, NAME_MAX_BYTES};
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 pub use units::{
