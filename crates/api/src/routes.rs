@@ -156,7 +156,7 @@ async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Jso
 }
 
 async fn snapshot(State(node): State<NodeServices>, body: axum::body::Bytes) -> Json<PeerReply> {
-    Json(node.cluster().handle_snapshot(&body).await)
+    Json(node.cluster().handle_snapshot(Vec::from(body)).await)
 }
 
 async fn list_vms(State(node): State<NodeServices>) -> Json<Vec<v1::VmInfo>> {

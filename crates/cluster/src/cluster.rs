@@ -31,10 +31,17 @@ const APPEND_ENTRIES_MAX: u64 = 64;
 /// Largest peer request other than a snapshot (an append of APPEND_ENTRIES_MAX entries as
 /// JSON, with room to spare): what a node's peer endpoint accepts.
 pub const PEER_REQUEST_BYTES_MAX: usize = 16 << 20;
-/// Largest snapshot transfer a node accepts.
-pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
+/// Largest snapshot transfer a node accepts (and sends).
+pub const SNAPSHOT_BYTES_MAX: usize = 256 << 20;
 /// Joining waits for the new node to catch up with the log.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A joining node waits longer than the leader's own bound, so a join that succeeds late
+/// is not reported as failed.
+const JOIN_WAIT: Duration = Duration::from_secs(80);
+/// A member forwarding a join to the leader waits between the two.
+const JOIN_FORWARD_WAIT: Duration = Duration::from_secs(70);
+/// How long the leader waits for a membership change of its own to commit.
+const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
@@ -63,6 +70,7 @@ pub(crate) struct Inner {
     local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     pub(crate) liveness: Liveness,
     joining: tokio::sync::Mutex<()>,
+    snapshot_installs: tokio::sync::Semaphore,
 }
 
 impl Cluster {
@@ -110,6 +118,7 @@ impl Cluster {
             local_report,
             liveness,
             joining: tokio::sync::Mutex::new(()),
+            snapshot_installs: tokio::sync::Semaphore::new(1),
         });
         tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
         tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
@@ -170,7 +179,7 @@ impl Cluster {
             return Err(ClusterError::AlreadyMember(info.id));
         }
         let rpc = PeerRpc::Join { token: token.to_string(), node: self.node().clone() };
-        let id = match self.call(peer_api_addr, rpc, JOIN_TIMEOUT).await? {
+        let id = match self.call(peer_api_addr, rpc, JOIN_WAIT).await? {
             PeerReply::Join(result) => result.map_err(refusal)?,
             other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
         };
@@ -293,8 +302,10 @@ impl Cluster {
     }
 
     /// Installs a whole snapshot sent by the leader (`SnapshotTransfer`'s wire form).
-    pub async fn handle_snapshot(&self, wire: &[u8]) -> PeerReply {
+    pub async fn handle_snapshot(&self, wire: Vec<u8>) -> PeerReply {
         let installed = async {
+            // One at a time: each holds a whole state in memory, several times over.
+            let _one = self.inner.snapshot_installs.acquire().await.map_err(|e| RemoteRefusal::Other(e.to_string()))?;
             let transfer = SnapshotTransfer::decode(wire).map_err(RemoteRefusal::Other)?;
             let snapshot = openraft::Snapshot { meta: transfer.meta, snapshot: Box::new(Cursor::new(transfer.data)) };
             let raft = &self.inner.raft;
@@ -319,7 +330,7 @@ impl Cluster {
                 .and_then(|l| state.nodes.get(&NodeId(l)))
                 .map(|n| n.api_addr.clone())
                 .ok_or(ClusterError::NoLeader { waited_ms: 0 })?;
-            return match self.call(&leader_addr, PeerRpc::Join { token, node }, JOIN_TIMEOUT).await? {
+            return match self.call(&leader_addr, PeerRpc::Join { token, node }, JOIN_FORWARD_WAIT).await? {
                 PeerReply::Join(result) => result.map_err(refusal),
                 other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
             };
@@ -406,53 +417,76 @@ impl Cluster {
 
     /// Makes the Raft membership follow the state, as the leader: members that are not (or
     /// no longer) nodes of the state leave it; nodes of the state that are not members (a
-    /// join whose leader died half-way) become learners, and learners that caught up become
-    /// voters. Skipped while a join is under way: that join does all of this itself.
+    /// join whose leader died half-way) become learners, and learners that caught up and are
+    /// up become voters. Skipped while a join is under way (that join does all of this
+    /// itself) and while the state lags the membership (a new leader that has not applied
+    /// the log it committed yet would see members missing from the state).
     pub(crate) async fn reconcile_membership(&self) {
         let Ok(_joining) = self.inner.joining.try_lock() else { return };
         let raft = &self.inner.raft;
         let metrics = raft.metrics().borrow().clone();
+        if metrics.last_applied < *metrics.membership_config.log_id() {
+            return;
+        }
         let me = self.node_id().0;
         let state = self.state();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let members: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
         let in_state = |id: &u64| state.nodes.contains_key(&NodeId(*id));
-        let leaving: BTreeSet<u64> = members.iter().copied().filter(|id| *id != me && !in_state(id)).collect();
+        // This node leaves too if it was removed (it steps down once that commits); absent
+        // from the state for another reason (a cluster being initialised) it stays.
+        let leaving: BTreeSet<u64> = members
+            .iter()
+            .copied()
+            .filter(|id| if *id == me { state.removed.contains_key(&NodeId(me)) } else { !in_state(id) })
+            .collect();
+        let change = |change: ChangeMembers<u64, RaftNode>| async move {
+            match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, raft.change_membership(change, false)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("not committed within {} s", MEMBERSHIP_CHANGE_TIMEOUT.as_secs())),
+            }
+        };
         if !leaving.is_empty() {
-            let change = if leaving.iter().any(|id| voters.contains(id)) {
+            let removal = if leaving.iter().any(|id| voters.contains(id)) {
                 ChangeMembers::RemoveVoters(leaving.clone())
             } else {
                 ChangeMembers::RemoveNodes(leaving.clone())
             };
-            match raft.change_membership(change, false).await {
-                Ok(_) => tracing::info!(?leaving, "nodes no longer in the cluster left the Raft membership"),
+            match change(removal).await {
+                Ok(()) => tracing::info!(?leaving, "nodes no longer in the cluster left the Raft membership"),
                 Err(e) => tracing::warn!(?leaving, error = %e, "taking nodes out of the Raft membership failed"),
             }
             return;
         }
-        for node in state.nodes.values().filter(|n| !members.contains(&n.id.0) && self.is_up(n.id)) {
+        let usable = |id: NodeId| self.is_up(id) && !state.is_down(id);
+        for node in state.nodes.values().filter(|n| !members.contains(&n.id.0) && usable(n.id)) {
             let raft_node = RaftNode { api_addr: node.api_addr.clone() };
-            match raft.add_learner(node.id.0, raft_node, false).await {
-                Ok(_) => {
+            let added = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, raft.add_learner(node.id.0, raft_node, false));
+            match added.await {
+                Ok(Ok(_)) => {
                     tracing::info!(node = %node.id, "a node of the cluster missing from the Raft membership is a learner again")
                 }
-                Err(e) => tracing::warn!(node = %node.id, error = %e, "adding a node back as a learner failed"),
+                Ok(Err(e)) => tracing::warn!(node = %node.id, error = %e, "adding a node back as a learner failed"),
+                Err(_) => tracing::warn!(node = %node.id, "adding a node back as a learner did not commit in time"),
             }
         }
+        // Only learners that are up: a voter that cannot answer could leave the new
+        // configuration without a majority, and no membership change would then commit.
         let last = metrics.last_log_index.unwrap_or(0);
         let caught_up: BTreeSet<u64> = members
             .iter()
             .copied()
-            .filter(|id| !voters.contains(id) && in_state(id))
+            .filter(|id| !voters.contains(id) && in_state(id) && usable(NodeId(*id)))
             .filter(|id| {
                 let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
                 matched.is_some_and(|m| m.index + APPEND_ENTRIES_MAX >= last)
             })
             .collect();
         if !caught_up.is_empty() {
-            match raft.change_membership(ChangeMembers::AddVoterIds(caught_up.clone()), false).await {
-                Ok(_) => tracing::info!(?caught_up, "learners of the cluster that caught up became voters"),
+            match change(ChangeMembers::AddVoterIds(caught_up.clone())).await {
+                Ok(()) => tracing::info!(?caught_up, "learners of the cluster that caught up became voters"),
                 Err(e) => tracing::warn!(?caught_up, error = %e, "promoting learners failed"),
             }
         }

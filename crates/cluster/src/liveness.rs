@@ -98,7 +98,12 @@ pub(crate) async fn ping_loop(inner: Weak<Inner>) {
         });
         let mut answered = HashSet::new();
         for (node, reply) in futures_util::future::join_all(pings).await {
+            // Only the node itself counts: another daemon answering at its address does not.
             if let Ok(PeerReply::Ping(report)) = reply {
+                if report.node != node {
+                    tracing::warn!(%node, answered = %report.node, "another node answers at a member's address");
+                    continue;
+                }
                 inner.seen.lock().expect("seen lock").insert(node, (Instant::now(), report));
                 answered.insert(node.0);
             }

@@ -119,7 +119,19 @@ impl RaftNetwork<TypeConfig> for Connection {
     ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
         let transfer = SnapshotTransfer { vote, meta: snapshot.meta.clone(), data: snapshot.snapshot.into_inner() };
         let bytes = transfer.data.len();
-        let sent = self.transport.send_snapshot(&self.addr, transfer.encode(), option.hard_ttl());
+        let wire = transfer.encode();
+        if wire.len() > crate::cluster::SNAPSHOT_BYTES_MAX {
+            tracing::error!(bytes, "the cluster state is larger than a node accepts in a snapshot");
+            let e = TransportError::Failed {
+                addr: self.addr.clone(),
+                reason: format!(
+                    "a snapshot of {bytes} bytes is larger than the {} a node accepts",
+                    crate::cluster::SNAPSHOT_BYTES_MAX
+                ),
+            };
+            return Err(StreamingError::Network(NetworkError::new(&e)));
+        }
+        let sent = self.transport.send_snapshot(&self.addr, wire, option.hard_ttl());
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             reply = sent => reply,

@@ -69,14 +69,19 @@ fn write_raw(db: &Database, values: &[(&str, &[u8])]) -> Result<(), StorageIOErr
     tx.commit().map_err(|e| StorageIOError::write(&e))
 }
 
-fn read_raw(db: &Database, key: &str) -> Result<Option<Vec<u8>>, StorageIOError<u64>> {
+/// Reads every key of `keys` in one transaction: values written together read together.
+fn read_raw<const N: usize>(db: &Database, keys: [&str; N]) -> Result<[Option<Vec<u8>>; N], StorageIOError<u64>> {
     let tx = db.begin_read().map_err(|e| StorageIOError::read(&e))?;
     let table = match tx.open_table(META) {
         Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok([const { None }; N]),
         Err(e) => return Err(StorageIOError::read(&e)),
     };
-    Ok(table.get(key).map_err(|e| StorageIOError::read(&e))?.map(|v| v.value().to_vec()))
+    let mut values = [const { None }; N];
+    for (value, key) in values.iter_mut().zip(keys) {
+        *value = table.get(key).map_err(|e| StorageIOError::read(&e))?.map(|v| v.value().to_vec());
+    }
+    Ok(values)
 }
 
 #[derive(Clone)]
@@ -331,6 +336,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let mut incoming: Machine =
             serde_json::from_slice(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        if incoming.last_applied != meta.last_log_id {
+            let e = std::io::Error::other(format!(
+                "a snapshot whose data was taken at {:?} but whose metadata says {:?}",
+                incoming.last_applied, meta.last_log_id
+            ));
+            return Err(StorageIOError::read_snapshot(Some(meta.signature()), &e).into());
+        }
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
         let mut machine = self.machine.lock().await;
@@ -345,10 +357,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let Some(meta) = read_meta::<SnapshotMeta<u64, RaftNode>>(&self.db, KEY_SNAPSHOT_META)? else {
-            return Ok(None);
-        };
-        let data = read_raw(&self.db, KEY_SNAPSHOT_DATA)?.unwrap_or_default();
+        // Metadata and data from one transaction: a snapshot stored meanwhile is seen whole
+        // or not at all.
+        let [meta, data] = read_raw(&self.db, [KEY_SNAPSHOT_META, KEY_SNAPSHOT_DATA])?;
+        let (Some(meta), Some(data)) = (meta, data) else { return Ok(None) };
+        let meta: SnapshotMeta<u64, RaftNode> =
+            serde_json::from_slice(&meta).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }

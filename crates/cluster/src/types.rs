@@ -106,7 +106,8 @@ impl SnapshotTransfer {
         wire
     }
 
-    pub fn decode(wire: &[u8]) -> Result<Self, String> {
+    /// Takes the transfer apart in place: the data keeps the wire's allocation.
+    pub fn decode(mut wire: Vec<u8>) -> Result<Self, String> {
         let len: [u8; 4] = wire.get(..4).and_then(|b| b.try_into().ok()).ok_or("a snapshot shorter than its header")?;
         let len = u32::from_be_bytes(len) as usize;
         if len > SNAPSHOT_HEADER_MAX || wire.len() < 4 + len {
@@ -114,6 +115,7 @@ impl SnapshotTransfer {
         }
         let header: SnapshotHeader =
             serde_json::from_slice(&wire[4..4 + len]).map_err(|e| format!("a damaged snapshot header: {e}"))?;
-        Ok(SnapshotTransfer { vote: header.vote, meta: header.meta, data: wire[4 + len..].to_vec() })
+        wire.drain(..4 + len);
+        Ok(SnapshotTransfer { vote: header.vote, meta: header.meta, data: wire })
     }
 }

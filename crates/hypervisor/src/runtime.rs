@@ -30,6 +30,8 @@ pub struct Hypervisor {
     /// HA VMs whose start failed or whose QEMU died here: how often in a row, and when to
     /// try again.
     retry: Mutex<BTreeMap<VmId, (u32, std::time::Instant)>>,
+    /// VMs moving off this node whose "not running here" report is on its way.
+    telling: Mutex<std::collections::BTreeSet<VmId>>,
     changed: Notify,
 }
 
@@ -93,6 +95,7 @@ impl Hypervisor {
             accel,
             local: Mutex::default(),
             retry: Mutex::default(),
+            telling: Mutex::default(),
             changed: Notify::new(),
         })
     }
@@ -182,6 +185,25 @@ impl Hypervisor {
                         });
                     }
                 }
+            }
+        }
+        // A VM moving off this node that does not run here (any more): say so, so the move
+        // goes on even if the report of its stop was lost, or it never started here.
+        let this = self.host.this_node();
+        for vm in state.vms.values() {
+            let moving_off = matches!(vm.desired, model::VmDesired::Moving { from, .. } if from == this);
+            let told = vm.observed.node == Some(this)
+                && matches!(vm.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
+            if moving_off
+                && !told
+                && !local.contains_key(&vm.id)
+                && self.telling.lock().expect("telling lock").insert(vm.id)
+            {
+                let (hypervisor, id) = (self.clone(), vm.id);
+                tokio::spawn(async move {
+                    hypervisor.report(id, VmRunState::Stopped).await;
+                    hypervisor.telling.lock().expect("telling lock").remove(&id);
+                });
             }
         }
     }

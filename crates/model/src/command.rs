@@ -585,6 +585,19 @@ impl ClusterState {
         if self.volume_by_name(name).is_some() {
             return Err(CommandError::VolumeExists(name.to_string()));
         }
+        // A PG whose every replica was on a removed node has nowhere to keep new data.
+        let stranded = self.pools[&pool]
+            .pgs
+            .iter()
+            .filter(|pg| pg.acting().all(|d| self.disks.get(&d).is_some_and(|d| self.removed.contains_key(&d.node))))
+            .count();
+        if stranded > 0 {
+            return Err(CommandError::InvalidInput(format!(
+                "{stranded} PGs of pool {} had every replica on a removed node: the pool takes no new volume until \
+                 they are placed anew",
+                self.pools[&pool].name
+            )));
+        }
         crate::names::check_name("volume", name, NAME_MAX_BYTES).map_err(CommandError::InvalidInput)?;
         let id = self.next_volume_id;
         self.next_volume_id = VolumeId(id.0 + 1);
@@ -1071,6 +1084,22 @@ mod tests {
     }
 
     #[test]
+    fn a_move_waits_for_the_node_it_leaves_to_say_the_vm_is_stopped_there() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        // It last ran on B; it is meant for A, which may be starting it right now.
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_B, state: VmRunState::Stopped }).unwrap();
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        state.apply(&ClusterCommand::SetDrain { node: NODE_A, drained: true, at_ms: 0 }).unwrap();
+        state.apply(&ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 }).unwrap();
+        let finish = ClusterCommand::FinishMove { vm, to: NODE_B, at_ms: 1 };
+
+        assert!(state.apply(&finish).is_err(), "stopped on B says nothing of A");
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+        assert_eq!(state.apply(&finish), Ok(CommandOutcome::Done));
+    }
+
+    #[test]
     fn a_move_whose_source_went_down_finishes_without_waiting_for_it() {
         let mut state = two_node_cluster();
         let vm = vm_with_disk(&mut state, "web");
@@ -1132,6 +1161,10 @@ mod tests {
 
         assert_eq!(state.apply(&ClusterCommand::RemoveNode { node: NODE_B, at_ms: 3 }), Ok(CommandOutcome::Done));
         state.check_invariants();
+        let pgs = &state.pools[&PoolId(0)].pgs;
+        assert!(pgs.iter().all(|pg| pg.acting().eq([DiskId(10)])), "A's replicas, whole, take over: {pgs:?}");
+        let create = ClusterCommand::CreateVolume { name: "after".into(), pool: PoolId(0), size_bytes: 1 << 20 };
+        assert!(matches!(state.apply(&create), Ok(CommandOutcome::VolumeCreated(_))));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::ids::NodeId;
 use crate::state::ClusterState;
 use crate::vm::{VmDesired, VmId, VmObserved, VmRunState};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Events the cluster keeps; older ones are dropped first.
 pub const EVENTS_KEPT: usize = 256;
@@ -239,8 +240,8 @@ impl ClusterState {
         let VmDesired::Moving { from, .. } = found.desired else {
             return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
         };
-        let stopped = matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. })
-            || found.observed.node != Some(from);
+        let stopped = found.observed.node == Some(from)
+            && matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
         if !stopped && !down.contains_key(&from) {
             return Err(CommandError::InvalidInput(format!(
                 "VM {} still runs on {from}: it moves once it stopped there",
@@ -335,6 +336,26 @@ impl ClusterState {
             return in_use(format!(
                 "it holds the only acting replica of {sole} PGs with volume data: bring it back, or that data is lost"
             ));
+        }
+        // PGs no volume maps to hold nothing: their other replicas, out or not, are whole,
+        // and take over from the removed one (a PG whose every replica was there keeps it
+        // acting, and its pool takes no new volume until it is placed anew).
+        let holding: BTreeMap<crate::ids::PoolId, BTreeSet<usize>> =
+            self.pools.values().map(|pool| (pool.id, pool.pgs_holding_volumes(self))).collect();
+        let emptied_reason = format!("its node {node} was removed");
+        for pool in self.pools.values_mut() {
+            for (i, pg) in pool.pgs.iter_mut().enumerate() {
+                let removed: Vec<_> = pg.disks.iter().copied().filter(|d| disks.contains(d)).collect();
+                let others = pg.disks.len() - removed.len();
+                if removed.is_empty() || others == 0 || holding[&pool.id].contains(&i) {
+                    continue;
+                }
+                pg.epoch = crate::ids::PgEpoch(pg.epoch.0 + 1);
+                pg.out.clear();
+                for disk in removed {
+                    pg.out.insert(disk, crate::state::OutReason { since: pg.epoch, reason: emptied_reason.clone() });
+                }
+            }
         }
         let gone = self.nodes.remove(&node).expect("checked above");
         self.removed.insert(node, gone.clone());

@@ -48,10 +48,11 @@ pub fn failover_plan(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Pl
 /// Moves whose VM stopped on the node it leaves (or that node is down), ready to finish:
 /// on the planned node if it can still take the VM, else on another one.
 pub fn finish_moves(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Placement {
+    // Stopped as `from` itself said (it also says so for a VM it never ran), or `from` is down.
     let stopped = |vm: &Vm, from: NodeId| {
         state.is_down(from)
-            || vm.observed.node != Some(from)
-            || matches!(vm.observed.state, model::VmRunState::Stopped | model::VmRunState::Failed { .. })
+            || (vm.observed.node == Some(from)
+                && matches!(vm.observed.state, model::VmRunState::Stopped | model::VmRunState::Failed { .. }))
     };
     let mut placement = Placement::default();
     let mut replan = Vec::new();
