@@ -12,7 +12,8 @@ PORT=7700
 IPS=(127.0.0.2 127.0.0.3 127.0.0.4)
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-cv() { local ip=$1; shift; "$BIN" --server "http://$ip:$PORT" "$@"; }
+# Root on each node talks to it through its local socket (no token).
+cv() { local ip=$1; shift; "$BIN" --socket "$DEMO/node-$ip/api.sock" "$@"; }
 
 stop_cluster() {
   for pidfile in "$DEMO"/node-*.pid; do
@@ -67,7 +68,10 @@ step "Starting converge serve on ${IPS[*]} (port $PORT; data path on $((PORT + 1
 for ip in "${IPS[@]}"; do start_node "$ip"; echo "  node on $ip: pid $(cat "$DEMO/node-$ip.pid"), log $DEMO/node-$ip.log"; done
 
 step "Creating the cluster on ${IPS[0]}"
-token=$(cv "${IPS[0]}" --json cluster init | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+init=$(cv "${IPS[0]}" --json cluster init)
+token=$(echo "$init" | sed -n 's/.*"join_token": "\(.*\)".*/\1/p')
+admin=$(echo "$init" | sed -n 's/.*"admin_token": "\(.*\)".*/\1/p')
+echo "  admin token: $admin (for the API from anywhere)"
 echo "  join token: $token"
 for ip in "${IPS[@]:1}"; do
   step "Joining $ip"
@@ -154,7 +158,7 @@ cv "${IPS[1]}" volume list
 step "Done"
 cat <<MSG
 The cluster and VM 'web' are still running (on ${IPS[1]}). Try:
-  export CONVERGE_SERVER=http://${IPS[0]}:$PORT
+  export CONVERGE_SERVER=http://${IPS[0]}:$PORT CONVERGE_TOKEN=$admin
   $BIN vm console web          # follow the guest's serial console (Ctrl-C to leave)
   $BIN vm show web
   $BIN cluster status

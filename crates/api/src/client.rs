@@ -9,7 +9,10 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("Cannot reach converge at {server}: is `converge serve` running there? (set --server or CONVERGE_SERVER)")]
+    #[error(
+        "Cannot reach converge at {server}: is `converge serve` running there? (set --server, or --socket on the node \
+         itself)"
+    )]
     Unreachable {
         server: String,
         #[source]
@@ -38,16 +41,31 @@ impl ClientError {
 
 #[derive(Clone)]
 pub struct Client {
+    /// Where calls go, as the user would recognise it (in errors).
     server: String,
+    /// The URLs' start.
+    base: String,
     http: reqwest::Client,
 }
 
 impl Client {
-    /// `server` is `http://host:port` (a bare `host:port` is accepted too).
-    pub fn new(server: &str) -> Self {
+    /// `server` is `http://host:port` (a bare `host:port` is accepted too); `token` goes
+    /// with every call.
+    pub fn new(server: &str, token: Option<&str>) -> Self {
         let server =
             if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{server}") };
-        Client { server, http: reqwest::Client::new() }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let http = reqwest::Client::builder().default_headers(headers).build().expect("a plain HTTP client builds");
+        Client { base: server.clone(), server, http }
+    }
+
+    /// Talks to the node whose local socket is `socket` (root on that node; no token).
+    pub fn local(socket: &std::path::Path) -> Self {
+        let http = reqwest::Client::builder().unix_socket(socket).build().expect("a plain HTTP client builds");
+        Client { server: format!("the local socket {}", socket.display()), base: "http://localhost".into(), http }
     }
 
     pub fn server(&self) -> &str {
@@ -55,7 +73,7 @@ impl Client {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server)
+        format!("{}{path}", self.base)
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
@@ -89,6 +107,18 @@ impl Client {
         }
         let response = self.send(request).await?;
         response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
+    }
+
+    pub async fn create_token(&self, request: &v1::CreateToken) -> Result<v1::TokenCreated, ClientError> {
+        self.call(Method::POST, "/v1/tokens", Some(request)).await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<v1::TokenInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/tokens", None).await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/tokens/{}", segment(id)?)))).await.map(drop)
     }
 
     pub async fn status(&self) -> Result<v1::ClusterStatus, ClientError> {

@@ -4,6 +4,7 @@
 //! Handlers parse, make one call and map the error to a status; what a call does lives in
 //! `NodeServices`.
 
+mod auth;
 pub mod client;
 mod error;
 mod node_host;
@@ -13,9 +14,10 @@ mod transport;
 pub mod v1;
 mod vms;
 
+pub use auth::{required, Access};
 pub use error::ApiError;
 pub use node_host::NodeHost;
-pub use routes::router;
+pub use routes::{local_router, router};
 pub use services::NodeServices;
 pub use transport::HttpTransport;
 pub use vms::boot_volume_bytes;

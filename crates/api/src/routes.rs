@@ -11,8 +11,23 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cluster::{PeerReply, PeerRpc};
 
+/// The API as the node's local socket serves it: root on the node, no token.
+pub fn local_router(services: NodeServices) -> Router {
+    routes().with_state(services)
+}
+
+/// The API as the network sees it: every call through `auth::network_gate`.
 pub fn router(services: NodeServices) -> Router {
+    routes()
+        .layer(axum::middleware::from_fn_with_state(services.clone(), crate::auth::network_gate))
+        .with_state(services)
+}
+
+fn routes() -> Router<NodeServices> {
     Router::new()
+        .route("/v1/health", get(|| async { "ok" }))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/join", post(cluster_join))
@@ -33,7 +48,22 @@ pub fn router(services: NodeServices) -> Router {
         .route("/v1/nodes/{node}", axum::routing::delete(remove_node))
         .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
         .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
-        .with_state(services)
+}
+
+async fn list_tokens(State(node): State<NodeServices>) -> Json<Vec<v1::TokenInfo>> {
+    Json(node.tokens())
+}
+
+async fn create_token(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::CreateToken>,
+) -> Result<(StatusCode, Json<v1::TokenCreated>), ApiError> {
+    Ok((StatusCode::CREATED, Json(node.create_token(request).await?)))
+}
+
+async fn revoke_token(State(node): State<NodeServices>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    node.revoke_token(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cluster_status(State(node): State<NodeServices>) -> Json<v1::ClusterStatus> {

@@ -120,9 +120,35 @@ impl NodeServices {
     }
 
     pub async fn init(&self) -> Result<v1::InitResponse, ApiError> {
-        let token = self.inner.cluster.init().await?;
+        let (admin_token, join_token) = self.inner.cluster.init().await?;
         let cluster_id = self.inner.cluster.state().cluster.as_ref().map(|c| c.id.to_string()).unwrap_or_default();
-        Ok(v1::InitResponse { cluster_id, token })
+        let address = self.inner.cluster.node().api_addr.clone();
+        Ok(v1::InitResponse { cluster_id, address, admin_token, join_token })
+    }
+
+    pub async fn create_token(&self, request: v1::CreateToken) -> Result<v1::TokenCreated, ApiError> {
+        let kind = match request.role {
+            Some(role) => model::TokenKind::Api { role },
+            None => model::TokenKind::Join { expires_ms: 0 },
+        };
+        let ttl = request.ttl_secs.map(std::time::Duration::from_secs);
+        let token = self.inner.cluster.create_token(kind, &request.name, ttl).await?;
+        let id = token.split('_').nth(1).unwrap_or_default().to_string();
+        let kind = self.inner.cluster.state().tokens.get(&id).map(|t| t.kind).unwrap_or(kind);
+        Ok(v1::TokenCreated { id, token, kind })
+    }
+
+    pub fn tokens(&self) -> Vec<v1::TokenInfo> {
+        let state = self.inner.cluster.state();
+        state
+            .tokens
+            .values()
+            .map(|t| v1::TokenInfo { id: t.id.clone(), name: t.name.clone(), kind: t.kind, created_ms: t.created_ms })
+            .collect()
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ApiError> {
+        Ok(self.inner.cluster.revoke_token(id).await?)
     }
 
     pub async fn join(&self, request: v1::JoinRequest) -> Result<v1::JoinResponse, ApiError> {

@@ -8,7 +8,38 @@ pub use cluster::{ClusterStatus, DiskStatus, NodeStatus};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InitResponse {
     pub cluster_id: String,
+    /// Where other nodes reach this one (`cluster join --peer`).
+    pub address: String,
+    /// An admin token for the API (`converge token create` makes more).
+    pub admin_token: String,
+    /// Lets other nodes join, for an hour.
+    pub join_token: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateToken {
+    /// `None` for a join token.
+    pub role: Option<model::Role>,
+    #[serde(default)]
+    pub name: String,
+    /// How long a join token lasts; an hour if absent.
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub id: String,
+    /// The token itself: shown once, kept nowhere.
     pub token: String,
+    pub kind: model::TokenKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub kind: model::TokenKind,
+    pub created_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

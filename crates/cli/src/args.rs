@@ -16,9 +16,18 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The node to talk to.
-    #[arg(long, env = "CONVERGE_SERVER", default_value = "http://127.0.0.1:7700", global = true)]
-    pub server: String,
+    /// A node to talk to over the network, http://HOST:PORT; needs a token. [default: this
+    /// node's local socket if there is one, else http://127.0.0.1:7700]
+    #[arg(long, env = "CONVERGE_SERVER", global = true)]
+    pub server: Option<String>,
+    /// The node's local socket (`api.sock` in its data dir), for root on the node: no token.
+    /// [default: /var/lib/converge/api.sock, if it exists and --server is not given]
+    #[arg(long, env = "CONVERGE_SOCKET", global = true, conflicts_with = "server")]
+    pub socket: Option<PathBuf>,
+    /// The API token for --server (`cluster init` prints the first; `token create` makes
+    /// more). Also read from ~/.config/converge/config (`token = ...`, `server = ...`).
+    #[arg(long, env = "CONVERGE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -43,12 +52,39 @@ pub enum Command {
     /// Maintenance of one node: drain it, let VMs back on, ask whether it can go down.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// API tokens (admin, operator, viewer) and join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// What happened in the cluster, and when: nodes down and up, failovers, drains.
     Events {
         /// Keep printing new events as they happen.
         #[arg(long)]
         follow: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; it is printed once and kept nowhere.
+    Create {
+        /// An API token with this role: viewer (reads), operator (also runs VMs and
+        /// volumes), admin (also disks, nodes and tokens).
+        #[arg(long, required_unless_present = "join", conflicts_with = "join")]
+        role: Option<model::Role>,
+        /// A join token for new nodes instead.
+        #[arg(long)]
+        join: bool,
+        /// How long the join token lasts, for example 30m, 2h or 1d.
+        #[arg(long, requires = "join", default_value = "1h")]
+        ttl: String,
+        /// Who or what it is for.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// The tokens that work now (never their secrets).
+    List,
+    /// Make a token stop working, by its id.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,8 @@ mod transfer;
 mod vm;
 
 pub use args::{
-    Cli, ClientArgs, ClusterCommand, Command, DiskCommand, NodeCommand, ServeArgs, VmCommand, VolumeCommand,
+    Cli, ClientArgs, ClusterCommand, Command, DiskCommand, NodeCommand, ServeArgs, TokenCommand, VmCommand,
+    VolumeCommand,
 };
 
 use anyhow::{bail, Context, Result};
@@ -17,9 +18,57 @@ use api::v1;
 use model::parse_size;
 use output::Output;
 
-/// Runs a client command against the API server in `client.server`.
+/// The local socket a node made with `--data-dir /var/lib/converge` listens on.
+const DEFAULT_SOCKET: &str = "/var/lib/converge/api.sock";
+const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
+
+/// Where the CLI talks to, and with which token: flags, then the environment (both by clap),
+/// then `~/.config/converge/config`, then this node's local socket, then the default server.
+fn connect(client: &ClientArgs) -> Result<Client> {
+    if let Some(socket) = &client.socket {
+        return Ok(Client::local(socket));
+    }
+    let config = read_config()?;
+    let server = client.server.clone().or_else(|| config.get("server").cloned());
+    let token = client.token.clone().or_else(|| config.get("token").cloned());
+    match server {
+        Some(server) => Ok(Client::new(&server, token.as_deref())),
+        None if token.is_none() && std::path::Path::new(DEFAULT_SOCKET).exists() => {
+            Ok(Client::local(std::path::Path::new(DEFAULT_SOCKET)))
+        }
+        None => Ok(Client::new(DEFAULT_SERVER, token.as_deref())),
+    }
+}
+
+/// `key = value` lines of `$XDG_CONFIG_HOME/converge/config` (or `~/.config/...`), if the
+/// file exists; `#` starts a comment.
+fn read_config() -> Result<std::collections::HashMap<String, String>> {
+    let dir = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".config")));
+    let Some(path) = dir.map(|d| d.join("converge/config")) else { return Ok(Default::default()) };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut values = std::collections::HashMap::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("{}:{}: expected `key = value`", path.display(), number + 1);
+        };
+        values.insert(key.trim().to_string(), value.trim().trim_matches('"').to_string());
+    }
+    Ok(values)
+}
+
+/// Runs a client command against the node `client` names.
 pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
-    let api = Client::new(&client.server);
+    let api = connect(&client)?;
     let out = Output { json: client.json };
     match command {
         Command::Serve(_) => unreachable!("serve is run by the binary itself"),
@@ -27,10 +76,11 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
             let init = api.init().await?;
             out.print(&init, || {
                 format!(
-                    "Created cluster {}.\nJoin other nodes with:\n  converge --server http://NEW_NODE cluster join --peer {} --token {}",
-                    init.cluster_id,
-                    api.server().trim_start_matches("http://"),
-                    init.token
+                    "Created cluster {}.\n\nAdmin token (shown once; keep it safe):\n  {}\nUse it from any machine with \
+                     --token or CONVERGE_TOKEN, or `token = ...` in ~/.config/converge/config.\n\nJoin other nodes \
+                     within an hour, running this on each of them:\n  converge --socket DATA_DIR/api.sock cluster join \
+                     --peer {} --token {}",
+                    init.cluster_id, init.admin_token, init.address, init.join_token
                 )
             })
         }
@@ -61,7 +111,65 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
         Command::Vm(command) => vm::run(&api, &out, command).await,
         Command::Node(command) => node::run(&api, &out, command).await,
         Command::Events { follow } => node::events(&api, &out, follow).await,
+        Command::Token(command) => token(&api, &out, command).await,
     }
+}
+
+async fn token(api: &Client, out: &Output, command: TokenCommand) -> Result<()> {
+    match command {
+        TokenCommand::Create { role, join, ttl, name } => {
+            let ttl_secs = join.then(|| parse_duration(&ttl)).transpose()?;
+            let created = api.create_token(&v1::CreateToken { role, name, ttl_secs }).await?;
+            out.print(&created, || match created.kind {
+                model::TokenKind::Api { role } => format!("An {role} token (shown once):\n  {}", created.token),
+                model::TokenKind::Join { .. } => format!(
+                    "A join token, for {ttl} (shown once):\n  {}\nOn the new node: converge --socket DATA_DIR/api.sock \
+                     cluster join --peer MEMBER_ADDRESS --token {}",
+                    created.token, created.token
+                ),
+            })
+        }
+        TokenCommand::List => {
+            let tokens = api.tokens().await?;
+            out.print(&tokens, || {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let mut lines = vec![format!("{:<18} {:<10} {}", "ID", "KIND", "NAME")];
+                for t in &tokens {
+                    let kind = match t.kind {
+                        model::TokenKind::Api { role } => role.to_string(),
+                        model::TokenKind::Join { expires_ms } if expires_ms <= now_ms => "join (expired)".into(),
+                        model::TokenKind::Join { expires_ms } => {
+                            format!("join ({} min left)", (expires_ms - now_ms) / 60_000)
+                        }
+                    };
+                    lines.push(format!("{:<18} {:<10} {}", t.id, kind, t.name));
+                }
+                lines.join("\n")
+            })
+        }
+        TokenCommand::Revoke { id } => {
+            api.revoke_token(&id).await?;
+            let revoked = serde_json::json!({ "revoked": id });
+            out.print(&revoked, || format!("Token {id} works no more."))
+        }
+    }
+}
+
+/// `30s`, `30m`, `2h` or `1d` in seconds.
+fn parse_duration(text: &str) -> Result<u64> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().with_context(|| format!("{text:?} is not a duration like 30m, 2h or 1d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("{text:?} is not a duration like 30m, 2h or 1d"),
+    };
+    n.checked_mul(seconds).filter(|s| *s > 0).with_context(|| format!("{text:?} is not a usable duration"))
 }
 
 async fn volume(api: &Client, out: &Output, command: VolumeCommand) -> Result<()> {

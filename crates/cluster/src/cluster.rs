@@ -8,7 +8,7 @@ use crate::storage::{open_database, LogStore, StateMachineStore};
 use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, SnapshotTransfer, TypeConfig};
 use model::{
     ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport, OwnerEpoch,
-    Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
+    TokenKind, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft};
@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// How long a join token lasts unless its maker says otherwise.
+pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// How long a proposal waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// How long a forwarded proposal may take.
@@ -155,8 +157,9 @@ impl Cluster {
         self.inner.state.clone()
     }
 
-    /// Creates a one-node cluster with this node and returns the join token for others.
-    pub async fn init(&self) -> Result<String, ClusterError> {
+    /// Creates a one-node cluster with this node; its first admin token, and a join token
+    /// for the others (valid for `JOIN_TOKEN_TTL`).
+    pub async fn init(&self) -> Result<(String, String), ClusterError> {
         if let Some(info) = &self.state().cluster {
             return Err(ClusterError::AlreadyMember(info.id));
         }
@@ -166,10 +169,36 @@ impl Cluster {
             raft.initialize(members).await.map_err(raft_error)?;
         }
         let id = ClusterId(u128::from(random_u64()?) << 64 | u128::from(random_u64()?));
-        let join_secret = format!("cvg1-{:016x}{:016x}", random_u64()?, random_u64()?);
-        self.propose(ClusterCommand::InitCluster { id, join_secret: join_secret.clone() }).await?;
+        self.propose(ClusterCommand::InitCluster { id }).await?;
         self.propose(ClusterCommand::AddNode(self.node().clone())).await?;
-        Ok(join_secret)
+        let admin = self.create_token(TokenKind::Api { role: model::Role::Admin }, "admin", None).await?;
+        let join = self.create_token(TokenKind::Join { expires_ms: 0 }, "", Some(JOIN_TOKEN_TTL)).await?;
+        Ok((admin, join))
+    }
+
+    /// Makes a token and returns its text (the only time anyone sees it). A join token
+    /// lasts `ttl`.
+    pub async fn create_token(
+        &self,
+        kind: TokenKind,
+        name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<String, ClusterError> {
+        let now_ms = crate::liveness::now_ms();
+        let kind = match kind {
+            TokenKind::Join { .. } => {
+                let ttl = ttl.unwrap_or(JOIN_TOKEN_TTL);
+                TokenKind::Join { expires_ms: now_ms.saturating_add(ttl.as_millis() as u64) }
+            }
+            api => api,
+        };
+        let (token, text) = crate::tokens::mint(kind, name, now_ms)?;
+        self.propose(ClusterCommand::CreateToken(token)).await?;
+        Ok(text)
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClusterError> {
+        self.propose(ClusterCommand::RevokeToken { id: id.to_string() }).await.map(drop)
     }
 
     /// Asks the member at `peer_api_addr` to add this node, and waits for this node to see
@@ -319,7 +348,10 @@ impl Cluster {
     async fn admit(&self, token: String, node: Node) -> Result<ClusterId, ClusterError> {
         let state = self.state();
         let info = state.cluster.as_ref().ok_or(ClusterError::NotInitialized)?;
-        if info.join_secret != token {
+        let now_ms = crate::liveness::now_ms();
+        let valid = crate::tokens::verify(&state, &token)
+            .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms));
+        if !valid {
             return Err(ClusterError::BadToken);
         }
         policy::check_advertised(&node, state.nodes.values())?;

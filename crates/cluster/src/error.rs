@@ -71,6 +71,7 @@ impl ClusterError {
                 | CommandError::UnknownDisk(_)
                 | CommandError::UnknownNode(_)
                 | CommandError::UnknownVm(_)
+                | CommandError::UnknownToken(_)
                 | CommandError::UnknownPg { .. }
                 | CommandError::NotAReplica { .. } => NotFound,
                 CommandError::NotInitialized

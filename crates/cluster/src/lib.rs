@@ -10,6 +10,7 @@ mod liveness;
 mod network;
 mod status;
 mod storage;
+pub mod tokens;
 mod types;
 mod vms;
 

@@ -386,8 +386,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = open_database(&dir.path().join("cluster.redb")).unwrap();
         let (mut machine, state) = StateMachineStore::open(db).unwrap();
-        let init =
-            Proposal { id: 1, command: ClusterCommand::InitCluster { id: ClusterId(5), join_secret: "s".into() } };
+        let init = Proposal { id: 1, command: ClusterCommand::InitCluster { id: ClusterId(5) } };
 
         let results = machine.apply([entry(1, &init), entry(2, &init)]).await.unwrap();
         let again = Proposal { id: 2, ..init };

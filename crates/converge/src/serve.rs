@@ -131,10 +131,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tokio::spawn(volume::resync_loop(engine.clone(), resync_stats));
     tokio::spawn(vms.run());
     tracing::info!(node = %cluster.node_id(), api = %api_addr, data = %data_addr, listen = %args.listen, ?accel, "converge node serving");
-    axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal()).await?;
+    // Root on this node talks to it here, with no token (docs/threat-model.md).
+    let socket_path = args.data_dir.join(LOCAL_SOCKET);
+    let _ = std::fs::remove_file(&socket_path);
+    let local = tokio::net::UnixListener::bind(&socket_path)
+        .with_context(|| format!("listening on {}", socket_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} its owner's alone", socket_path.display()))?;
+    }
+    let local = axum::serve(local, api::local_router(services.clone())).with_graceful_shutdown(shutdown_signal());
+    let network = axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal());
+    let (local, network) = tokio::join!(local, network);
+    local.context("serving the local socket")?;
+    network.context("serving the API")?;
     cluster.shutdown().await;
     Ok(())
 }
+
+/// The API socket in the data dir, for root on the node.
+pub const LOCAL_SOCKET: &str = "api.sock";
 
 /// On every new cluster state: open disks this node gained, free extents of deleted volumes.
 async fn follow_state(services: NodeServices, disks: Arc<DiskSet>) {

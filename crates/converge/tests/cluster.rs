@@ -166,7 +166,7 @@ fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
         &["--listen", "0.0.0.0:18761", "--advertise", "127.0.0.21"],
     );
     let second = NodeProcess::start_with(dir.path(), "v6", "[::1]:18763", &["--listen", "[::1]:18763"]);
-    let token = json(&first.cli(&["--json", "cluster", "init"]))["token"].as_str().unwrap().to_string();
+    let token = json(&first.cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
     second.cli(&["cluster", "join", "--peer", &first.addr, "--token", &token]);
     let status = json(&second.cli(&["--json", "cluster", "status"]));
 
@@ -281,7 +281,7 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
         )
     };
     let nodes = [start(64), start(65), start(66)];
-    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().unwrap().to_string();
+    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
     for node in &nodes[1..] {
         node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
     }
@@ -295,7 +295,7 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
     }
     // And a state of megabytes: VMs with the longest kernel command lines allowed.
     let big_vms = 300;
-    grow_state_with_vms(&nodes[0].addr, big_vms);
+    grow_state_with_vms(&nodes[0], big_vms);
 
     let mut late = start(67);
     late.cli(&["cluster", "join", "--peer", &nodes[1].addr, "--token", &token]);
@@ -333,10 +333,11 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
 
 /// Creates `count` VMs through the API, each booting a kernel from a volume of its own with
 /// a 4000-byte command line: about 4 KiB of state each.
-fn grow_state_with_vms(addr: &str, count: usize) {
+fn grow_state_with_vms(node: &NodeProcess, count: usize) {
+    let addr = &node.addr;
+    let http = node.http(Duration::from_secs(30));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let http = reqwest::Client::new();
         let post = |path: &str, body: serde_json::Value| {
             let request = http.post(format!("http://{addr}{path}")).json(&body);
             async move {

@@ -194,7 +194,7 @@ fn torture<const N: usize>(ips: [u8; N], port: u16, replicas: u8, cycles: usize)
     let size = format!("{}", VOLUME_BYTES);
     nodes[0].cli(&["volume", "create", "torture", "--size", &size, "--replicas", &replicas.to_string()]);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build().unwrap();
+    let http = nodes[0].http(Duration::from_secs(90));
     let ledger = Arc::new(Mutex::new(Ledger::new()));
     let counts = Arc::new(Counts::default());
     let target = Arc::new(Mutex::new(nodes[0].addr.clone()));

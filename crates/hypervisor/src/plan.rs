@@ -78,7 +78,7 @@ mod tests {
             ha: Default::default(),
         };
         let commands = [
-            ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() },
+            ClusterCommand::InitCluster { id: ClusterId(1) },
             ClusterCommand::AddNode(Node { id: A, api_addr: String::new(), data_addr: String::new() }),
             ClusterCommand::AddNode(Node { id: B, api_addr: String::new(), data_addr: String::new() }),
             ClusterCommand::AddDisk(disk),

@@ -11,7 +11,12 @@ use serde::{Deserialize, Serialize};
 pub enum ClusterCommand {
     InitCluster {
         id: ClusterId,
-        join_secret: String,
+    },
+    /// Adds an API or join token (expired join tokens leave the state at the same time).
+    CreateToken(crate::tokens::Token),
+    /// Revokes a token of either kind: it works no more.
+    RevokeToken {
+        id: String,
     },
     /// Adds a node, or updates the addresses of a known one.
     AddNode(Node),
@@ -211,6 +216,8 @@ pub enum CommandError {
     VmExists(String),
     #[error("VM {0} does not exist")]
     UnknownVm(VmId),
+    #[error("No token {0}: see `converge token list`")]
+    UnknownToken(String),
     #[error("VM spec is invalid: {0}")]
     InvalidVm(String),
     #[error("Volume {volume} is already used by VM {vm}")]
@@ -257,13 +264,18 @@ impl ClusterState {
             return Err(CommandError::NotInitialized);
         }
         match command {
-            ClusterCommand::InitCluster { id, join_secret } => {
+            ClusterCommand::InitCluster { id } => {
                 if self.cluster.is_some() {
                     return Err(CommandError::AlreadyInitialized);
                 }
-                self.cluster = Some(ClusterInfo { id: *id, join_secret: join_secret.clone() });
+                self.cluster = Some(ClusterInfo { id: *id });
                 Ok(CommandOutcome::Done)
             }
+            ClusterCommand::CreateToken(token) => {
+                self.forget_expired_tokens(token.created_ms);
+                self.create_token(token).map(|()| CommandOutcome::Done)
+            }
+            ClusterCommand::RevokeToken { id } => self.revoke_token(id).map(|()| CommandOutcome::Done),
             ClusterCommand::AddNode(node) => self.add_node(node),
             ClusterCommand::AddDisk(disk) => self.add_disk(disk),
             ClusterCommand::CreatePool { name, replicas, min_size, pgs } => {
@@ -636,7 +648,7 @@ mod tests {
     fn two_node_cluster() -> ClusterState {
         let mut state = ClusterState::default();
         let commands = [
-            ClusterCommand::InitCluster { id: ClusterId(9), join_secret: "s".into() },
+            ClusterCommand::InitCluster { id: ClusterId(9) },
             node(NODE_A),
             node(NODE_B),
             disk(10, NODE_A),

@@ -10,6 +10,7 @@ mod ids;
 mod names;
 mod report;
 mod state;
+mod tokens;
 mod units;
 mod vm;
 
@@ -22,6 +23,7 @@ pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId,
 pub use names::{check_name, NAME_MAX_BYTES};
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
+pub use tokens::{Role, Token, TokenKind, TOKENS_MAX, TOKEN_NAME_MAX_BYTES};
 pub use units::{
     extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT, REPLICAS_MAX,
     SECTOR_SIZE_BYTES,

@@ -42,13 +42,14 @@ pub struct ClusterState {
     /// their disks stay out of their PGs until those are placed anew.
     #[serde(default)]
     pub removed: BTreeMap<NodeId, Node>,
+    /// API and join tokens by id (`tokens`): hashes of their secrets, never the secrets.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, crate::tokens::Token>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterInfo {
     pub id: ClusterId,
-    /// The secret a new node presents to join.
-    pub join_secret: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -203,7 +203,7 @@ mod tests {
         let mut apply = |c: ClusterCommand| {
             state.apply(&c).expect("fixture applies");
         };
-        apply(ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() });
+        apply(ClusterCommand::InitCluster { id: ClusterId(1) });
         for id in 1..=nodes {
             apply(ClusterCommand::AddNode(Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new() }));
             let capacity = Capacity { cpus: 4, memory_bytes: memory_gib * GIB };

@@ -22,7 +22,7 @@ mod tests {
     #[test]
     fn a_vm_goes_to_the_least_loaded_node_that_is_up() {
         let mut state = ClusterState::default();
-        state.apply(&ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() }).unwrap();
+        state.apply(&ClusterCommand::InitCluster { id: ClusterId(1) }).unwrap();
         for id in [1, 2, 3] {
             let node = Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new() };
             state.apply(&ClusterCommand::AddNode(node)).unwrap();

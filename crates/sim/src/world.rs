@@ -178,7 +178,7 @@ impl World {
         let replicas = 2 + rng.below(2) as u8;
         let mut truth = ClusterState::default();
         let mut apply = |c: ClusterCommand| truth.apply(&c).expect("setup applies");
-        apply(ClusterCommand::InitCluster { id: CLUSTER, join_secret: "s".into() });
+        apply(ClusterCommand::InitCluster { id: CLUSTER });
         let mut nodes = Vec::new();
         let mut disks = Vec::new();
         for i in 0..node_count as u64 {

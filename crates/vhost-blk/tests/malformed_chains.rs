@@ -318,7 +318,7 @@ impl Guest {
 async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
     let mut state = ClusterState::default();
     let commands = [
-        ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() },
+        ClusterCommand::InitCluster { id: ClusterId(1) },
         ClusterCommand::AddNode(Node { id: NODE, api_addr: String::new(), data_addr: String::new() }),
         ClusterCommand::AddDisk(Disk {
             id: DISK,

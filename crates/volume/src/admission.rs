@@ -128,7 +128,7 @@ mod tests {
         let mut apply = |c: ClusterCommand| {
             state.apply(&c).expect("setup applies");
         };
-        apply(ClusterCommand::InitCluster { id: CLUSTER, join_secret: "s".into() });
+        apply(ClusterCommand::InitCluster { id: CLUSTER });
         for (node, disk) in [(NodeId(1), DISK_A), (NodeId(2), DISK_B)] {
             apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr: String::new() }));
             apply(ClusterCommand::AddDisk(Disk {

@@ -40,7 +40,7 @@ fn cluster(port: u16) -> ClusterState {
     let mut apply = |command: ClusterCommand| {
         state.apply(&command).expect("setup command applies");
     };
-    apply(ClusterCommand::InitCluster { id: CLUSTER, join_secret: "s".into() });
+    apply(ClusterCommand::InitCluster { id: CLUSTER });
     for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
         let data_addr = format!("127.0.0.{ip}:{port}");
         apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));

@@ -23,7 +23,7 @@ fn apply(state: &mut ClusterState, command: ClusterCommand) {
 /// Node A (127.0.0.2) and node B (127.0.0.3), one disk each, a 2-replica pool, one volume.
 fn cluster(port: u16) -> ClusterState {
     let mut state = ClusterState::default();
-    apply(&mut state, ClusterCommand::InitCluster { id: ClusterId(1), join_secret: "s".into() });
+    apply(&mut state, ClusterCommand::InitCluster { id: ClusterId(1) });
     for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
         let data_addr = format!("127.0.0.{ip}:{port}");
         apply(&mut state, ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));

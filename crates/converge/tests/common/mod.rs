@@ -33,6 +33,7 @@ impl NodeProcess {
         let data_dir = dir.join(name);
         let log = dir.join(format!("{name}.log"));
         let serve_args = serve_args.iter().map(|a| a.to_string()).collect();
+        sockets().lock().unwrap().insert(addr.to_string(), data_dir.join("api.sock"));
         let mut node = NodeProcess { child: None, addr: addr.to_string(), data_dir, log, serve_args };
         node.restart();
         node
@@ -93,6 +94,24 @@ impl NodeProcess {
         plain
     }
 
+    /// A new API token with `role`, made through the node's local socket.
+    pub fn token(&self, role: &str) -> String {
+        let created = json(&self.cli(&["--json", "token", "create", "--role", role]));
+        created["token"].as_str().expect("a token").to_string()
+    }
+
+    /// An HTTP client for the node's API over the network, with an operator's token.
+    pub fn http(&self, timeout: Duration) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", self.token("operator")).parse().unwrap());
+        reqwest::Client::builder().timeout(timeout).default_headers(headers).build().unwrap()
+    }
+
+    /// `cli`, when failing is an answer too.
+    pub fn cli_result(&self, args: &[&str]) -> Result<String, String> {
+        run(&self.addr, args)
+    }
+
     pub fn cli(&self, args: &[&str]) -> String {
         run(&self.addr, args).unwrap_or_else(|e| {
             panic!("converge {args:?} on {} failed: {e}\nnode log:\n{}", self.addr, self.log_text())
@@ -109,10 +128,29 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Runs a client command against `addr`; stdout on success, stderr on failure.
+/// The local socket of each node these tests started, by its address: tests are root on
+/// every node, as an admin on a node is.
+fn sockets() -> &'static std::sync::Mutex<std::collections::HashMap<String, PathBuf>> {
+    static SOCKETS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        std::sync::OnceLock::new();
+    SOCKETS.get_or_init(Default::default)
+}
+
+/// Runs a client command against the node at `addr`, through its local socket when this
+/// test started it (else over the network); stdout on success, stderr on failure.
 pub fn run(addr: &str, args: &[&str]) -> Result<String, String> {
-    let output =
-        Command::new(BIN).args(["--server", &format!("http://{addr}")]).args(args).output().expect("converge runs");
+    let socket = sockets().lock().unwrap().get(addr).cloned();
+    let target = match &socket {
+        Some(socket) => vec!["--socket".to_string(), socket.display().to_string()],
+        None => vec!["--server".to_string(), format!("http://{addr}")],
+    };
+    run_as(&target, args)
+}
+
+/// Runs a client command with `target` (`--socket PATH`, or `--server URL` with or
+/// without `--token`).
+pub fn run_as(target: &[String], args: &[&str]) -> Result<String, String> {
+    let output = Command::new(BIN).args(target).args(args).output().expect("converge runs");
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
@@ -132,7 +170,7 @@ pub fn cluster<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> Vec<NodeP
 /// `cluster`, and the join token for more nodes.
 pub fn cluster_and_token<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> (Vec<NodeProcess>, String) {
     let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
-    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["token"].as_str().expect("token").to_string();
+    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().expect("token").to_string();
     for node in &nodes[1..] {
         node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
     }

@@ -1,0 +1,86 @@
+//! Making and checking tokens. A token reads `cvt1_ID_SECRET` (API) or `cvj1_ID_SECRET`
+//! (join): a public id of 16 hex digits, by which the state finds it, and a secret of 32
+//! hex digits (128 random bits), of which the state keeps only the SHA-256.
+
+use crate::error::ClusterError;
+use model::{ClusterState, Token, TokenKind};
+use sha2::{Digest, Sha256};
+
+const API_PREFIX: &str = "cvt1";
+const JOIN_PREFIX: &str = "cvj1";
+
+/// A new token of `kind`: what the state keeps, and the text to give its holder (once).
+pub(crate) fn mint(kind: TokenKind, name: &str, now_ms: u64) -> Result<(Token, String), ClusterError> {
+    let id = format!("{:016x}", random()?);
+    let secret = format!("{:016x}{:016x}", random()?, random()?);
+    let prefix = match kind {
+        TokenKind::Api { .. } => API_PREFIX,
+        TokenKind::Join { .. } => JOIN_PREFIX,
+    };
+    let text = format!("{prefix}_{id}_{secret}");
+    let token = Token { id, name: name.to_string(), kind, secret_sha256: sha256_hex(&secret), created_ms: now_ms };
+    Ok((token, text))
+}
+
+/// The token `text` names, if its secret is right. Never says which part was wrong.
+pub fn verify<'a>(state: &'a ClusterState, text: &str) -> Option<&'a Token> {
+    let mut parts = text.trim().splitn(3, '_');
+    let (prefix, id, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    let token = state.tokens.get(id)?;
+    let prefix_fits = match token.kind {
+        TokenKind::Api { .. } => prefix == API_PREFIX,
+        TokenKind::Join { .. } => prefix == JOIN_PREFIX,
+    };
+    (prefix_fits && constant_time_eq(sha256_hex(secret).as_bytes(), token.secret_sha256.as_bytes())).then_some(token)
+}
+
+fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares without stopping at the first difference, so the time taken says nothing of
+/// where two secrets differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn random() -> Result<u64, ClusterError> {
+    getrandom::u64().map_err(|e| ClusterError::Raft(format!("no randomness from the OS: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{ClusterCommand, ClusterId, Role};
+
+    fn state_with(token: &Token) -> ClusterState {
+        let mut state = ClusterState::default();
+        state.apply(&ClusterCommand::InitCluster { id: ClusterId(1) }).unwrap();
+        state.apply(&ClusterCommand::CreateToken(token.clone())).unwrap();
+        state
+    }
+
+    #[test]
+    fn a_token_is_known_by_its_whole_text_only() {
+        let (token, text) = mint(TokenKind::Api { role: Role::Operator }, "ci", 1).unwrap();
+        let state = state_with(&token);
+
+        assert_eq!(verify(&state, &text).map(|t| t.kind), Some(TokenKind::Api { role: Role::Operator }));
+        let (prefix, rest) = text.split_once('_').unwrap();
+        let mut wrong_secret = text.clone();
+        let last = wrong_secret.pop().unwrap();
+        wrong_secret.push(if last == '0' { '1' } else { '0' });
+        assert!(verify(&state, &wrong_secret).is_none());
+        assert!(verify(&state, &format!("cvj1_{rest}")).is_none(), "an API token is no join token");
+        assert!(verify(&state, prefix).is_none() && verify(&state, "").is_none());
+        assert!(!token.secret_sha256.contains(&text[text.len() - 32..]), "the state keeps no secret");
+    }
+
+    #[test]
+    fn a_revoked_token_is_unknown() {
+        let (token, text) = mint(TokenKind::Join { expires_ms: 10 }, "", 1).unwrap();
+        let mut state = state_with(&token);
+        state.apply(&ClusterCommand::RevokeToken { id: token.id.clone() }).unwrap();
+        assert!(verify(&state, &text).is_none());
+    }
+}
