@@ -27,7 +27,8 @@ pub fn required(method: &Method, path: &str) -> Access {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let read = *method == Method::GET || *method == Method::HEAD;
     match segments.as_slice() {
-        ["v1", "health"] => Access::Public,
+        // A joining node's request: its join token is checked by the leader.
+        ["v1", "health"] | ["internal", "join"] => Access::Public,
         ["internal", ..] => Access::Peer,
         ["v1", "cluster", "init" | "join"] => Access::LocalOnly,
         ["v1", "tokens", ..] | ["v1", "disks", ..] => Access::Role(Role::Admin),
@@ -67,7 +68,15 @@ pub async fn network_gate(State(node): State<NodeServices>, request: Request, ne
         Some(_) => refuse(StatusCode::UNAUTHORIZED, "the token was not accepted: it is unknown, revoked or mistyped"),
     };
     match (required(request.method(), request.uri().path()), role) {
-        (Access::Public | Access::Peer, _) => next.run(request).await,
+        (Access::Public, _) => next.run(request).await,
+        (Access::Peer, _) => {
+            let from = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+            if from.is_some_and(|ip| node.cluster().accepts_peer(ip)) {
+                next.run(request).await
+            } else {
+                refuse(StatusCode::UNAUTHORIZED, "cluster traffic is taken from the cluster's own nodes only")
+            }
+        }
         (Access::LocalOnly, Some(_)) => refuse(
             StatusCode::FORBIDDEN,
             "this is done on the node itself: run the command there as root (it uses the node's local socket)",

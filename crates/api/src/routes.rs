@@ -41,12 +41,15 @@ fn routes() -> Router<NodeServices> {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
+        // The same, for another node relaying it (peer traffic, not a user's call).
+        .route("/internal/vms/{name}/console", get(vm_console))
         .route("/v1/events", get(events))
         .route("/v1/nodes/{node}/drain", post(drain_node))
         .route("/v1/nodes/{node}/resume", post(resume_node))
         .route("/v1/nodes/{node}/check", get(check_node))
         .route("/v1/nodes/{node}", axum::routing::delete(remove_node))
         .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
+        .route("/internal/join", post(join_request).layer(DefaultBodyLimit::max(64 << 10)))
         .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
 }
 
@@ -183,6 +186,15 @@ async fn write_blocks(
 
 async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
     Json(node.cluster().handle_peer(rpc).await)
+}
+
+/// A node asking to join: it is no member yet, so only this request is taken from it (its
+/// join token is checked by the leader).
+async fn join_request(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
+    match rpc {
+        join @ PeerRpc::Join { .. } => Json(node.cluster().handle_peer(join).await),
+        _ => Json(PeerReply::Join(Err(cluster::RemoteRefusal::Other("only a join request is taken here".into())))),
+    }
 }
 
 async fn snapshot(State(node): State<NodeServices>, body: axum::body::Bytes) -> Json<PeerReply> {

@@ -29,7 +29,7 @@ struct Inner {
     engine: Engine,
     /// Where the hypervisor keeps each VM's runtime files (console log among them).
     vm_dir: std::path::PathBuf,
-    http: reqwest::Client,
+    http: crate::transport::HttpTransport,
     /// Volumes this node writes through the block API, with the writer it holds for each.
     block_writers: tokio::sync::Mutex<std::collections::HashMap<model::VolumeId, Arc<volume::VolumeWriter>>>,
 }
@@ -39,7 +39,10 @@ pub const BLOCK_IO_MAX_BYTES: usize = 1 << 20;
 
 impl NodeServices {
     pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine, vm_dir: std::path::PathBuf) -> Self {
-        let http = reqwest::Client::new();
+        // Calls to other nodes leave from this node's advertised address, as Raft's do.
+        let http = crate::transport::HttpTransport::new(
+            cluster.node().api_addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
+        );
         let block_writers = Default::default();
         NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http, block_writers }) }
     }
@@ -111,8 +114,9 @@ impl NodeServices {
         &self.inner.vm_dir
     }
 
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.inner.http
+    /// A client for calls to the node at `addr`.
+    pub(crate) fn http(&self, addr: &str) -> &reqwest::Client {
+        self.inner.http.client_for(addr)
     }
 
     pub fn cluster(&self) -> &Cluster {

@@ -27,7 +27,7 @@ impl HttpTransport {
         HttpTransport { bound: client(local), local, unbound: client(None) }
     }
 
-    fn client_for(&self, addr: &str) -> &reqwest::Client {
+    pub(crate) fn client_for(&self, addr: &str) -> &reqwest::Client {
         let peer: Option<std::net::SocketAddr> = addr.parse().ok();
         match (self.local, peer) {
             (Some(local), Some(peer)) if local.is_ipv4() != peer.is_ipv4() => &self.unbound,
@@ -49,7 +49,9 @@ impl PeerTransport for HttpTransport {
         rpc: PeerRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>> {
-        let request = self.client_for(api_addr).post(format!("http://{api_addr}/internal/peer")).json(&rpc);
+        // A join comes from a node that is no member yet: it has a door of its own.
+        let path = if matches!(rpc, PeerRpc::Join { .. }) { "join" } else { "peer" };
+        let request = self.client_for(api_addr).post(format!("http://{api_addr}/internal/{path}")).json(&rpc);
         Box::pin(send(request, api_addr.to_string(), timeout))
     }
 

@@ -151,13 +151,21 @@ impl NodeServices {
                 .get(&host)
                 .ok_or_else(|| ApiError::bad_request(format!("{host} left the cluster")))?
                 .api_addr;
-            let url = format!("http://{addr}/v1/vms/{name}/console?follow={follow}");
-            let response = self.http().get(url).send().await.map_err(|e| {
+            let url = format!("http://{addr}/internal/vms/{name}/console?follow={follow}");
+            let response = self.http(addr).get(url).send().await.map_err(|e| {
                 ApiError::new(
                     axum::http::StatusCode::BAD_GATEWAY,
                     format!("{host} runs {name} but does not answer: {e}"),
                 )
             })?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let reason = response.json::<v1::ErrorBody>().await.map(|b| b.error).unwrap_or_default();
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    format!("{host} runs {name} but refused its console ({status}): {reason}"),
+                ));
+            }
             return Ok(response.bytes_stream().map(|r| r.map_err(std::io::Error::other)).boxed());
         }
         let path = hypervisor::console_log(self.vm_dir(), vm.id);

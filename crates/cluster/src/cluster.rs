@@ -73,6 +73,9 @@ pub(crate) struct Inner {
     pub(crate) liveness: Liveness,
     joining: tokio::sync::Mutex<()>,
     snapshot_installs: tokio::sync::Semaphore,
+    /// This node asked to join and has no state yet: the leader's first messages come from
+    /// an address it cannot know.
+    join_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -121,6 +124,7 @@ impl Cluster {
             liveness,
             joining: tokio::sync::Mutex::new(()),
             snapshot_installs: tokio::sync::Semaphore::new(1),
+            join_pending: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
         tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
@@ -208,13 +212,20 @@ impl Cluster {
             return Err(ClusterError::AlreadyMember(info.id));
         }
         let rpc = PeerRpc::Join { token: token.to_string(), node: self.node().clone() };
-        let id = match self.call(peer_api_addr, rpc, JOIN_WAIT).await? {
-            PeerReply::Join(result) => result.map_err(refusal)?,
-            other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
-        };
-        let me = self.node_id();
-        self.wait_for(|s| s.nodes.contains_key(&me).then_some(())).await?;
-        Ok(id)
+        let pending = &self.inner.join_pending;
+        pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        let joined = async {
+            let id = match self.call(peer_api_addr, rpc, JOIN_WAIT).await? {
+                PeerReply::Join(result) => result.map_err(refusal)?,
+                other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
+            };
+            let me = self.node_id();
+            self.wait_for(|s| s.nodes.contains_key(&me).then_some(())).await?;
+            Ok(id)
+        }
+        .await;
+        pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        joined
     }
 
     /// Proposes a command through the leader, wherever it is, and returns its outcome once
@@ -423,6 +434,19 @@ impl Cluster {
             )));
         }
         Ok(())
+    }
+
+    /// Whether a peer request from `ip` may be served: it comes from the address of a node
+    /// of the cluster, or this node is joining and has no state yet. (Until nodes
+    /// authenticate each other with certificates, their addresses are what tells them.)
+    pub fn accepts_peer(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let state = self.state();
+        if state.nodes.is_empty() {
+            return self.inner.join_pending.load(std::sync::atomic::Ordering::SeqCst);
+        }
+        let ip_of = |addr: &str| addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip().to_canonical());
+        state.nodes.values().any(|n| ip_of(&n.api_addr) == Some(ip) || ip_of(&n.data_addr) == Some(ip))
     }
 
     /// Whether `node` answered a ping within the down time (this node is always up to itself).

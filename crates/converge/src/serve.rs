@@ -142,7 +142,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("making {} its owner's alone", socket_path.display()))?;
     }
     let local = axum::serve(local, api::local_router(services.clone())).with_graceful_shutdown(shutdown_signal());
-    let network = axum::serve(api_listener, api::router(services)).with_graceful_shutdown(shutdown_signal());
+    let network = axum::serve(api_listener, api::router(services).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal());
     let (local, network) = tokio::join!(local, network);
     local.context("serving the local socket")?;
     network.context("serving the API")?;

@@ -44,6 +44,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tokens"),
     ("POST", "/v1/tokens"),
     ("DELETE", "/v1/tokens/0123456789abcdef"),
+    // Cluster traffic, from an address that is no node's.
+    ("POST", "/internal/peer"),
+    ("POST", "/internal/snapshot"),
+    ("GET", "/internal/vms/web/console"),
 ];
 
 #[test]
