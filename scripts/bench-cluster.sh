@@ -14,6 +14,6 @@ bench_cluster() { # $1 = disk size per node
   done
   local token
   token=$(cv "${IPS[0]}" --json cluster init | sed -n 's/.*"join_token": "\(.*\)".*/\1/p')
-  for ip in "${IPS[@]:1}"; do cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --token "$token" >/dev/null; done
+  for ip in "${IPS[@]:1}"; do cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --join-token "$token" >/dev/null; done
   for ip in "${IPS[@]}"; do cv "$ip" disk add "$DIR/disk-$ip.img" --size "$1" >/dev/null; done
 }

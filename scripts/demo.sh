@@ -75,7 +75,7 @@ echo "  admin token: $admin (for the API from anywhere)"
 echo "  join token: $token"
 for ip in "${IPS[@]:1}"; do
   step "Joining $ip"
-  cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --token "$token"
+  cv "$ip" cluster join --peer "${IPS[0]}:$PORT" --join-token "$token"
 done
 
 for ip in "${IPS[@]}"; do

@@ -171,6 +171,23 @@ impl NodeServices {
         if request.size_bytes.is_some_and(|s| s % SECTOR_SIZE_BYTES != 0) {
             return Err(ApiError::bad_request("disk size must be a multiple of 512 bytes"));
         }
+        // The same file or device under another name (a symlink, a hard link, a bind
+        // mount) as a disk this node has already: never formatted again.
+        if let Ok(new) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            let same = |d: &&model::Disk| {
+                std::fs::metadata(&d.path).is_ok_and(|m| {
+                    (m.dev(), m.ino()) == (new.dev(), new.ino()) || (m.rdev() != 0 && m.rdev() == new.rdev())
+                })
+            };
+            let node = self.inner.cluster.node_id();
+            if let Some(disk) = state.disks_of(node).find(same) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    format!("{} is {} of this node already (at {})", request.path, disk.id, disk.path),
+                ));
+            }
+        }
         let existed = path.exists();
         let identity =
             DiskIdentity { disk: DiskId(random_id()?), node: self.inner.cluster.node_id(), cluster: cluster.id };

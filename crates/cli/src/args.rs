@@ -215,9 +215,9 @@ pub enum ClusterCommand {
         /// `host:port` of any member.
         #[arg(long)]
         peer: String,
-        /// The token `cluster init` printed.
+        /// The join token `cluster init` (or `token create --join`) printed.
         #[arg(long)]
-        token: String,
+        join_token: String,
     },
     /// Nodes, disks, capacity and health.
     Status,

@@ -79,13 +79,13 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
                     "Created cluster {}.\n\nAdmin token (shown once; keep it safe):\n  {}\nUse it from any machine with \
                      --token or CONVERGE_TOKEN, or `token = ...` in ~/.config/converge/config.\n\nJoin other nodes \
                      within an hour, running this on each of them:\n  converge --socket DATA_DIR/api.sock cluster join \
-                     --peer {} --token {}",
+                     --peer {} --join-token {}",
                     init.cluster_id, init.admin_token, init.address, init.join_token
                 )
             })
         }
-        Command::Cluster(ClusterCommand::Join { peer, token }) => {
-            let joined = api.join(&v1::JoinRequest { peer, token }).await?;
+        Command::Cluster(ClusterCommand::Join { peer, join_token }) => {
+            let joined = api.join(&v1::JoinRequest { peer, token: join_token }).await?;
             out.print(&joined, || format!("{} joined cluster {}.", joined.node, joined.cluster_id))
         }
         Command::Cluster(ClusterCommand::Status) => {
@@ -124,7 +124,7 @@ async fn token(api: &Client, out: &Output, command: TokenCommand) -> Result<()> 
                 model::TokenKind::Api { role } => format!("An {role} token (shown once):\n  {}", created.token),
                 model::TokenKind::Join { .. } => format!(
                     "A join token, for {ttl} (shown once):\n  {}\nOn the new node: converge --socket DATA_DIR/api.sock \
-                     cluster join --peer MEMBER_ADDRESS --token {}",
+                     cluster join --peer MEMBER_ADDRESS --join-token {}",
                     created.token, created.token
                 ),
             })

@@ -21,6 +21,8 @@ use tokio::sync::watch;
 
 /// How long a join token lasts unless its maker says otherwise.
 pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest a join token may be made to last.
+pub const JOIN_TOKEN_TTL_MAX: Duration = Duration::from_secs(30 * 86_400);
 /// How long a proposal waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// How long a forwarded proposal may take.
@@ -192,7 +194,13 @@ impl Cluster {
         let kind = match kind {
             TokenKind::Join { .. } => {
                 let ttl = ttl.unwrap_or(JOIN_TOKEN_TTL);
-                TokenKind::Join { expires_ms: now_ms.saturating_add(ttl.as_millis() as u64) }
+                if ttl > JOIN_TOKEN_TTL_MAX {
+                    return Err(ClusterError::Refused(format!(
+                        "a join token lasts at most {} days",
+                        JOIN_TOKEN_TTL_MAX.as_secs() / 86_400
+                    )));
+                }
+                TokenKind::Join { expires_ms: now_ms + ttl.as_millis() as u64 }
             }
             api => api,
         };
@@ -380,6 +388,13 @@ impl Cluster {
         }
         // One join at a time: two membership changes at once would refuse one of them.
         let _joining = self.inner.joining.lock().await;
+        // Checked again: the token may have been revoked, or run out, while this waited.
+        let now_ms = crate::liveness::now_ms();
+        let still_valid = crate::tokens::verify(&self.state(), &token)
+            .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms));
+        if !still_valid {
+            return Err(ClusterError::BadToken);
+        }
         let known = self.state().nodes.contains_key(&node.id);
         self.propose(ClusterCommand::AddNode(node.clone())).await?;
         let raft_node = RaftNode { api_addr: node.api_addr.clone() };

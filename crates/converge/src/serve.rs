@@ -57,7 +57,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     // The cluster's secrets and state live here: root's alone.
     {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(&args.data_dir)
+            .with_context(|| format!("reading {}", args.data_dir.display()))?;
+        let me = effective_uid()?;
+        if !meta.is_dir() || meta.uid() != me {
+            anyhow::bail!(
+                "{} must be a directory owned by the user running converge (uid {me}), not a symlink or \
+                 another user's: whoever owns it could read the cluster's secrets",
+                args.data_dir.display()
+            );
+        }
         std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("making {} readable by its owner only", args.data_dir.display()))?;
     }
@@ -149,6 +159,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     network.context("serving the API")?;
     cluster.shutdown().await;
     Ok(())
+}
+
+/// This process's effective user id, from /proc (no unsafe call needed).
+fn effective_uid() -> anyhow::Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("Uid:")).context("no Uid line in /proc/self/status")?;
+    // Real, effective, saved, filesystem.
+    line.split_whitespace().nth(2).and_then(|uid| uid.parse().ok()).context("a malformed Uid line")
 }
 
 /// The API socket in the data dir, for root on the node.

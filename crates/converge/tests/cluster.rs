@@ -93,10 +93,18 @@ fn disks_are_claimed_only_deliberately_and_the_data_dir_is_the_owners_alone() {
     let second = dir.path().join("second.img");
     node.cli(&["disk", "add", second.to_str().unwrap(), "--size", "64M"]);
     let again = run(&node.addr, &["disk", "add", second.to_str().unwrap()]).unwrap_err();
+    let alias = dir.path().join("alias.img");
+    std::os::unix::fs::symlink(&second, &alias).unwrap();
+    let forced_alias = run(&node.addr, &["disk", "add", alias.to_str().unwrap(), "--force"]).unwrap_err();
+    let noise = dir.path().join("noise.img");
+    common::random_file(&noise, 64 << 20, 3);
+    let unknown = run(&node.addr, &["disk", "add", noise.to_str().unwrap()]).unwrap_err();
 
     assert!(refused.contains("an ext2/ext3/ext4 file system") && refused.contains("--force"), "{refused}");
     assert!(untouched.status.success(), "the refused file system is intact: {untouched:?}");
-    assert!(again.contains("already holds converge disk"), "{again}");
+    assert!(again.contains("of this node already"), "{again}");
+    assert!(forced_alias.contains("of this node already"), "a live disk is never formatted again: {forced_alias}");
+    assert!(unknown.contains("data converge does not recognise"), "{unknown}");
     let status = json(&node.cli(&["--json", "cluster", "status"]));
     assert_eq!(status["nodes"][0]["disks"].as_array().unwrap().len(), 2, "{status}");
     use std::os::unix::fs::PermissionsExt;
@@ -167,7 +175,7 @@ fn a_node_listening_everywhere_must_say_where_peers_reach_it_and_ipv6_works() {
     );
     let second = NodeProcess::start_with(dir.path(), "v6", "[::1]:18763", &["--listen", "[::1]:18763"]);
     let token = json(&first.cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
-    second.cli(&["cluster", "join", "--peer", &first.addr, "--token", &token]);
+    second.cli(&["cluster", "join", "--peer", &first.addr, "--join-token", &token]);
     let status = json(&second.cli(&["--json", "cluster", "status"]));
 
     let error = String::from_utf8_lossy(&unspecified.stderr);
@@ -249,7 +257,7 @@ fn a_dead_node_removed_and_replaced_leaves_three_voters_that_survive_another_los
 
     // A fresh node joins in its place (the removed id never comes back: a model test).
     let fresh = NodeProcess::start(dir.path(), 63, 18980);
-    fresh.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+    fresh.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
     let disk = fresh.data_dir.with_extension("disk");
     fresh.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
     wait_until("three voters", Duration::from_secs(20), || voters(&nodes[0]) == 3);
@@ -283,7 +291,7 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
     let nodes = [start(64), start(65), start(66)];
     let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
     for node in &nodes[1..] {
-        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
     }
     for node in &nodes {
         let disk = node.data_dir.with_extension("disk");
@@ -298,7 +306,7 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
     grow_state_with_vms(&nodes[0], big_vms);
 
     let mut late = start(67);
-    late.cli(&["cluster", "join", "--peer", &nodes[1].addr, "--token", &token]);
+    late.cli(&["cluster", "join", "--peer", &nodes[1].addr, "--join-token", &token]);
     let names = |node: &NodeProcess| {
         let list = json(&node.cli(&["--json", "volume", "list"]));
         list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()

@@ -58,7 +58,8 @@ fn without_a_token_only_the_health_check_answers_and_each_role_does_what_it_may(
     // A stranger cannot make an uninitialised node a cluster of theirs.
     let stranger_init = run_as(&over_network(&node, None), &["cluster", "init"]).unwrap_err();
     let stranger_join =
-        run_as(&over_network(&node, None), &["cluster", "join", "--peer", "127.0.0.1:1", "--token", "x"]).unwrap_err();
+        run_as(&over_network(&node, None), &["cluster", "join", "--peer", "127.0.0.1:1", "--join-token", "x"])
+            .unwrap_err();
     assert!(stranger_init.contains("done on the node itself"), "{stranger_init}");
     assert!(stranger_join.contains("done on the node itself"), "{stranger_join}");
     assert!(json(&node.cli(&["--json", "cluster", "status"]))["cluster_id"].is_null(), "still no cluster");
@@ -138,7 +139,7 @@ fn a_join_token_that_expired_or_was_revoked_lets_no_node_in() {
         let created = json(&first.cli(&["--json", "token", "create", "--join", "--ttl", ttl]));
         (created["id"].as_str().unwrap().to_string(), created["token"].as_str().unwrap().to_string())
     };
-    let join = |token: &str| second.cli_result(&["cluster", "join", "--peer", &first.addr, "--token", token]);
+    let join = |token: &str| second.cli_result(&["cluster", "join", "--peer", &first.addr, "--join-token", token]);
 
     let (_, short) = token("1s");
     std::thread::sleep(Duration::from_secs(2));

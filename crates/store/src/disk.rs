@@ -114,6 +114,10 @@ impl LocalDisk {
             if let Some(what) = crate::claim::signature(head.as_slice()) {
                 return Err(StoreError::HoldsData { path: path.into(), what });
             }
+            // Not zeros and nothing known: still somebody's data.
+            if head.as_slice().iter().any(|&b| b != 0) {
+                return Err(StoreError::HoldsData { path: path.into(), what: "data converge does not recognise" });
+            }
         }
         let sb = Superblock::new(identity.disk, identity.node, identity.cluster, device_bytes)
             .map_err(|reason| StoreError::Format { path: path.into(), reason })?;

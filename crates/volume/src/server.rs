@@ -36,6 +36,9 @@ pub struct DataLimits {
     /// How long a request's payload may take to arrive, and a reply to be taken by the
     /// peer, before the connection is closed.
     pub io_timeout: Duration,
+    /// How long a connection may sit without a request before it is closed (peers connect
+    /// again when they need to).
+    pub idle_timeout: Duration,
 }
 
 impl Default for DataLimits {
@@ -47,9 +50,21 @@ impl Default for DataLimits {
             bytes_per_peer: 64 << 20,
             bytes_total: 256 << 20,
             io_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
+
+impl DataLimits {
+    fn check(&self) {
+        let smallest = self.bytes_per_connection.min(self.bytes_per_peer).min(self.bytes_total);
+        assert!(smallest >= PAYLOAD_MAX_BYTES as usize, "every byte budget holds at least one largest request");
+        assert!(self.connections_per_peer >= 1 && self.connections_total >= 1);
+    }
+}
+
+/// What a reply of unknown length (a list of active ranges) is charged.
+const LIST_REPLY_CHARGE_BYTES: u32 = 1 << 20;
 
 /// Bytes are counted in units of this size (a request costs at least one).
 const UNIT_BYTES: usize = 4096;
@@ -65,6 +80,7 @@ pub async fn serve(listener: TcpListener, service: Arc<ReplicaService>) {
 
 /// Serves replica requests on `listener` until the task is dropped.
 pub async fn serve_with(listener: TcpListener, service: Arc<ReplicaService>, limits: DataLimits) {
+    limits.check();
     let shared = Arc::new(Shared {
         bytes: Arc::new(Semaphore::new(units(limits.bytes_total) as usize)),
         connections: Mutex::new(HashMap::new()),
@@ -127,9 +143,11 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut open = self.shared.connections.lock().expect("connections lock");
-        if let Some((count, _)) = open.get_mut(&self.peer) {
+        if let Some((count, budget)) = open.get_mut(&self.peer) {
             *count -= 1;
-            if *count == 0 {
+            // The peer's budget is forgotten only once nothing holds any of it (requests
+            // of a closed connection may still be finishing): a reconnect gets no fresh one.
+            if *count == 0 && Arc::strong_count(budget) == 2 {
                 open.remove(&self.peer);
             }
         }
@@ -155,7 +173,7 @@ async fn serve_connection(
     peer_bytes: Arc<Semaphore>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let io_timeout = shared.limits.io_timeout;
+    let (io_timeout, idle_timeout) = (shared.limits.io_timeout, shared.limits.idle_timeout);
     let (mut reader, writer) = stream.into_split();
     let (replies, mut outgoing) = mpsc::channel::<(u64, Reply, Option<Held>)>(REQUESTS_IN_FLIGHT_MAX);
     // Replies go out in the order they are ready; each must be taken by the peer in time.
@@ -191,10 +209,11 @@ async fn serve_connection(
     let receiver = async move {
         loop {
             let mut header = [0u8; REQUEST_HEADER_BYTES];
-            match reader.read_exact(&mut header).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+            match tokio::time::timeout(idle_timeout, reader.read_exact(&mut header)).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(e)) => return Err(e),
             }
             // A header that does not parse leaves the stream unframed: close the connection.
             let request =
@@ -208,7 +227,9 @@ async fn serve_connection(
             }
             // Charged before the payload is read: a peer out of budget is simply not read
             // from (TCP pushes back on it) until its replies are taken.
-            let bytes = request.payload_bytes().max(request.reply_bytes().unwrap_or(PAYLOAD_MAX_BYTES) as usize);
+            // A list of active ranges is small: bounded like a message, not like an extent.
+            let reply_bytes = request.reply_bytes().unwrap_or(LIST_REPLY_CHARGE_BYTES) as usize;
+            let bytes = request.payload_bytes().max(reply_bytes);
             let held = Held {
                 _slot: slots.clone().acquire_owned().await.expect("never closed"),
                 _connection: connection_bytes.clone().acquire_many_owned(units(bytes)).await.expect("never closed"),
@@ -235,12 +256,15 @@ async fn serve_connection(
     };
     // Whichever side ends first ends the connection; requests still being handled finish
     // and let go of what they hold.
-    tokio::select! {
-        received = receiver => {
-            received?;
+    let ended = tokio::select! {
+        received = receiver => match received {
             // The replies still due go out before the connection closes.
-            sender.await.map_err(std::io::Error::other)?
-        }
-        sent = &mut sender => sent.map_err(std::io::Error::other)?,
-    }
+            Ok(()) => (&mut sender).await.map_err(std::io::Error::other).and_then(|sent| sent),
+            Err(e) => Err(e),
+        },
+        sent = &mut sender => sent.map_err(std::io::Error::other).and_then(|sent| sent),
+    };
+    // Nothing of the connection outlives it (its slot is given back right after).
+    sender.abort();
+    ended
 }

@@ -172,7 +172,7 @@ pub fn cluster_and_token<const N: usize>(dir: &Path, ips: [u8; N], port: u16) ->
     let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
     let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().expect("token").to_string();
     for node in &nodes[1..] {
-        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--token", &token]);
+        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
     }
     for node in &nodes {
         let disk = node.data_dir.with_extension("disk");
