@@ -24,6 +24,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# Guests' QEMU runs as this unprivileged user when the daemon runs as root.
+if ! getent passwd converge-qemu >/dev/null; then
+  echo "setup: adding the system user converge-qemu (guests run as it)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin converge-qemu
+  if getent group kvm >/dev/null; then $SUDO usermod -a -G kvm converge-qemu; fi
+fi
+
 have cargo || { echo "setup: cargo is missing; install a stable Rust toolchain (rustup)"; exit 1; }
 have cargo-fuzz || { echo "setup: installing cargo-fuzz"; cargo install cargo-fuzz --locked --quiet; }
 "$(dirname "$0")/../guest/build.sh"

@@ -68,7 +68,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 args.data_dir.display()
             );
         }
-        std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o700))
+        // Others may pass through (guests' QEMU, as its own user, reaches its VM's
+        // directory), never list or read: every file in it is its owner's alone.
+        std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("making {} readable by its owner only", args.data_dir.display()))?;
     }
     let api_listener =
@@ -122,6 +124,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let active_path = args.data_dir.join("active.redb");
     let active = ActiveLog::open(&active_path).with_context(|| format!("opening {}", active_path.display()))?;
     let replica = Arc::new(ReplicaService::new(disks.clone(), topology.clone(), dirty, active));
+    for file in ["cluster.redb", "dirty.redb", "active.redb", "node-id"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = args.data_dir.join(file);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} its owner's alone", path.display()))?;
+        }
+    }
     let vm_dir = args.data_dir.join("vms");
     let config = EngineConfig {
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),

@@ -109,7 +109,11 @@ fn disks_are_claimed_only_deliberately_and_the_data_dir_is_the_owners_alone() {
     assert_eq!(status["nodes"][0]["disks"].as_array().unwrap().len(), 2, "{status}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&node.data_dir).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o700, "the data dir, with the cluster's secrets, is its owner's alone");
+    assert_eq!(mode & 0o777, 0o711, "others may pass through the data dir, never list it");
+    for file in ["cluster.redb", "dirty.redb", "active.redb", "node-id", "api.sock"] {
+        let mode = std::fs::metadata(node.data_dir.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{file} is its owner's alone: {mode:o}");
+    }
 }
 
 #[test]

@@ -61,8 +61,10 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     let console = |node: &NodeProcess| node.cli(&["vm", "console", "ha", "--no-follow"]);
     wait_until("the guest writes", GUEST_TIMEOUT, || last_acked(&console(&nodes[0])).is_some_and(|b| b >= 50));
 
-    // A 2 s stall of the VM's node is no failure: the VM stays where it runs.
     let pid = vm(&nodes[0], "ha")["state"]["pid"].as_u64().unwrap();
+    assert_confined(pid, &nodes[1].data_dir.join("vms/vm-0"));
+
+    // A 2 s stall of the VM's node is no failure: the VM stays where it runs.
     nodes[1].signal("STOP");
     std::thread::sleep(Duration::from_secs(2));
     nodes[1].signal("CONT");
@@ -144,6 +146,34 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     let left = std::fs::read_to_string(target.data_dir.join("vms/vm-0/console.log")).unwrap();
     assert!(left.contains("GUEST: power button pressed, shutting down"), "{left}");
     nodes[0].cli(&["node", "resume", &target.addr]);
+}
+
+/// The guest's QEMU runs as the unprivileged `converge-qemu` (scripts/setup.sh makes it),
+/// in a cgroup of its own, and what it opens in its directory is that user's alone.
+fn assert_confined(pid: u64, vm_dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let uid: u32 = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("converge-qemu:"))
+        .and_then(|rest| rest.split(':').nth(1)?.parse().ok())
+        .expect("the converge-qemu user (scripts/setup.sh adds it)");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uids.split_whitespace().skip(1).all(|u| u == uid.to_string()), "QEMU runs as converge-qemu: {uids}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cgroups.contains("/converge/vm-0"), "QEMU is in its VM's cgroup: {cgroups}");
+    let sandboxed = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
+    assert!(sandboxed.ends_with('2'), "QEMU runs under its seccomp sandbox: {sandboxed}");
+    for entry in std::fs::read_dir(vm_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = entry.metadata().unwrap();
+        if name.ends_with(".sock") && name.starts_with("disk") {
+            assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600), "{name} is the guest's alone");
+        }
+    }
+    let dir = std::fs::metadata(vm_dir).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o777), (uid, 0o700));
 }
 
 /// Cuts `ip` off from every other address, both ways, until dropped: a route that refuses

@@ -4,6 +4,7 @@
 //! the `Host` the composition root provides.
 
 mod accel;
+mod confine;
 mod host;
 mod plan;
 mod process;
@@ -12,6 +13,7 @@ mod qmp;
 mod runtime;
 
 pub use accel::detect_accel;
+pub use confine::{QemuUser, QEMU_USER};
 pub use host::{AttachedDisk, Host, HostError};
 pub use plan::{plan, Action, LocalPhase};
 pub use qemu_args::{qemu_args, VmPaths, DISK_QUEUES_MAX};

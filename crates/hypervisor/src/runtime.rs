@@ -33,6 +33,8 @@ pub struct Hypervisor {
     /// VMs moving off this node whose "not running here" report is on its way.
     telling: Mutex<std::collections::BTreeSet<VmId>>,
     changed: Notify,
+    /// The user QEMU runs as, when the daemon can switch to one.
+    qemu_user: Option<crate::confine::QemuUser>,
 }
 
 struct LocalVm {
@@ -88,6 +90,15 @@ enum Ended {
 impl Hypervisor {
     pub fn new(host: Arc<dyn Host>, vm_dir: PathBuf, accel: Accel) -> Arc<Self> {
         let qemu = std::env::var("CONVERGE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let qemu_user = crate::confine::QemuUser::find();
+        match &qemu_user {
+            Some(user) => tracing::info!(user = %user.name, uid = user.uid, "guests run as an unprivileged user"),
+            None => tracing::warn!(
+                "guests run as this daemon's user: run as root with the user {} (scripts/setup.sh makes it) to \
+                 confine them",
+                crate::confine::QEMU_USER
+            ),
+        }
         Arc::new(Hypervisor {
             host,
             vm_dir,
@@ -97,6 +108,7 @@ impl Hypervisor {
             retry: Mutex::default(),
             telling: Mutex::default(),
             changed: Notify::new(),
+            qemu_user,
         })
     }
 
@@ -275,6 +287,14 @@ impl Hypervisor {
             move |source| StartError::Io { path, source }
         };
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // The VM's directory and everything QEMU opens in it are its user's alone; the
+        // directories above only let it pass.
+        if let Some(user) = &self.qemu_user {
+            use std::os::unix::fs::PermissionsExt;
+            let pass = std::fs::Permissions::from_mode(0o711);
+            std::fs::set_permissions(&self.vm_dir, pass).map_err(io(&self.vm_dir))?;
+            user.give(&dir, 0o700).map_err(io(&dir))?;
+        }
         let paths = VmPaths {
             qmp_socket: dir.join("qmp.sock"),
             console_socket: dir.join("console.sock"),
@@ -303,12 +323,27 @@ impl Hypervisor {
         let fencing = fencing.elapsed();
         let spawned = std::time::Instant::now();
         paths.disk_sockets = disks.iter().map(|d| d.socket().to_path_buf()).collect();
+        if let Some(user) = &self.qemu_user {
+            let files = paths.disk_sockets.iter().chain(&paths.kernel).chain(&paths.initrd);
+            for file in files {
+                user.give(file, 0o600).map_err(io(file))?;
+            }
+        }
         let log_path = dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
-        let args = qemu_args(&vm.spec, &paths, self.accel);
+        let mut args = qemu_args(&vm.spec, &paths, self.accel);
+        args.extend(crate::confine::qemu_args(self.qemu_user.as_ref()).into_iter().map(Into::into));
         let mut child = crate::process::spawn(&self.qemu, &args, log)
             .map_err(|source| StartError::Spawn { qemu: self.qemu.clone(), source })?;
         let pid = child.id().unwrap_or_default();
+        // Its memory and CPU bounds, for as long as this QEMU runs.
+        let _cgroup = match crate::confine::Cgroup::place(&vm.id.to_string(), pid, vm.spec.memory_bytes, vm.spec.cpus) {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) => {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "no cgroup for the VM: its memory and CPU are not bounded");
+                None
+            }
+        };
         let qmp = match Qmp::connect(&paths.qmp_socket).await {
             Ok(qmp) => qmp,
             Err(e) => {
