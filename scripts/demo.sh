@@ -156,9 +156,10 @@ echo "  the file written on ${IPS[0]} is there on ${IPS[1]}"
 cv "${IPS[1]}" volume list
 
 step "Done"
+cv "${IPS[1]}" cluster ca >"$DEMO/ca.pem"
 cat <<MSG
 The cluster and VM 'web' are still running (on ${IPS[1]}). Try:
-  export CONVERGE_SERVER=http://${IPS[0]}:$PORT CONVERGE_TOKEN=$admin
+  export CONVERGE_SERVER=https://${IPS[0]}:$PORT CONVERGE_TOKEN=$admin CONVERGE_CA=$DEMO/ca.pem
   $BIN vm console web          # follow the guest's serial console (Ctrl-C to leave)
   $BIN vm show web
   $BIN cluster status

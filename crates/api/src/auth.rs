@@ -18,8 +18,6 @@ pub enum Access {
     Role(Role),
     /// Only on the node itself, through its local socket.
     LocalOnly,
-    /// Another node of the cluster (the Raft and liveness endpoints).
-    Peer,
 }
 
 /// What a call to `path` with `method` needs. Anything not listed needs an admin.
@@ -27,9 +25,9 @@ pub fn required(method: &Method, path: &str) -> Access {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let read = *method == Method::GET || *method == Method::HEAD;
     match segments.as_slice() {
-        // A joining node's request: its join token is checked by the leader.
-        ["v1", "health"] | ["internal", "join"] => Access::Public,
-        ["internal", ..] => Access::Peer,
+        // A joining node's request: its join token is checked by the member answering. The
+        // CA certificate is what clients trust nodes by: public.
+        ["v1", "health"] | ["internal", "join"] | ["v1", "cluster", "ca"] => Access::Public,
         ["v1", "cluster", "init" | "join"] => Access::LocalOnly,
         ["v1", "tokens", ..] | ["v1", "disks", ..] => Access::Role(Role::Admin),
         ["v1", "nodes", _, "check"] if read => Access::Role(Role::Viewer),
@@ -69,14 +67,6 @@ pub async fn network_gate(State(node): State<NodeServices>, request: Request, ne
     };
     match (required(request.method(), request.uri().path()), role) {
         (Access::Public, _) => next.run(request).await,
-        (Access::Peer, _) => {
-            let from = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-            if from.is_some_and(|ip| node.cluster().accepts_peer(ip)) {
-                next.run(request).await
-            } else {
-                refuse(StatusCode::UNAUTHORIZED, "cluster traffic is taken from the cluster's own nodes only")
-            }
-        }
         (Access::LocalOnly, Some(_)) => refuse(
             StatusCode::FORBIDDEN,
             "this is done on the node itself: run the command there as root (it uses the node's local socket)",
@@ -123,6 +113,8 @@ mod tests {
         assert_eq!(required(&post, "/v1/cluster/init"), Access::LocalOnly);
         assert_eq!(required(&post, "/v1/cluster/join"), Access::LocalOnly);
         assert_eq!(required(&get, "/v1/anything-new"), Access::Role(Role::Admin), "unknown paths need the most");
-        assert_eq!(required(&post, "/internal/peer"), Access::Peer);
+        assert_eq!(required(&post, "/internal/join"), Access::Public);
+        assert_eq!(required(&get, "/v1/cluster/ca"), Access::Public);
+        assert_eq!(required(&post, "/internal/peer"), Access::Role(Role::Admin), "peer calls go to the node port");
     }
 }

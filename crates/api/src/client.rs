@@ -20,6 +20,8 @@ pub enum ClientError {
     },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
+    #[error("{0}")]
+    Setup(String),
     #[error("{0:?} cannot name anything: a path step")]
     BadSegment(String),
     #[error("Talking to {server}")]
@@ -49,17 +51,27 @@ pub struct Client {
 }
 
 impl Client {
-    /// `server` is `http://host:port` (a bare `host:port` is accepted too); `token` goes
-    /// with every call.
-    pub fn new(server: &str, token: Option<&str>) -> Self {
+    /// `server` is `https://host:port` (a bare `host:port` is taken as that); it is trusted
+    /// if its certificate is of the cluster CA `ca_pem`. `token` goes with every call.
+    pub fn new(server: &str, token: Option<&str>, ca_pem: &str) -> Result<Self, ClientError> {
         let server =
-            if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("http://{server}") };
+            if server.contains("://") { server.trim_end_matches('/').to_string() } else { format!("https://{server}") };
+        if !server.starts_with("https://") {
+            return Err(ClientError::Setup(format!(
+                "{server}: the API is served over HTTPS only; give https://HOST:PORT"
+            )));
+        }
+        let tls = pki::api_client(ca_pem).map_err(|e| ClientError::Setup(e.to_string()))?;
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(value) = token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()) {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder().default_headers(headers).build().expect("a plain HTTP client builds");
-        Client { base: server.clone(), server, http }
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .default_headers(headers)
+            .build()
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Client { base: server.clone(), server, http })
     }
 
     /// Talks to the node whose local socket is `socket` (root on that node; no token).
@@ -123,6 +135,12 @@ impl Client {
 
     pub async fn status(&self) -> Result<v1::ClusterStatus, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/cluster", None).await
+    }
+
+    /// The cluster CA's certificate, PEM.
+    pub async fn ca(&self) -> Result<String, ClientError> {
+        let response = self.send(self.http.get(self.url("/v1/cluster/ca"))).await?;
+        response.text().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
     }
 
     pub async fn init(&self) -> Result<v1::InitResponse, ClientError> {

@@ -1,5 +1,6 @@
 //! converge's REST API: the axum routes, the node services each handler calls once, the
-//! typed client every CLI command uses, and the HTTP transport between nodes.
+//! typed client every CLI command uses, the HTTPS transport between nodes, and the node's
+//! two TCP doors (`listen`).
 //!
 //! Handlers parse, make one call and map the error to a status; what a call does lives in
 //! `NodeServices`.
@@ -7,6 +8,7 @@
 mod auth;
 pub mod client;
 mod error;
+mod listen;
 mod node_host;
 mod routes;
 mod services;
@@ -16,8 +18,9 @@ mod vms;
 
 pub use auth::{required, Access};
 pub use error::ApiError;
+pub use listen::{serve_api, serve_node_port, ApiLimits};
 pub use node_host::NodeHost;
-pub use routes::{local_router, router};
+pub use routes::{local_router, peer_router, router};
 pub use services::NodeServices;
 pub use transport::HttpTransport;
 pub use vms::boot_volume_bytes;

@@ -16,10 +16,22 @@ pub fn local_router(services: NodeServices) -> Router {
     routes().with_state(services)
 }
 
-/// The API as the network sees it: every call through `auth::network_gate`.
+/// The API as the network sees it: every call through `auth::network_gate`, and the door a
+/// node that is not a member yet asks to join by.
 pub fn router(services: NodeServices) -> Router {
     routes()
+        .route("/internal/join", post(join_request).layer(DefaultBodyLimit::max(64 << 10)))
         .layer(axum::middleware::from_fn_with_state(services.clone(), crate::auth::network_gate))
+        .with_state(services)
+}
+
+/// What the node port serves over HTTP, to nodes that proved they are the cluster's.
+pub fn peer_router(services: NodeServices) -> Router {
+    Router::new()
+        .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
+        .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
+        // A VM's console, relayed by another node for its user.
+        .route("/internal/vms/{name}/console", get(vm_console))
         .with_state(services)
 }
 
@@ -29,6 +41,7 @@ fn routes() -> Router<NodeServices> {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/ca", get(cluster_ca))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/join", post(cluster_join))
         .route("/v1/disks", post(add_disk))
@@ -41,16 +54,11 @@ fn routes() -> Router<NodeServices> {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
-        // The same, for another node relaying it (peer traffic, not a user's call).
-        .route("/internal/vms/{name}/console", get(vm_console))
         .route("/v1/events", get(events))
         .route("/v1/nodes/{node}/drain", post(drain_node))
         .route("/v1/nodes/{node}/resume", post(resume_node))
         .route("/v1/nodes/{node}/check", get(check_node))
         .route("/v1/nodes/{node}", axum::routing::delete(remove_node))
-        .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
-        .route("/internal/join", post(join_request).layer(DefaultBodyLimit::max(64 << 10)))
-        .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
 }
 
 async fn list_tokens(State(node): State<NodeServices>) -> Json<Vec<v1::TokenInfo>> {
@@ -67,6 +75,13 @@ async fn create_token(
 async fn revoke_token(State(node): State<NodeServices>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     node.revoke_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The cluster CA's certificate (public: what clients trust the nodes by).
+async fn cluster_ca(State(node): State<NodeServices>) -> Result<String, ApiError> {
+    let state = node.cluster().state();
+    let ca = state.ca.as_ref().ok_or_else(|| ApiError::from(cluster::ClusterError::NotInitialized))?;
+    Ok(ca.cert_pem.clone())
 }
 
 async fn cluster_status(State(node): State<NodeServices>) -> Json<v1::ClusterStatus> {
@@ -188,11 +203,11 @@ async fn peer(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Jso
     Json(node.cluster().handle_peer(rpc).await)
 }
 
-/// A node asking to join: it is no member yet, so only this request is taken from it (its
-/// join token is checked by the leader).
+/// A node asking to join: it is no member yet, so only its join requests are taken from it
+/// (its join token is checked by the member that answers).
 async fn join_request(State(node): State<NodeServices>, Json(rpc): Json<PeerRpc>) -> Json<PeerReply> {
     match rpc {
-        join @ PeerRpc::Join { .. } => Json(node.cluster().handle_peer(join).await),
+        join @ (PeerRpc::Certify { .. } | PeerRpc::Join { .. }) => Json(node.cluster().handle_peer(join).await),
         _ => Json(PeerReply::Join(Err(cluster::RemoteRefusal::Other("only a join request is taken here".into())))),
     }
 }

@@ -38,11 +38,14 @@ struct Inner {
 pub const BLOCK_IO_MAX_BYTES: usize = 1 << 20;
 
 impl NodeServices {
-    pub fn new(cluster: Cluster, disks: Arc<DiskSet>, engine: Engine, vm_dir: std::path::PathBuf) -> Self {
-        // Calls to other nodes leave from this node's advertised address, as Raft's do.
-        let http = crate::transport::HttpTransport::new(
-            cluster.node().api_addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
-        );
+    /// `http` carries this node's calls to other nodes (the one Raft uses).
+    pub fn new(
+        cluster: Cluster,
+        disks: Arc<DiskSet>,
+        engine: Engine,
+        vm_dir: std::path::PathBuf,
+        http: crate::transport::HttpTransport,
+    ) -> Self {
         let block_writers = Default::default();
         NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http, block_writers }) }
     }
@@ -115,7 +118,8 @@ impl NodeServices {
     }
 
     /// A client for calls to the node at `addr`.
-    pub(crate) fn http(&self, addr: &str) -> &reqwest::Client {
+    /// A client for another node's node port.
+    pub(crate) fn http(&self, addr: &str) -> Result<reqwest::Client, cluster::TransportError> {
         self.inner.http.client_for(addr)
     }
 

@@ -150,9 +150,11 @@ impl NodeServices {
                 .nodes
                 .get(&host)
                 .ok_or_else(|| ApiError::bad_request(format!("{host} left the cluster")))?
-                .api_addr;
-            let url = format!("http://{addr}/internal/vms/{name}/console?follow={follow}");
-            let response = self.http(addr).get(url).send().await.map_err(|e| {
+                .data_addr;
+            let url = format!("https://{addr}/internal/vms/{name}/console?follow={follow}");
+            let client =
+                self.http(addr).map_err(|e| ApiError::new(axum::http::StatusCode::BAD_GATEWAY, e.to_string()))?;
+            let response = client.get(url).send().await.map_err(|e| {
                 ApiError::new(
                     axum::http::StatusCode::BAD_GATEWAY,
                     format!("{host} runs {name} but does not answer: {e}"),

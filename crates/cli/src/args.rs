@@ -16,8 +16,9 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// A node to talk to over the network, http://HOST:PORT; needs a token. [default: this
-    /// node's local socket if there is one, else http://127.0.0.1:7700]
+    /// A node to talk to over the network, https://HOST:PORT; needs a token and the
+    /// cluster's CA (--ca). [default: this node's local socket if there is one, else
+    /// https://127.0.0.1:7700]
     #[arg(long, env = "CONVERGE_SERVER", global = true)]
     pub server: Option<String>,
     /// The node's local socket (`api.sock` in its data dir), for root on the node: no token.
@@ -28,6 +29,10 @@ pub struct ClientArgs {
     /// more). Also read from ~/.config/converge/config (`token = ...`, `server = ...`).
     #[arg(long, env = "CONVERGE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA's certificate (PEM) that --server is trusted by: `converge cluster ca`
+    /// on a node prints it. Also `ca = PATH` in ~/.config/converge/config.
+    #[arg(long, env = "CONVERGE_CA", global = true)]
+    pub ca: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -221,6 +226,8 @@ pub enum ClusterCommand {
     },
     /// Nodes, disks, capacity and health.
     Status,
+    /// Print the cluster CA's certificate (PEM): what clients trust the nodes by (--ca).
+    Ca,
 }
 
 #[derive(Debug, Subcommand)]

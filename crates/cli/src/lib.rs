@@ -20,7 +20,7 @@ use output::Output;
 
 /// The local socket a node made with `--data-dir /var/lib/converge` listens on.
 const DEFAULT_SOCKET: &str = "/var/lib/converge/api.sock";
-const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
+const DEFAULT_SERVER: &str = "https://127.0.0.1:7700";
 
 /// Where the CLI talks to, and with which token: flags, then the environment (both by clap),
 /// then `~/.config/converge/config`, then this node's local socket, then the default server.
@@ -31,13 +31,23 @@ fn connect(client: &ClientArgs) -> Result<Client> {
     let config = read_config()?;
     let server = client.server.clone().or_else(|| config.get("server").cloned());
     let token = client.token.clone().or_else(|| config.get("token").cloned());
-    match server {
-        Some(server) => Ok(Client::new(&server, token.as_deref())),
+    let ca = client.ca.clone().or_else(|| config.get("ca").map(std::path::PathBuf::from));
+    let server = match server {
+        Some(server) => server,
         None if token.is_none() && std::path::Path::new(DEFAULT_SOCKET).exists() => {
-            Ok(Client::local(std::path::Path::new(DEFAULT_SOCKET)))
+            return Ok(Client::local(std::path::Path::new(DEFAULT_SOCKET)));
         }
-        None => Ok(Client::new(DEFAULT_SERVER, token.as_deref())),
-    }
+        None => DEFAULT_SERVER.to_string(),
+    };
+    let Some(ca) = ca else {
+        bail!(
+            "{server} is trusted by the cluster's CA certificate: give it with --ca FILE (or CONVERGE_CA, or `ca = FILE` \
+             in ~/.config/converge/config); `converge cluster ca` on a node prints it"
+        );
+    };
+    let ca_pem =
+        std::fs::read_to_string(&ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+    Ok(Client::new(&server, token.as_deref(), &ca_pem)?)
 }
 
 /// `key = value` lines of `$XDG_CONFIG_HOME/converge/config` (or `~/.config/...`), if the
@@ -77,16 +87,21 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
             out.print(&init, || {
                 format!(
                     "Created cluster {}.\n\nAdmin token (shown once; keep it safe):\n  {}\nUse it from any machine with \
-                     --token or CONVERGE_TOKEN, or `token = ...` in ~/.config/converge/config.\n\nJoin other nodes \
+                     --server https://{}, --token or CONVERGE_TOKEN, and the cluster's CA certificate (`converge \
+                     cluster ca` prints it) with --ca; or put `server`, `token` and `ca` in ~/.config/converge/config.\n\nJoin other nodes \
                      within an hour, running this on each of them:\n  converge --socket DATA_DIR/api.sock cluster join \
                      --peer {} --join-token {}",
-                    init.cluster_id, init.admin_token, init.address, init.join_token
+                    init.cluster_id, init.admin_token, init.address, init.address, init.join_token
                 )
             })
         }
         Command::Cluster(ClusterCommand::Join { peer, join_token }) => {
             let joined = api.join(&v1::JoinRequest { peer, token: join_token }).await?;
             out.print(&joined, || format!("{} joined cluster {}.", joined.node, joined.cluster_id))
+        }
+        Command::Cluster(ClusterCommand::Ca) => {
+            print!("{}", api.ca().await?);
+            Ok(())
         }
         Command::Cluster(ClusterCommand::Status) => {
             let status = api.status().await?;

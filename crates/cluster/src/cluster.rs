@@ -56,6 +56,8 @@ pub struct ClusterConfig {
     pub down_after: Duration,
     /// Log entries between snapshots; as many are kept behind the newest snapshot.
     pub snapshot_every: u64,
+    /// This node's key, and its certificate once it has one.
+    pub tls: Arc<pki::NodeTls>,
 }
 
 /// This node's view of the cluster. Cheap to clone.
@@ -76,8 +78,9 @@ pub(crate) struct Inner {
     joining: tokio::sync::Mutex<()>,
     snapshot_installs: tokio::sync::Semaphore,
     /// This node asked to join and has no state yet: the leader's first messages come from
-    /// an address it cannot know.
+    /// a node it cannot know.
     join_pending: std::sync::atomic::AtomicBool,
+    tls: Arc<pki::NodeTls>,
 }
 
 impl Cluster {
@@ -89,7 +92,8 @@ impl Cluster {
         local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     ) -> Result<Self, ClusterError> {
         let id = load_or_create_node_id(&config.data_dir)?;
-        let node = Node { id, api_addr: config.api_addr, data_addr: config.data_addr };
+        // The certificate is recorded in the state when the node joins (or inits).
+        let node = Node { id, api_addr: config.api_addr, data_addr: config.data_addr, cert_sha256: String::new() };
         let db_path = config.data_dir.join("cluster.redb");
         let db = open_database(&db_path)
             .map_err(|source| ClusterError::Database { path: db_path.display().to_string(), source })?;
@@ -127,6 +131,7 @@ impl Cluster {
             joining: tokio::sync::Mutex::new(()),
             snapshot_installs: tokio::sync::Semaphore::new(1),
             join_pending: std::sync::atomic::AtomicBool::new(false),
+            tls: config.tls,
         });
         tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
         tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
@@ -171,12 +176,17 @@ impl Cluster {
         }
         let raft = &self.inner.raft;
         if !raft.is_initialized().await.map_err(raft_error)? {
-            let members = BTreeMap::from([(self.node_id().0, RaftNode { api_addr: self.node().api_addr.clone() })]);
+            let members = BTreeMap::from([(self.node_id().0, RaftNode { addr: self.node().data_addr.clone() })]);
             raft.initialize(members).await.map_err(raft_error)?;
         }
         let id = ClusterId(u128::from(random_u64()?) << 64 | u128::from(random_u64()?));
         self.propose(ClusterCommand::InitCluster { id }).await?;
-        self.propose(ClusterCommand::AddNode(self.node().clone())).await?;
+        let ca = pki::new_ca().map_err(|e| ClusterError::Refused(e.to_string()))?;
+        self.propose(ClusterCommand::SetCa(model::ClusterCa { cert_pem: ca.cert_pem, key_pem: ca.key_pem })).await?;
+        let (ca_pem, cert_pem) = self.certify_node(self.node(), self.inner.tls.public_key())?;
+        let material = self.inner.tls.install(&ca_pem, &cert_pem).map_err(|e| ClusterError::Refused(e.to_string()))?;
+        let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };
+        self.propose(ClusterCommand::AddNode(node)).await?;
         let admin = self.create_token(TokenKind::Api { role: model::Role::Admin }, "admin", None).await?;
         let join = self.create_token(TokenKind::Join { expires_ms: 0 }, "", Some(JOIN_TOKEN_TTL)).await?;
         Ok((admin, join))
@@ -204,7 +214,9 @@ impl Cluster {
             }
             api => api,
         };
-        let (token, text) = crate::tokens::mint(kind, name, now_ms)?;
+        let ca = self.state().ca.as_ref().map(|ca| pki::fingerprint_pem(&ca.cert_pem)).transpose();
+        let ca = ca.map_err(|e| ClusterError::Refused(e.to_string()))?.unwrap_or_default();
+        let (token, text) = crate::tokens::mint(kind, name, now_ms, &ca)?;
         self.propose(ClusterCommand::CreateToken(token)).await?;
         Ok(text)
     }
@@ -219,11 +231,30 @@ impl Cluster {
         if let Some(info) = &self.state().cluster {
             return Err(ClusterError::AlreadyMember(info.id));
         }
-        let rpc = PeerRpc::Join { token: token.to_string(), node: self.node().clone() };
+        let Some(ca) = crate::tokens::join_token_ca(token) else {
+            return Err(ClusterError::Refused(
+                "that is not a join token of this version (it names no cluster CA): make one with \
+                 `converge token create --join` on a member"
+                    .into(),
+            ));
+        };
+        // First a certificate: the members' node ports take this node only with one.
+        let public_key = self.inner.tls.public_key().to_vec();
+        let rpc = PeerRpc::Certify { token: token.to_string(), node: self.node().clone(), public_key };
+        let (ca_pem, cert_pem) = match self.knock(peer_api_addr, rpc, ca, FORWARD_TIMEOUT).await? {
+            PeerReply::Certify(result) => result.map_err(refusal)?,
+            other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
+        };
+        if pki::fingerprint_pem(&ca_pem).ok().as_deref() != Some(ca) {
+            return Err(ClusterError::Refused("the member sent a CA other than the one the join token names".into()));
+        }
+        let material = self.inner.tls.install(&ca_pem, &cert_pem).map_err(|e| ClusterError::Refused(e.to_string()))?;
+        let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };
+        let rpc = PeerRpc::Join { token: token.to_string(), node };
         let pending = &self.inner.join_pending;
         pending.store(true, std::sync::atomic::Ordering::SeqCst);
         let joined = async {
-            let id = match self.call(peer_api_addr, rpc, JOIN_WAIT).await? {
+            let id = match self.knock(peer_api_addr, rpc, ca, JOIN_WAIT).await? {
                 PeerReply::Join(result) => result.map_err(refusal)?,
                 other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
             };
@@ -274,7 +305,7 @@ impl Cluster {
                 Ok(response) => return Ok((response.data?, response.log_id.index)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => match forward.leader_node {
                     Some(leader) if forward.leader_id != Some(self.node_id().0) => {
-                        self.forward(&leader.api_addr, proposal.clone()).await
+                        self.forward(&leader.addr, proposal.clone()).await
                     }
                     _ => Err(ClusterError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 }),
                 },
@@ -301,6 +332,20 @@ impl Cluster {
             PeerReply::Propose(Err(RemoteRefusal::Other(reason))) => Err(ClusterError::Refused(reason)),
             other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    async fn knock(
+        &self,
+        api_addr: &str,
+        rpc: PeerRpc,
+        ca: &str,
+        timeout: Duration,
+    ) -> Result<PeerReply, ClusterError> {
+        self.inner
+            .transport
+            .knock(api_addr, rpc, ca, timeout)
+            .await
+            .map_err(|source| ClusterError::Peer { addr: api_addr.into(), source })
     }
 
     async fn call(&self, addr: &str, rpc: PeerRpc, timeout: Duration) -> Result<PeerReply, ClusterError> {
@@ -345,6 +390,12 @@ impl Cluster {
                     other => RemoteRefusal::Other(other.to_string()),
                 }))
             }
+            PeerRpc::Certify { token, node, public_key } => {
+                PeerReply::Certify(self.certify(&token, &node, &public_key).map_err(|e| match e {
+                    ClusterError::Command(c) => RemoteRefusal::Command(c),
+                    other => RemoteRefusal::Other(other.to_string()),
+                }))
+            }
             PeerRpc::Ping => PeerReply::Ping(self.local_report()),
         }
     }
@@ -362,16 +413,51 @@ impl Cluster {
         PeerReply::Snapshot(installed.await)
     }
 
+    /// Whether `token` is a join token that works now.
+    fn join_token_valid(&self, token: &str) -> bool {
+        let now_ms = crate::liveness::now_ms();
+        crate::tokens::verify(&self.state(), token)
+            .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms))
+    }
+
+    /// Signs a certificate for a node that presented `token`: the CA's and the node's, PEM.
+    /// The certificate alone opens nothing: node ports take a node whose certificate the
+    /// state records, which only a completed join does.
+    fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<(String, String), ClusterError> {
+        if !self.join_token_valid(token) {
+            return Err(ClusterError::BadToken);
+        }
+        let state = self.state();
+        if state.nodes.contains_key(&node.id) || state.removed.contains_key(&node.id) {
+            return Err(ClusterError::Refused(format!(
+                "{} is already known to the cluster: a node joins with an empty data dir",
+                node.id
+            )));
+        }
+        policy::check_advertised(node, state.nodes.values())?;
+        self.certify_node(node, public_key)
+    }
+
+    fn certify_node(&self, node: &Node, public_key: &[u8]) -> Result<(String, String), ClusterError> {
+        let state = self.state();
+        let ca = state.ca.as_ref().ok_or_else(|| ClusterError::Refused("the cluster has no CA yet".into()))?;
+        let ip = |addr: &str| addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let addresses: Vec<_> = [ip(&node.api_addr), ip(&node.data_addr)].into_iter().flatten().collect();
+        let cert = pki::sign_node(&ca.key_pem, node.id.0, &addresses, public_key)
+            .map_err(|e| ClusterError::Refused(e.to_string()))?;
+        Ok((ca.cert_pem.clone(), cert))
+    }
+
     /// Adds a node that presented `token`: its addresses go into the state, then it becomes
     /// a learner, catches up, and is promoted to voter.
     async fn admit(&self, token: String, node: Node) -> Result<ClusterId, ClusterError> {
         let state = self.state();
         let info = state.cluster.as_ref().ok_or(ClusterError::NotInitialized)?;
-        let now_ms = crate::liveness::now_ms();
-        let valid = crate::tokens::verify(&state, &token)
-            .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms));
-        if !valid {
+        if !self.join_token_valid(&token) {
             return Err(ClusterError::BadToken);
+        }
+        if node.cert_sha256.len() != 64 {
+            return Err(ClusterError::Refused("a joining node names its certificate (`Certify` first)".into()));
         }
         policy::check_advertised(&node, state.nodes.values())?;
         let raft = &self.inner.raft;
@@ -379,7 +465,7 @@ impl Cluster {
         if leader != Some(self.node_id().0) {
             let leader_addr = leader
                 .and_then(|l| state.nodes.get(&NodeId(l)))
-                .map(|n| n.api_addr.clone())
+                .map(|n| n.data_addr.clone())
                 .ok_or(ClusterError::NoLeader { waited_ms: 0 })?;
             return match self.call(&leader_addr, PeerRpc::Join { token, node }, JOIN_FORWARD_WAIT).await? {
                 PeerReply::Join(result) => result.map_err(refusal),
@@ -389,15 +475,12 @@ impl Cluster {
         // One join at a time: two membership changes at once would refuse one of them.
         let _joining = self.inner.joining.lock().await;
         // Checked again: the token may have been revoked, or run out, while this waited.
-        let now_ms = crate::liveness::now_ms();
-        let still_valid = crate::tokens::verify(&self.state(), &token)
-            .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms));
-        if !still_valid {
+        if !self.join_token_valid(&token) {
             return Err(ClusterError::BadToken);
         }
         let known = self.state().nodes.contains_key(&node.id);
         self.propose(ClusterCommand::AddNode(node.clone())).await?;
-        let raft_node = RaftNode { api_addr: node.api_addr.clone() };
+        let raft_node = RaftNode { addr: node.data_addr.clone() };
         let joined = async {
             // Bounded: a node that never catches up is not waited for forever.
             let learner = tokio::time::timeout(JOIN_TIMEOUT, raft.add_learner(node.id.0, raft_node, true)).await;
@@ -451,17 +534,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Whether a peer request from `ip` may be served: it comes from the address of a node
-    /// of the cluster, or this node is joining and has no state yet. (Until nodes
-    /// authenticate each other with certificates, their addresses are what tells them.)
-    pub fn accepts_peer(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
+    /// Whether the node port serves a caller that presented the certificate of fingerprint
+    /// `cert_sha256` (its chain to the CA already checked): it is a node of the cluster, or
+    /// this node is joining and has no state yet (the leader's first messages come from a
+    /// node it cannot know).
+    pub fn accepts_peer(&self, cert_sha256: &str) -> bool {
         let state = self.state();
         if state.nodes.is_empty() {
             return self.inner.join_pending.load(std::sync::atomic::Ordering::SeqCst);
         }
-        let ip_of = |addr: &str| addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip().to_canonical());
-        state.nodes.values().any(|n| ip_of(&n.api_addr) == Some(ip) || ip_of(&n.data_addr) == Some(ip))
+        state.nodes.values().any(|n| n.cert_sha256 == cert_sha256)
+    }
+
+    /// This node's key and certificate.
+    pub fn tls(&self) -> &Arc<pki::NodeTls> {
+        &self.inner.tls
     }
 
     /// Whether `node` answered a ping within the down time (this node is always up to itself).
@@ -533,7 +620,7 @@ impl Cluster {
         }
         let usable = |id: NodeId| self.is_up(id) && !state.is_down(id);
         for node in state.nodes.values().filter(|n| !members.contains(&n.id.0) && usable(n.id)) {
-            let raft_node = RaftNode { api_addr: node.api_addr.clone() };
+            let raft_node = RaftNode { addr: node.data_addr.clone() };
             let added = tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, raft.add_learner(node.id.0, raft_node, false));
             match added.await {
                 Ok(Ok(_)) => {

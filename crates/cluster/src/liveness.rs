@@ -93,7 +93,7 @@ pub(crate) async fn ping_loop(inner: Weak<Inner>) {
         let state = inner.state.borrow().clone();
         let me = inner.node.id;
         let pings = state.nodes.values().filter(|n| n.id != me).map(|node| {
-            let call = inner.transport.call(&node.api_addr, PeerRpc::Ping, PING_TIMEOUT);
+            let call = inner.transport.call(&node.data_addr, PeerRpc::Ping, PING_TIMEOUT);
             async move { (node.id, call.await) }
         });
         let mut answered = HashSet::new();

@@ -1,4 +1,4 @@
-//! openraft's network over the cluster transport. The transport itself (HTTP today) is
+//! openraft's network over the cluster transport. The transport itself (HTTP over mutual TLS) is
 //! supplied by the composition root; this crate never opens a socket.
 
 use crate::types::{PeerReply, PeerRpc, RaftNode, SnapshotTransfer, TypeConfig};
@@ -13,20 +13,33 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Sends one request to the node at `api_addr` and waits for its reply.
+/// Carries requests between nodes. Members talk node port to node port, each presenting
+/// its certificate; a node that is not a member yet knocks on a member's API port.
 pub trait PeerTransport: Send + Sync + 'static {
+    /// Sends one request to the node port at `addr` and waits for its reply.
     fn call(
         &self,
-        api_addr: &str,
+        addr: &str,
         rpc: PeerRpc,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
 
-    /// Sends a whole snapshot (`SnapshotTransfer::encode`) and waits until the node at
-    /// `api_addr` installed it or refused it.
-    fn send_snapshot(
+    /// Sends a join request (`Certify` or `Join`) to a member's API port at `api_addr`,
+    /// trusting it only if it presents a certificate of the CA whose fingerprint is
+    /// `ca_sha256`.
+    fn knock(
         &self,
         api_addr: &str,
+        rpc: PeerRpc,
+        ca_sha256: &str,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
+
+    /// Sends a whole snapshot (`SnapshotTransfer::encode`) and waits until the node at
+    /// `addr` installed it or refused it.
+    fn send_snapshot(
+        &self,
+        addr: &str,
         transfer: Vec<u8>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerReply, TransportError>>;
@@ -59,7 +72,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: u64, node: &RaftNode) -> Connection {
-        Connection { transport: self.transport.clone(), target, addr: node.api_addr.clone() }
+        Connection { transport: self.transport.clone(), target, addr: node.addr.clone() }
     }
 }
 

@@ -1,6 +1,8 @@
-//! Making and checking tokens. A token reads `cvt1_ID_SECRET` (API) or `cvj1_ID_SECRET`
-//! (join): a public id of 16 hex digits, by which the state finds it, and a secret of 32
-//! hex digits (128 random bits), of which the state keeps only the SHA-256.
+//! Making and checking tokens. A token reads `cvt1_ID_SECRET` (API) or
+//! `cvj1_ID_SECRET_CA` (join): a public id of 16 hex digits, by which the state finds it,
+//! a secret of 32 hex digits (128 random bits), of which the state keeps only the SHA-256,
+//! and for a join token the SHA-256 of the cluster CA's certificate, by which the joining
+//! node knows it reached the cluster it was meant to join.
 
 use crate::error::ClusterError;
 use model::{ClusterState, Token, TokenKind};
@@ -10,28 +12,41 @@ const API_PREFIX: &str = "cvt1";
 const JOIN_PREFIX: &str = "cvj1";
 
 /// A new token of `kind`: what the state keeps, and the text to give its holder (once).
-pub(crate) fn mint(kind: TokenKind, name: &str, now_ms: u64) -> Result<(Token, String), ClusterError> {
+/// `ca_sha256` is the CA's fingerprint, which a join token carries.
+pub(crate) fn mint(kind: TokenKind, name: &str, now_ms: u64, ca_sha256: &str) -> Result<(Token, String), ClusterError> {
     let id = format!("{:016x}", random()?);
     let secret = format!("{:016x}{:016x}", random()?, random()?);
-    let prefix = match kind {
-        TokenKind::Api { .. } => API_PREFIX,
-        TokenKind::Join { .. } => JOIN_PREFIX,
+    let text = match kind {
+        TokenKind::Api { .. } => format!("{API_PREFIX}_{id}_{secret}"),
+        TokenKind::Join { .. } => format!("{JOIN_PREFIX}_{id}_{secret}_{ca_sha256}"),
     };
-    let text = format!("{prefix}_{id}_{secret}");
     let token = Token { id, name: name.to_string(), kind, secret_sha256: sha256_hex(&secret), created_ms: now_ms };
     Ok((token, text))
 }
 
 /// The token `text` names, if its secret is right. Never says which part was wrong.
 pub fn verify<'a>(state: &'a ClusterState, text: &str) -> Option<&'a Token> {
-    let mut parts = text.trim().splitn(3, '_');
+    let mut parts = text.trim().split('_');
     let (prefix, id, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    // A join token's CA fingerprint is for the joining node; the state knows its CA.
+    let ca = parts.next();
+    if parts.next().is_some() || (prefix == API_PREFIX && ca.is_some()) {
+        return None;
+    }
     let token = state.tokens.get(id)?;
     let prefix_fits = match token.kind {
         TokenKind::Api { .. } => prefix == API_PREFIX,
         TokenKind::Join { .. } => prefix == JOIN_PREFIX,
     };
     (prefix_fits && constant_time_eq(sha256_hex(secret).as_bytes(), token.secret_sha256.as_bytes())).then_some(token)
+}
+
+/// The CA fingerprint a join token carries, if `text` is one.
+pub fn join_token_ca(text: &str) -> Option<&str> {
+    let mut parts = text.trim().split('_');
+    (parts.next()? == JOIN_PREFIX).then_some(())?;
+    let ca = parts.nth(2)?;
+    (ca.len() == 64 && ca.bytes().all(|b| b.is_ascii_hexdigit())).then_some(ca)
 }
 
 fn sha256_hex(secret: &str) -> String {
@@ -62,7 +77,7 @@ mod tests {
 
     #[test]
     fn a_token_is_known_by_its_whole_text_only() {
-        let (token, text) = mint(TokenKind::Api { role: Role::Operator }, "ci", 1).unwrap();
+        let (token, text) = mint(TokenKind::Api { role: Role::Operator }, "ci", 1, "").unwrap();
         let state = state_with(&token);
 
         assert_eq!(verify(&state, &text).map(|t| t.kind), Some(TokenKind::Api { role: Role::Operator }));
@@ -72,14 +87,18 @@ mod tests {
         wrong_secret.push(if last == '0' { '1' } else { '0' });
         assert!(verify(&state, &wrong_secret).is_none());
         assert!(verify(&state, &format!("cvj1_{rest}")).is_none(), "an API token is no join token");
+        assert!(verify(&state, &format!("{text}_{}", "a".repeat(64))).is_none(), "nothing follows an API token");
         assert!(verify(&state, prefix).is_none() && verify(&state, "").is_none());
         assert!(!token.secret_sha256.contains(&text[text.len() - 32..]), "the state keeps no secret");
     }
 
     #[test]
     fn a_revoked_token_is_unknown() {
-        let (token, text) = mint(TokenKind::Join { expires_ms: 10 }, "", 1).unwrap();
+        let ca = "c".repeat(64);
+        let (token, text) = mint(TokenKind::Join { expires_ms: 10 }, "", 1, &ca).unwrap();
         let mut state = state_with(&token);
+        assert_eq!(join_token_ca(&text), Some(ca.as_str()), "a join token names the CA");
+        assert!(verify(&state, &text).is_some());
         state.apply(&ClusterCommand::RevokeToken { id: token.id.clone() }).unwrap();
         assert!(verify(&state, &text).is_none());
     }

@@ -7,10 +7,10 @@ use openraft::{SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
-/// What openraft keeps about a member: where to send it Raft traffic.
+/// What openraft keeps about a member: where to send it Raft traffic (its node port).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftNode {
-    pub api_addr: String,
+    pub addr: String,
 }
 
 /// A command with an id drawn by its proposer, so a proposal retried after a lost reply is
@@ -42,7 +42,14 @@ pub enum PeerRpc {
     Vote(VoteRequest<u64>),
     /// A command a follower forwards to the leader.
     Propose(Proposal),
-    /// A new node asks to become a member.
+    /// A new node asks for its certificate: the cluster CA signs `public_key` (an
+    /// uncompressed P-256 point) for it. Any member answers.
+    Certify {
+        token: String,
+        node: Node,
+        public_key: Vec<u8>,
+    },
+    /// A new node, with its certificate, asks to become a member.
     Join {
         token: String,
         node: Node,
@@ -57,6 +64,8 @@ pub enum PeerReply {
     /// The outcome and the log index it was committed at.
     Propose(Result<(CommandOutcome, u64), RemoteRefusal>),
     Join(Result<ClusterId, RemoteRefusal>),
+    /// The CA's certificate and the node's, PEM.
+    Certify(Result<(String, String), RemoteRefusal>),
     Ping(NodeReport),
     /// The answer to a `SnapshotTransfer`.
     Snapshot(Result<SnapshotResponse<u64>, RemoteRefusal>),

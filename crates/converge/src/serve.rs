@@ -96,6 +96,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let api_addr = SocketAddr::new(advertised, api_local.port()).to_string();
     let data_addr = SocketAddr::new(advertised, data_listener.local_addr()?.port()).to_string();
 
+    // The node's key, and its certificate once it is in a cluster (root's alone).
+    let tls_dir = args.data_dir.join("tls");
+    let tls = Arc::new(pki::NodeTls::open(&tls_dir).with_context(|| format!("opening {}", tls_dir.display()))?);
+    let transport = HttpTransport::new(tls.clone(), Some(advertised));
     let disks = Arc::new(DiskSet::default());
     let reports = disks.clone();
     let resync_stats = Arc::new(ResyncStats::default());
@@ -106,10 +110,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         data_addr: data_addr.clone(),
         down_after: Duration::from_millis(args.down_after_ms),
         snapshot_every: args.snapshot_every,
+        tls: tls.clone(),
     };
     let cluster = Cluster::start(
         config,
-        Arc::new(HttpTransport::new(Some(advertised))),
+        Arc::new(transport.clone()),
         Box::new(move || model::NodeReport {
             node: NodeId(0),
             disks: reports.reports(),
@@ -136,10 +141,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let config = EngineConfig {
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         local_address: Some(advertised),
+        tls: Some(tls),
         ..Default::default()
     };
     let engine = Engine::new(replica.clone(), topology, config);
-    let services = NodeServices::new(cluster.clone(), disks.clone(), engine.clone(), vm_dir.clone());
+    let services = NodeServices::new(cluster.clone(), disks.clone(), engine.clone(), vm_dir.clone(), transport);
 
     let accel = hypervisor::detect_accel();
     let host = Arc::new(api::NodeHost::new(services.clone(), tokio::runtime::Handle::current()));
@@ -147,7 +153,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     services.open_disks().await;
     tokio::spawn(follow_state(services.clone(), disks));
-    tokio::spawn(volume::serve(data_listener, replica));
+    let data = volume::DataServer::new(replica, volume::DataLimits::default());
+    tokio::spawn(api::serve_node_port(data_listener, services.clone(), data));
     tokio::spawn(volume::resync_loop(engine.clone(), resync_stats));
     tokio::spawn(vms.run());
     tracing::info!(node = %cluster.node_id(), api = %api_addr, data = %data_addr, listen = %args.listen, ?accel, "converge node serving");
@@ -161,12 +168,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("making {} its owner's alone", socket_path.display()))?;
     }
-    let local = axum::serve(local, api::local_router(services.clone())).with_graceful_shutdown(shutdown_signal());
-    let network = axum::serve(api_listener, api::router(services).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal());
-    let (local, network) = tokio::join!(local, network);
-    local.context("serving the local socket")?;
-    network.context("serving the API")?;
+    tokio::spawn(api::serve_api(api_listener, services.clone(), api::ApiLimits::default()));
+    axum::serve(local, api::local_router(services))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the local socket")?;
     cluster.shutdown().await;
     Ok(())
 }

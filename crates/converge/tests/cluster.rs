@@ -351,7 +351,7 @@ fn grow_state_with_vms(node: &NodeProcess, count: usize) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let post = |path: &str, body: serde_json::Value| {
-            let request = http.post(format!("http://{addr}{path}")).json(&body);
+            let request = http.post(format!("https://{addr}{path}")).json(&body);
             async move {
                 let response = request.send().await.unwrap();
                 let status = response.status();

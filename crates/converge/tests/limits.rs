@@ -1,6 +1,8 @@
 //! Limits on what a network peer can make a node hold (docs/threat-model.md): a flood of
-//! pipelined writes on the data port that never reads its replies costs the node a bounded
-//! amount of memory, and a guest on that node keeps writing through it.
+//! pipelined writes on the node port that never reads its replies costs the node a bounded
+//! amount of memory, and a guest on that node keeps writing through it. A stranger's flood
+//! ends at the TLS handshake; this one comes from a member's certificate (a node gone bad),
+//! the worst a peer can do.
 
 mod common;
 
@@ -28,11 +30,12 @@ fn rss_bytes(node: &NodeProcess) -> u64 {
     kib * 1024
 }
 
-/// Opens `FLOOD_CONNECTIONS` to `addr`, each sending `FLOOD_WRITES_PER_CONNECTION` 4 MiB
-/// writes that parse and name this node's disk, back to back, and never reading a reply.
-/// Runs until `stop`; counts the bytes the node took in.
+/// Opens `FLOOD_CONNECTIONS` to `addr` with the member certificate of `tls`, each sending
+/// `FLOOD_WRITES_PER_CONNECTION` 4 MiB writes that parse and name this node's disk, back to
+/// back, and never reading a reply. Runs until `stop`; counts the bytes the node took in.
 fn flood(
     addr: String,
+    tls: Arc<rustls::ClientConfig>,
     request: Request,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -41,9 +44,13 @@ fn flood(
     (0..FLOOD_CONNECTIONS)
         .map(|c| {
             let (addr, stop, sent, payload) = (addr.clone(), stop.clone(), sent.clone(), payload.clone());
+            let tls = tls.clone();
             std::thread::spawn(move || {
-                let Ok(mut stream) = TcpStream::connect(&addr) else { return };
-                stream.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+                let Ok(tcp) = TcpStream::connect(&addr) else { return };
+                tcp.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+                let name = rustls_pki_types::ServerName::try_from(pki::NODE_NAME).unwrap();
+                let session = rustls::ClientConnection::new(tls, name).unwrap();
+                let mut stream = rustls::StreamOwned::new(session, tcp);
                 let mut pending: &[u8] = &[];
                 let mut header;
                 let mut i = 0;
@@ -111,6 +118,8 @@ fn a_data_port_flood_that_never_reads_replies_costs_bounded_memory_and_a_guest_k
         format!("{ip}:{}", port.parse::<u16>().unwrap() + 1)
     };
     let rss_before = [rss_bytes(&nodes[0]), rss_bytes(&nodes[1])];
+    // Node 2's certificate: the flood comes from a member.
+    let member = pki::NodeTls::open(&nodes[2].data_dir.join("tls")).unwrap().material().unwrap();
 
     // The guest runs on node 0 and its second disk has a replica on another node: both
     // node 0 and node 1 are flooded.
@@ -120,8 +129,9 @@ fn a_data_port_flood_that_never_reads_replies_costs_bounded_memory_and_a_guest_k
     });
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let mut flooders = flood(data_addr(0), request(0), stop.clone(), sent.clone());
-    flooders.extend(flood(data_addr(1), request(1), stop.clone(), sent.clone()));
+    let tls = member.blocks_client.clone();
+    let mut flooders = flood(data_addr(0), tls.clone(), request(0), stop.clone(), sent.clone());
+    flooders.extend(flood(data_addr(1), tls, request(1), stop.clone(), sent.clone()));
     let mut rss_max = [0u64; 2];
     wait_until("the guest wrote everything under the flood", GUEST_TIMEOUT, || {
         for (i, node) in nodes[..2].iter().enumerate() {

@@ -1,6 +1,8 @@
 //! Who gets in (docs/threat-model.md): over the network nothing but the health check works
-//! without a token, each role does what it may and no more, a stranger can neither
-//! initialise a node nor make it join a cluster, and join tokens expire and can be revoked.
+//! without a token, and nothing at all in the clear; each role does what it may and no
+//! more; a stranger can neither initialise a node nor make it join a cluster; the node port
+//! completes no handshake with a client that has no certificate of the cluster, and serves
+//! nothing to one whose certificate is no member's; join tokens expire and can be revoked.
 
 mod common;
 
@@ -8,7 +10,12 @@ use common::{json, run_as, NodeProcess};
 use std::time::Duration;
 
 fn over_network(node: &NodeProcess, token: Option<&str>) -> Vec<String> {
-    let mut target = vec!["--server".to_string(), format!("http://{}", node.addr)];
+    let mut target = vec![
+        "--server".to_string(),
+        format!("https://{}", node.addr),
+        "--ca".to_string(),
+        node.ca().display().to_string(),
+    ];
     if let Some(token) = token {
         target.extend(["--token".to_string(), token.to_string()]);
     }
@@ -44,7 +51,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tokens"),
     ("POST", "/v1/tokens"),
     ("DELETE", "/v1/tokens/0123456789abcdef"),
-    // Cluster traffic, from an address that is no node's.
+    // Cluster traffic belongs on the node port.
     ("POST", "/internal/peer"),
     ("POST", "/internal/snapshot"),
     ("GET", "/internal/vms/web/console"),
@@ -55,13 +62,14 @@ fn without_a_token_only_the_health_check_answers_and_each_role_does_what_it_may(
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let node = NodeProcess::start(dir.path(), 12, 18750);
 
-    // A stranger cannot make an uninitialised node a cluster of theirs.
-    let stranger_init = run_as(&over_network(&node, None), &["cluster", "init"]).unwrap_err();
-    let stranger_join =
-        run_as(&over_network(&node, None), &["cluster", "join", "--peer", "127.0.0.1:1", "--join-token", "x"])
-            .unwrap_err();
-    assert!(stranger_init.contains("done on the node itself"), "{stranger_init}");
-    assert!(stranger_join.contains("done on the node itself"), "{stranger_join}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let plain = reqwest::Client::new();
+    // A stranger cannot make an uninitialised node a cluster of theirs: init and join are
+    // not on the network at all (and a node in no cluster has no certificate to serve TLS).
+    for path in ["/v1/cluster/init", "/v1/cluster/join"] {
+        let status = runtime.block_on(plain.post(format!("http://{}{path}", node.addr)).send()).unwrap().status();
+        assert_eq!(status, 401, "{path} in the clear");
+    }
     assert!(json(&node.cli(&["--json", "cluster", "status"]))["cluster_id"].is_null(), "still no cluster");
 
     let init = json(&node.cli(&["--json", "cluster", "init"]));
@@ -69,31 +77,38 @@ fn without_a_token_only_the_health_check_answers_and_each_role_does_what_it_may(
     node.cli(&["disk", "add", node.data_dir.with_extension("disk").to_str().unwrap(), "--size", "256M"]);
     node.cli(&["volume", "create", "v", "--size", "4M", "--replicas", "1"]);
 
-    // Nothing but the health check, without credentials or with a wrong token.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let statuses = |token: Option<&str>| {
+    // Nothing but the health check, without credentials or with a wrong token; nothing but
+    // the health check in the clear, whatever the token.
+    let https = {
+        let tls = pki::api_client(&std::fs::read_to_string(node.ca()).unwrap()).unwrap();
+        reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap()
+    };
+    let statuses = |http: &reqwest::Client, scheme: &str, token: Option<&str>| {
         runtime.block_on(async {
-            let http = reqwest::Client::new();
             let mut statuses = Vec::new();
             for (method, path) in ROUTES {
-                let mut request = http.request(method.parse().unwrap(), format!("http://{}{path}", node.addr));
+                let mut request = http.request(method.parse().unwrap(), format!("{scheme}://{}{path}", node.addr));
                 if let Some(token) = token {
                     request = request.bearer_auth(token);
                 }
                 statuses.push((*method, *path, request.send().await.unwrap().status().as_u16()));
             }
-            let health = http.get(format!("http://{}/v1/health", node.addr)).send().await.unwrap();
+            let health = http.get(format!("{scheme}://{}/v1/health", node.addr)).send().await.unwrap();
             (statuses, health.status().as_u16())
         })
     };
-    let (anonymous, health) = statuses(None);
-    assert_eq!(health, 200);
-    for (method, path, status) in &anonymous {
-        assert_eq!(*status, 401, "{method} {path} without a token");
-    }
     let forged = format!("cvt1_{}_{}", &admin[5..21], "0".repeat(32));
-    for (method, path, status) in statuses(Some(&forged)).0 {
-        assert_eq!(status, 401, "{method} {path} with a forged token");
+    for (http, scheme, token, what) in [
+        (&https, "https", None, "without a token"),
+        (&https, "https", Some(forged.as_str()), "with a forged token"),
+        (&plain, "http", None, "in the clear"),
+        (&plain, "http", Some(admin.as_str()), "in the clear, even with the admin token"),
+    ] {
+        let (answered, health) = statuses(http, scheme, token);
+        assert_eq!(health, 200, "the health check {what}");
+        for (method, path, status) in answered {
+            assert_eq!(status, 401, "{method} {path} {what}");
+        }
     }
     let anonymous_cli = run_as(&over_network(&node, None), &["volume", "list"]).unwrap_err();
     assert!(anonymous_cli.contains("a token is needed"), "{anonymous_cli}");
@@ -154,4 +169,76 @@ fn a_join_token_that_expired_or_was_revoked_lets_no_node_in() {
     assert!(after_revoke.contains("join token was not accepted"), "{after_revoke}");
     let status = json(&first.cli(&["--json", "cluster", "status"]));
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
+}
+
+/// What the node port at `addr` answers to a ping from a client with `tls`: its HTTP status,
+/// or why there was none.
+fn ping_node_port(runtime: &tokio::runtime::Runtime, tls: rustls::ClientConfig, addr: &str) -> Result<u16, String> {
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let sent =
+        runtime.block_on(async { http.post(format!("https://{addr}/internal/peer")).json(&"Ping").send().await });
+    sent.map(|r| r.status().as_u16()).map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn the_node_port_serves_nodes_of_the_cluster_and_no_one_else() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let node = NodeProcess::start(dir.path(), 15, 18760);
+    let init = json(&node.cli(&["--json", "cluster", "init"]));
+    let join_token = init["join_token"].as_str().unwrap();
+    let node_port = "127.0.0.15:18761";
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ca_pem = std::fs::read_to_string(node.ca()).unwrap();
+
+    // The node itself, with its certificate: answered.
+    let member = pki::NodeTls::open(&node.data_dir.join("tls")).unwrap().material().unwrap();
+    assert_eq!(ping_node_port(&runtime, member.http_client.clone(), node_port), Ok(200));
+
+    // No certificate: the handshake is refused.
+    let anonymous = ping_node_port(&runtime, pki::api_client(&ca_pem).unwrap(), node_port);
+    assert!(anonymous.is_err(), "{anonymous:?}");
+
+    // A certificate of another cluster's CA.
+    let other = pki::new_ca().unwrap();
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let stranger = pki::NodeTls::open(stranger_dir.path()).unwrap();
+    let cert = pki::sign_node(&other.key_pem, 99, &[], stranger.public_key()).unwrap();
+    let stranger = stranger.install(&other.cert_pem, &cert).unwrap();
+    let foreign = ping_node_port(&runtime, stranger.http_client.clone(), node_port);
+    assert!(foreign.is_err(), "{foreign:?}");
+
+    // A certificate of this cluster's CA, got with a join token by a node that never joined:
+    // the state records no such node, so the node port serves it nothing.
+    let half_dir = tempfile::tempdir().unwrap();
+    let half = pki::NodeTls::open(half_dir.path()).unwrap();
+    let certify = serde_json::json!({"Certify": {
+        "token": join_token,
+        "node": {"id": 4242, "api_addr": "127.0.0.16:18760", "data_addr": "127.0.0.16:18761", "cert_sha256": ""},
+        "public_key": half.public_key(),
+    }});
+    let ca_sha256 = pki::fingerprint_pem(&ca_pem).unwrap();
+    let joining =
+        reqwest::Client::builder().use_preconfigured_tls(pki::joining_client(&ca_sha256).unwrap()).build().unwrap();
+    let reply: serde_json::Value = runtime.block_on(async {
+        let sent = joining.post(node.url("/internal/join")).json(&certify).send().await.unwrap();
+        sent.json().await.unwrap()
+    });
+    let pair = &reply["Certify"]["Ok"];
+    let half = half.install(pair[0].as_str().unwrap(), pair[1].as_str().unwrap()).unwrap();
+    let not_a_member = ping_node_port(&runtime, half.http_client.clone(), node_port);
+    assert!(not_a_member.is_err(), "{not_a_member:?}");
+    assert!(node.log_text().contains("its certificate is no node's of this cluster"), "{}", node.log_text());
+
+    // Nor does a client in the clear get a word.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(node_port).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    plain.write_all(b"POST /internal/peer HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\n\"Ping\"").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"), "{answer:?}");
 }

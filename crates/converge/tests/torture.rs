@@ -121,7 +121,7 @@ async fn write_lane(
             ledger.acked[block as usize].max(ledger.unknown[block as usize].unwrap_or(0)) + 1
         };
         let addr = target.lock().unwrap().clone();
-        let url = format!("http://{addr}/v1/volumes/torture/blocks/{}", block * STRIDE_BYTES);
+        let url = format!("https://{addr}/v1/volumes/torture/blocks/{}", block * STRIDE_BYTES);
         let sent = http.put(&url).body(encode(block, version)).send().await;
         let ok = matches!(&sent, Ok(response) if response.status().is_success());
         {
@@ -145,7 +145,7 @@ async fn write_lane(
 async fn check_through(http: &reqwest::Client, node: &str, ledger: &Ledger) -> Vec<String> {
     let mut anomalies = Vec::new();
     for block in 0..BLOCKS {
-        let url = format!("http://{node}/v1/volumes/torture/blocks/{}?len={BLOCK_BYTES}", block * STRIDE_BYTES);
+        let url = format!("https://{node}/v1/volumes/torture/blocks/{}?len={BLOCK_BYTES}", block * STRIDE_BYTES);
         let bytes = match http.get(&url).send().await {
             Ok(response) if response.status().is_success() => response.bytes().await.map(|b| b.to_vec()),
             Ok(response) => {

@@ -79,8 +79,18 @@ mod tests {
         };
         let commands = [
             ClusterCommand::InitCluster { id: ClusterId(1) },
-            ClusterCommand::AddNode(Node { id: A, api_addr: String::new(), data_addr: String::new() }),
-            ClusterCommand::AddNode(Node { id: B, api_addr: String::new(), data_addr: String::new() }),
+            ClusterCommand::AddNode(Node {
+                id: A,
+                api_addr: String::new(),
+                data_addr: String::new(),
+                cert_sha256: String::new(),
+            }),
+            ClusterCommand::AddNode(Node {
+                id: B,
+                api_addr: String::new(),
+                data_addr: String::new(),
+                cert_sha256: String::new(),
+            }),
             ClusterCommand::AddDisk(disk),
             ClusterCommand::CreatePool { name: "p".into(), replicas: 1, min_size: 1, pgs: vec![vec![DiskId(1)]] },
             ClusterCommand::CreateVolume { name: "kernel".into(), pool: PoolId(0), size_bytes: 512 },

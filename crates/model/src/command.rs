@@ -1,7 +1,7 @@
 //! The commands that change `ClusterState`, and the pure `apply` that every node runs.
 
 use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
-use crate::state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
+use crate::state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 use crate::units::{REPLICAS_MAX, SECTOR_SIZE_BYTES};
 use crate::vm::{Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX, VM_MEMORY_MIN_BYTES};
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,8 @@ pub enum ClusterCommand {
     InitCluster {
         id: ClusterId,
     },
+    /// Sets the cluster's certificate authority, once (`cluster init`).
+    SetCa(ClusterCa),
     /// Adds an API or join token (expired join tokens leave the state at the same time).
     CreateToken(crate::tokens::Token),
     /// Revokes a token of either kind: it works no more.
@@ -269,6 +271,13 @@ impl ClusterState {
                     return Err(CommandError::AlreadyInitialized);
                 }
                 self.cluster = Some(ClusterInfo { id: *id });
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::SetCa(ca) => {
+                if self.ca.is_some() {
+                    return Err(CommandError::AlreadyInitialized);
+                }
+                self.ca = Some(ca.clone());
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::CreateToken(token) => {
@@ -631,6 +640,7 @@ mod tests {
             id,
             api_addr: format!("127.0.0.{}:7700", id.0 + 1),
             data_addr: format!("127.0.0.{}:7701", id.0 + 1),
+            cert_sha256: format!("{:064x}", id.0),
         })
     }
 

@@ -302,6 +302,11 @@ impl ClusterState {
         if let Some(other) = taken {
             return refuse(format!("{} uses that address; remove it first (`converge node remove`)", other.id));
         }
+        let same_cert =
+            self.nodes.values().chain(self.removed.values()).find(|n| same(&n.cert_sha256, &node.cert_sha256));
+        if let Some(other) = same_cert {
+            return refuse(format!("{} has that certificate; a node joins with a key of its own", other.id));
+        }
         self.nodes.insert(node.id, node.clone());
         Ok(crate::command::CommandOutcome::Done)
     }

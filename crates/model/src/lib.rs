@@ -22,7 +22,7 @@ pub use ha::{
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 pub use names::{check_name, NAME_MAX_BYTES};
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
-pub use state::{ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
+pub use state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 pub use tokens::{Role, Token, TokenKind, TOKENS_MAX, TOKEN_NAME_MAX_BYTES};
 pub use units::{
     extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT, REPLICAS_MAX,

@@ -45,6 +45,23 @@ pub struct ClusterState {
     /// API and join tokens by id (`tokens`): hashes of their secrets, never the secrets.
     #[serde(default)]
     pub tokens: BTreeMap<String, crate::tokens::Token>,
+    /// The cluster's certificate authority (`SetCa`). Its key is the one secret the state
+    /// holds: it never leaves the cluster's nodes (docs/threat-model.md).
+    #[serde(default)]
+    pub ca: Option<ClusterCa>,
+}
+
+/// The cluster's certificate authority, PEM.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa").field("cert_pem", &self.cert_pem).field("key_pem", &"(secret)").finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,10 +72,14 @@ pub struct ClusterInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub id: NodeId,
-    /// `host:port` of the API and cluster traffic.
+    /// `host:port` of the API (users, and nodes asking to join).
     pub api_addr: String,
-    /// `host:port` of the replica server (the data path).
+    /// `host:port` of the node port: everything between nodes, over mutual TLS (Raft,
+    /// liveness, snapshots, console relay, and the block protocol).
     pub data_addr: String,
+    /// SHA-256 of the node's certificate: the node port takes a node by it.
+    #[serde(default)]
+    pub cert_sha256: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

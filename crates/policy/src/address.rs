@@ -53,7 +53,7 @@ mod tests {
     use model::NodeId;
 
     fn node(id: u64, api: &str, data: &str) -> Node {
-        Node { id: NodeId(id), api_addr: api.into(), data_addr: data.into() }
+        Node { id: NodeId(id), api_addr: api.into(), data_addr: data.into(), cert_sha256: String::new() }
     }
 
     #[test]

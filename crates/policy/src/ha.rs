@@ -205,7 +205,12 @@ mod tests {
         };
         apply(ClusterCommand::InitCluster { id: ClusterId(1) });
         for id in 1..=nodes {
-            apply(ClusterCommand::AddNode(Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new() }));
+            apply(ClusterCommand::AddNode(Node {
+                id: NodeId(id),
+                api_addr: String::new(),
+                data_addr: String::new(),
+                cert_sha256: String::new(),
+            }));
             let capacity = Capacity { cpus: 4, memory_bytes: memory_gib * GIB };
             apply(ClusterCommand::ReportCapacity { node: NodeId(id), capacity });
         }

@@ -24,7 +24,8 @@ mod tests {
         let mut state = ClusterState::default();
         state.apply(&ClusterCommand::InitCluster { id: ClusterId(1) }).unwrap();
         for id in [1, 2, 3] {
-            let node = Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new() };
+            let node =
+                Node { id: NodeId(id), api_addr: String::new(), data_addr: String::new(), cert_sha256: String::new() };
             state.apply(&ClusterCommand::AddNode(node)).unwrap();
         }
 

@@ -183,7 +183,12 @@ impl World {
         let mut disks = Vec::new();
         for i in 0..node_count as u64 {
             let (node, disk) = (NodeId(i + 1), DiskId(10 * (i + 1)));
-            apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr: String::new() }));
+            apply(ClusterCommand::AddNode(Node {
+                id: node,
+                api_addr: String::new(),
+                data_addr: String::new(),
+                cert_sha256: String::new(),
+            }));
             apply(ClusterCommand::AddDisk(Disk {
                 id: disk,
                 node,

@@ -319,7 +319,12 @@ async fn one_node_volume(dir: &std::path::Path) -> DiskTarget {
     let mut state = ClusterState::default();
     let commands = [
         ClusterCommand::InitCluster { id: ClusterId(1) },
-        ClusterCommand::AddNode(Node { id: NODE, api_addr: String::new(), data_addr: String::new() }),
+        ClusterCommand::AddNode(Node {
+            id: NODE,
+            api_addr: String::new(),
+            data_addr: String::new(),
+            cert_sha256: String::new(),
+        }),
         ClusterCommand::AddDisk(Disk {
             id: DISK,
             node: NODE,

@@ -130,7 +130,12 @@ mod tests {
         };
         apply(ClusterCommand::InitCluster { id: CLUSTER });
         for (node, disk) in [(NodeId(1), DISK_A), (NodeId(2), DISK_B)] {
-            apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr: String::new() }));
+            apply(ClusterCommand::AddNode(Node {
+                id: node,
+                api_addr: String::new(),
+                data_addr: String::new(),
+                cert_sha256: String::new(),
+            }));
             apply(ClusterCommand::AddDisk(Disk {
                 id: disk,
                 node,

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::{AlignedBuf, IoMemory};
 use tokio::io::Interest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -52,13 +52,18 @@ type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 #[derive(Default)]
 pub struct PeerPool {
     connections: Mutex<HashMap<String, Arc<Connection>>>,
+    /// Held while a connection to that peer is being made.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The address connections go out from (this node's advertised one), if set.
     local: Option<std::net::IpAddr>,
+    /// This node's certificate: connections are mutual TLS with it. Without one (tests, and
+    /// the reference a benchmark measures against) they are plain TCP.
+    tls: Option<Arc<pki::NodeTls>>,
 }
 
 impl PeerPool {
-    pub fn from_address(local: Option<std::net::IpAddr>) -> Self {
-        PeerPool { connections: Mutex::default(), local }
+    pub fn new(local: Option<std::net::IpAddr>, tls: Option<Arc<pki::NodeTls>>) -> Self {
+        PeerPool { connections: Mutex::default(), connecting: Mutex::default(), local, tls }
     }
 
     /// Sends `request` (with `payload` for a write) to the replica server at `addr` and waits
@@ -87,12 +92,20 @@ impl PeerPool {
     }
 
     async fn connection(&self, addr: &str) -> Result<Arc<Connection>, ReplicaError> {
-        if let Some(c) =
-            self.connections.lock().expect("pool lock").get(addr).filter(|c| c.alive.load(Ordering::Acquire))
-        {
-            return Ok(c.clone());
+        let live = || {
+            self.connections.lock().expect("pool lock").get(addr).filter(|c| c.alive.load(Ordering::Acquire)).cloned()
+        };
+        if let Some(c) = live() {
+            return Ok(c);
         }
-        let connection = Arc::new(Connection::connect(addr, self.local).await?);
+        // One connect per peer at a time: callers arriving meanwhile share its connection
+        // (a burst of requests would otherwise open one each, past the peer's limit).
+        let connecting = self.connecting.lock().expect("pool lock").entry(addr.to_string()).or_default().clone();
+        let _connecting = connecting.lock().await;
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        let connection = Arc::new(Connection::connect(addr, self.local, self.tls.as_deref()).await?);
         self.connections.lock().expect("pool lock").insert(addr.to_string(), connection.clone());
         Ok(connection)
     }
@@ -112,16 +125,42 @@ impl CallError {
     }
 }
 
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The receiving half of a connection. In the clear, a read's data is received straight
+/// into the caller's memory; under TLS it is decrypted into a buffer and copied there.
+enum Reader {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream>),
+}
+
+impl Reader {
+    async fn read_exact(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Reader::Plain(r) => r.read_exact(buf).await.map(drop),
+            Reader::Tls(r) => r.read_exact(buf).await.map(drop),
+        }
+    }
+}
+
+/// Largest piece of a read's data decrypted before it is copied to the caller.
+const TLS_BOUNCE_BYTES: usize = 64 << 10;
+
 struct Connection {
     addr: String,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
 }
 
 impl Connection {
-    async fn connect(addr: &str, local: Option<std::net::IpAddr>) -> Result<Self, ReplicaError> {
+    async fn connect(
+        addr: &str,
+        local: Option<std::net::IpAddr>,
+        tls: Option<&pki::NodeTls>,
+    ) -> Result<Self, ReplicaError> {
         let connect_error = |source| ReplicaError::Connect { addr: addr.to_string(), source };
         let connecting = async {
             let Some(local) = local else { return TcpStream::connect(addr).await };
@@ -139,7 +178,28 @@ impl Connection {
             .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
             .map_err(connect_error)?;
         stream.set_nodelay(true).map_err(connect_error)?;
-        let (reader, writer) = stream.into_split();
+        let (reader, writer): (Reader, Writer) = match tls {
+            None => {
+                let (reader, writer) = stream.into_split();
+                (Reader::Plain(reader), Box::new(writer))
+            }
+            Some(tls) => {
+                let material = tls.material().ok_or_else(|| {
+                    connect_error(std::io::Error::other("this node has no certificate: it is in no cluster"))
+                })?;
+                let connector = tokio_rustls::TlsConnector::from(material.blocks_client.clone());
+                let name = rustls_pki_types::ServerName::try_from(pki::NODE_NAME).expect("a valid DNS name");
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(connect_error)?;
+                if stream.get_ref().1.alpn_protocol() != Some(pki::ALPN_BLOCKS) {
+                    return Err(connect_error(std::io::Error::other("the peer does not speak the block protocol")));
+                }
+                let (reader, writer) = tokio::io::split(stream);
+                (Reader::Tls(reader), Box::new(writer))
+            }
+        };
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
@@ -181,6 +241,8 @@ impl Connection {
                 // Straight from the caller's memory (a guest's, for a guest write) to the socket.
                 writer.write_all(buf.bytes(range)).await?;
             }
+            // TLS holds back what it could not send at once until flushed.
+            writer.flush().await?;
             Ok::<_, std::io::Error>(())
         })
         .await;
@@ -237,7 +299,7 @@ impl Drop for RetireUnlessSent<'_> {
 /// Reads replies until the connection fails, then fails every request still waiting. A
 /// reply that breaks the protocol (bad header, a payload length other than its request
 /// asked for) ends the connection.
-async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, alive: Arc<AtomicBool>) {
+async fn receive(mut reader: Reader, addr: String, pending: Pending, alive: Arc<AtomicBool>) {
     let lost = || ReplicaError::ConnectionLost { addr: addr.clone() };
     let protocol = |source| ReplicaError::Protocol { addr: addr.clone(), source };
     let failure = loop {
@@ -272,7 +334,7 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
             message: String::new(),
         };
         let reply = if let Some((target, range, landing)) = direct {
-            if receive_into(&reader, &target, range, &landing).await.is_err() {
+            if receive_into(&mut reader, &target, range, &landing).await.is_err() {
                 break lost();
             }
             epochs(Status::Ok)
@@ -301,11 +363,15 @@ async fn receive(mut reader: OwnedReadHalf, addr: String, pending: Pending, aliv
 /// Fails once the caller has stopped waiting: the rest of the payload is then unread and the
 /// connection ends.
 async fn receive_into(
-    reader: &OwnedReadHalf,
+    reader: &mut Reader,
     target: &Arc<dyn IoMemory>,
     range: Range<usize>,
     landing: &Mutex<bool>,
 ) -> std::io::Result<()> {
+    let reader = match reader {
+        Reader::Plain(reader) => reader,
+        Reader::Tls(reader) => return receive_decrypted(reader, target, range, landing).await,
+    };
     let stream = reader.as_ref();
     let fd = stream.as_raw_fd();
     let mut done = 0;
@@ -324,6 +390,32 @@ async fn receive_into(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// `receive_into` over TLS: each piece is decrypted into a buffer, then copied to the
+/// caller's memory under its landing lock.
+async fn receive_decrypted(
+    reader: &mut (impl AsyncRead + Unpin),
+    target: &Arc<dyn IoMemory>,
+    range: Range<usize>,
+    landing: &Mutex<bool>,
+) -> std::io::Result<()> {
+    let mut bounce = vec![0u8; range.len().min(TLS_BOUNCE_BYTES)];
+    let mut done = 0;
+    while done < range.len() {
+        let want = (range.len() - done).min(bounce.len());
+        let n = reader.read(&mut bounce[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let open = landing.lock().expect("landing lock");
+        if !*open {
+            return Err(std::io::Error::other("the caller stopped waiting for this read"));
+        }
+        target.fill(range.start + done, &bounce[..n]);
+        done += n;
     }
     Ok(())
 }

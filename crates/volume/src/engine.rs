@@ -39,7 +39,7 @@ const PG_CHANGE_RETRY: Duration = Duration::from_millis(200);
 
 const _: () = assert!(IO_WAIT_MAX.as_millis() > 2 * REPLICA_TIMEOUT_DEFAULT.as_millis());
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub replica_timeout: Duration,
     pub io_wait: Duration,
@@ -47,6 +47,9 @@ pub struct EngineConfig {
     pub settle_interval: Duration,
     /// The address connections to other replicas go out from (this node's advertised one).
     pub local_address: Option<std::net::IpAddr>,
+    /// This node's certificate, presented to other replicas (mutual TLS); `None` talks to
+    /// them in the clear (tests, and a benchmark's reference).
+    pub tls: Option<Arc<pki::NodeTls>>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             io_wait: IO_WAIT_MAX,
             settle_interval: SETTLE_INTERVAL,
             local_address: None,
+            tls: None,
         }
     }
 }
@@ -111,7 +115,7 @@ fn pieces(offset_bytes: u64, len_bytes: u64) -> Vec<Piece> {
 
 impl Engine {
     pub fn new(replica: Arc<ReplicaService>, topology: Arc<dyn Topology>, config: EngineConfig) -> Self {
-        let peers = PeerPool::from_address(config.local_address);
+        let peers = PeerPool::new(config.local_address, config.tls.clone());
         Engine { inner: Arc::new(EngineInner { replica, peers, topology, config }) }
     }
 
@@ -120,7 +124,7 @@ impl Engine {
     }
 
     pub fn config(&self) -> EngineConfig {
-        self.inner.config
+        self.inner.config.clone()
     }
 
     /// A writer for `volume`, which this node has acquired with `epoch`.

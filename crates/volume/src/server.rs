@@ -15,8 +15,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use store::AlignedBuf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Requests one connection may have in flight.
@@ -78,27 +78,25 @@ pub async fn serve(listener: TcpListener, service: Arc<ReplicaService>) {
     serve_with(listener, service, DataLimits::default()).await
 }
 
-/// Serves replica requests on `listener` until the task is dropped.
+/// Serves replica requests on `listener`, in the clear, until the task is dropped. The node
+/// itself serves them on its node port, over mutual TLS (`DataServer::serve` on each
+/// authenticated stream); this is for tests and for the reference a benchmark compares
+/// that with.
 pub async fn serve_with(listener: TcpListener, service: Arc<ReplicaService>, limits: DataLimits) {
-    limits.check();
-    let shared = Arc::new(Shared {
-        bytes: Arc::new(Semaphore::new(units(limits.bytes_total) as usize)),
-        connections: Mutex::new(HashMap::new()),
-        limits,
-    });
+    let server = DataServer::new(service, limits);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(slot) = ConnectionSlot::take(&shared, peer.ip()) else {
+                let Some(slot) = server.admit(peer.ip()) else {
                     tracing::warn!(%peer, "refused a data connection: too many from that address or in all");
                     continue;
                 };
-                let (service, shared) = (service.clone(), shared.clone());
+                let server = server.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, service, &shared, slot.peer_bytes.clone()).await {
+                    let _ = stream.set_nodelay(true);
+                    if let Err(e) = server.serve(stream, slot).await {
                         tracing::debug!(%peer, error = %e, "data connection closed");
                     }
-                    drop(slot);
                 });
             }
             Err(e) => {
@@ -106,6 +104,46 @@ pub async fn serve_with(listener: TcpListener, service: Arc<ReplicaService>, lim
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// The block protocol's side of the node port: its limits, and the service that answers.
+#[derive(Clone)]
+pub struct DataServer {
+    shared: Arc<Shared>,
+    service: Arc<ReplicaService>,
+}
+
+impl DataServer {
+    pub fn new(service: Arc<ReplicaService>, limits: DataLimits) -> Self {
+        limits.check();
+        let shared = Arc::new(Shared {
+            bytes: Arc::new(Semaphore::new(units(limits.bytes_total) as usize)),
+            connections: Mutex::new(HashMap::new()),
+            limits,
+        });
+        DataServer { shared, service }
+    }
+
+    /// A connection from `peer`, counted until the slot is dropped; `None` when that address
+    /// or the node has as many as it takes.
+    pub fn admit(&self, peer: IpAddr) -> Option<ConnectionSlot> {
+        ConnectionSlot::take(&self.shared, peer)
+    }
+
+    /// Serves the block protocol on `stream` until it ends.
+    pub async fn serve<S>(&self, stream: S, slot: ConnectionSlot) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let served = serve_connection(stream, self.service.clone(), &self.shared, slot.peer_bytes.clone()).await;
+        drop(slot);
+        served
+    }
+
+    /// How long a connection may take to say who it is before it is closed.
+    pub fn io_timeout(&self) -> Duration {
+        self.shared.limits.io_timeout
     }
 }
 
@@ -118,7 +156,7 @@ struct Shared {
 }
 
 /// One counted connection; uncounted when dropped.
-struct ConnectionSlot {
+pub struct ConnectionSlot {
     shared: Arc<Shared>,
     peer: IpAddr,
     /// The byte budget of every connection from `peer`.
@@ -166,15 +204,17 @@ fn timed_out(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} took longer than the data port allows"))
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     service: Arc<ReplicaService>,
     shared: &Shared,
     peer_bytes: Arc<Semaphore>,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (io_timeout, idle_timeout) = (shared.limits.io_timeout, shared.limits.idle_timeout);
-    let (mut reader, writer) = stream.into_split();
+    let (mut reader, writer) = tokio::io::split(stream);
     let (replies, mut outgoing) = mpsc::channel::<(u64, Reply, Option<Held>)>(REQUESTS_IN_FLIGHT_MAX);
     // Replies go out in the order they are ready; each must be taken by the peer in time.
     let mut sender = tokio::spawn(async move {

@@ -43,7 +43,12 @@ fn cluster(port: u16) -> ClusterState {
     apply(ClusterCommand::InitCluster { id: CLUSTER });
     for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
         let data_addr = format!("127.0.0.{ip}:{port}");
-        apply(ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));
+        apply(ClusterCommand::AddNode(Node {
+            id: node,
+            api_addr: String::new(),
+            data_addr,
+            cert_sha256: String::new(),
+        }));
         apply(ClusterCommand::AddDisk(Disk {
             id: disk_of(node),
             node,
@@ -227,6 +232,7 @@ async fn with_every_replica_gone_a_write_fails_with_a_clear_error_after_the_io_w
             id: NodeId(3),
             api_addr: String::new(),
             data_addr: "127.0.0.4:17813".into(),
+            cert_sha256: String::new(),
         }))
         .unwrap();
         s.apply(&ClusterCommand::AcquireVolume { volume: VOLUME, node: NodeId(3), unless_vm_running: false }).unwrap();

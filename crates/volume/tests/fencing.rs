@@ -26,7 +26,10 @@ fn cluster(port: u16) -> ClusterState {
     apply(&mut state, ClusterCommand::InitCluster { id: ClusterId(1) });
     for (node, ip) in [(NODE_A, 2), (NODE_B, 3)] {
         let data_addr = format!("127.0.0.{ip}:{port}");
-        apply(&mut state, ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr }));
+        apply(
+            &mut state,
+            ClusterCommand::AddNode(Node { id: node, api_addr: String::new(), data_addr, cert_sha256: String::new() }),
+        );
         let disk =
             Disk { id: DiskId(node_disk(node)), node, path: String::new(), size_bytes: 64 << 20, extent_slots: 15 };
         apply(&mut state, ClusterCommand::AddDisk(disk));

@@ -100,11 +100,23 @@ impl NodeProcess {
         created["token"].as_str().expect("a token").to_string()
     }
 
-    /// An HTTP client for the node's API over the network, with an operator's token.
+    /// An HTTPS client for the node's API over the network, with an operator's token,
+    /// trusting the cluster's CA.
     pub fn http(&self, timeout: Duration) -> reqwest::Client {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", self.token("operator")).parse().unwrap());
-        reqwest::Client::builder().timeout(timeout).default_headers(headers).build().unwrap()
+        let tls = pki::api_client(&std::fs::read_to_string(self.ca()).expect("the node has a CA")).unwrap();
+        reqwest::Client::builder().use_preconfigured_tls(tls).timeout(timeout).default_headers(headers).build().unwrap()
+    }
+
+    /// The cluster CA's certificate, as this node keeps it (once it is in a cluster).
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir.join("tls").join("ca.pem")
+    }
+
+    /// The node's API over the network: `https://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
     }
 
     /// `cli`, when failing is an answer too.
@@ -142,7 +154,7 @@ pub fn run(addr: &str, args: &[&str]) -> Result<String, String> {
     let socket = sockets().lock().unwrap().get(addr).cloned();
     let target = match &socket {
         Some(socket) => vec!["--socket".to_string(), socket.display().to_string()],
-        None => vec!["--server".to_string(), format!("http://{addr}")],
+        None => vec!["--server".to_string(), format!("https://{addr}")],
     };
     run_as(&target, args)
 }
