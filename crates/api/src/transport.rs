@@ -35,6 +35,8 @@ fn client(tls: rustls::ClientConfig, local: Option<IpAddr>) -> Result<reqwest::C
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(1))
         .pool_idle_timeout(Duration::from_secs(30))
+        // Each connection takes one of the peer's node port slots (16 per address).
+        .pool_max_idle_per_host(4)
         .local_address(local)
         .build()
 }

@@ -133,6 +133,11 @@ impl Cluster {
             join_pending: std::sync::atomic::AtomicBool::new(false),
             tls: config.tls,
         });
+        // Calls to other nodes trust only certificates the state records for a node.
+        let weak = Arc::downgrade(&inner);
+        inner
+            .tls
+            .check_members_with(move |cert| weak.upgrade().is_some_and(|inner| Cluster { inner }.accepts_peer(cert)));
         tokio::spawn(crate::liveness::ping_loop(Arc::downgrade(&inner)));
         tokio::spawn(crate::liveness::leader_loop(Arc::downgrade(&inner)));
         Ok(Cluster { inner })
@@ -241,6 +246,7 @@ impl Cluster {
         // First a certificate: the members' node ports take this node only with one.
         let public_key = self.inner.tls.public_key().to_vec();
         let rpc = PeerRpc::Certify { token: token.to_string(), node: self.node().clone(), public_key };
+        let ca = ca.as_str();
         let (ca_pem, cert_pem) = match self.knock(peer_api_addr, rpc, ca, FORWARD_TIMEOUT).await? {
             PeerReply::Certify(result) => result.map_err(refusal)?,
             other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),

@@ -42,11 +42,11 @@ pub fn verify<'a>(state: &'a ClusterState, text: &str) -> Option<&'a Token> {
 }
 
 /// The CA fingerprint a join token carries, if `text` is one.
-pub fn join_token_ca(text: &str) -> Option<&str> {
+pub fn join_token_ca(text: &str) -> Option<String> {
     let mut parts = text.trim().split('_');
     (parts.next()? == JOIN_PREFIX).then_some(())?;
     let ca = parts.nth(2)?;
-    (ca.len() == 64 && ca.bytes().all(|b| b.is_ascii_hexdigit())).then_some(ca)
+    (ca.len() == 64 && ca.bytes().all(|b| b.is_ascii_hexdigit())).then(|| ca.to_ascii_lowercase())
 }
 
 fn sha256_hex(secret: &str) -> String {
@@ -97,7 +97,7 @@ mod tests {
         let ca = "c".repeat(64);
         let (token, text) = mint(TokenKind::Join { expires_ms: 10 }, "", 1, &ca).unwrap();
         let mut state = state_with(&token);
-        assert_eq!(join_token_ca(&text), Some(ca.as_str()), "a join token names the CA");
+        assert_eq!(join_token_ca(&text), Some(ca.clone()), "a join token names the CA");
         assert!(verify(&state, &text).is_some());
         state.apply(&ClusterCommand::RevokeToken { id: token.id.clone() }).unwrap();
         assert!(verify(&state, &text).is_none());

@@ -73,6 +73,19 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         std::fs::set_permissions(&args.data_dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("making {} readable by its owner only", args.data_dir.display()))?;
     }
+    // The databases hold the cluster's secrets (the CA key, token hashes): made 0600 before
+    // anything is written to them, so no one else can hold them open from the start.
+    for file in ["cluster.redb", "dirty.redb", "active.redb"] {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = args.data_dir.join(file);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+    }
     let api_listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let api_local = api_listener.local_addr()?;

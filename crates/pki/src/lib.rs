@@ -168,6 +168,26 @@ fn roots(ca: &CertificateDer<'static>) -> Result<Arc<RootCertStore>, PkiError> {
     Ok(Arc::new(roots))
 }
 
+/// Whether a certificate, by its fingerprint, is a node's of the cluster now (the cluster
+/// state says; set once the node has one).
+#[derive(Default)]
+pub struct Members(RwLock<Option<MemberCheck>>);
+
+type MemberCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Members {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Members")
+    }
+}
+
+impl Members {
+    /// True until a check is set (a node port has nothing to serve before).
+    fn admits(&self, cert_sha256: &str) -> bool {
+        self.0.read().expect("members lock").as_ref().is_none_or(|check| check(cert_sha256))
+    }
+}
+
 /// Checks a server's chain against the cluster CA, for `NODE_NAME` whatever name was dialled.
 #[derive(Debug)]
 struct ClusterServerVerifier {
@@ -175,6 +195,10 @@ struct ClusterServerVerifier {
     /// Set when the CA is known only by its fingerprint (a node joining): the CA must then be
     /// in the chain the server sends, and is checked against this.
     pinned: Option<String>,
+    /// Set for a node calling another: the server's certificate must also be a member's, not
+    /// merely one of the CA (a removed node's, or one handed out to a join that never
+    /// completed).
+    members: Option<Arc<Members>>,
 }
 
 impl ServerCertVerifier for ClusterServerVerifier {
@@ -188,7 +212,11 @@ impl ServerCertVerifier for ClusterServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let name = ServerName::try_from(NODE_NAME).expect("a valid DNS name");
         let Some(pin) = &self.pinned else {
-            return self.inner.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now);
+            let verified = self.inner.verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)?;
+            if self.members.as_ref().is_some_and(|m| !m.admits(&fingerprint(end_entity))) {
+                return Err(rustls::Error::General("the server's certificate is no node's of this cluster".into()));
+            }
+            return Ok(verified);
         };
         let ca = intermediates.iter().find(|c| fingerprint(c) == *pin).ok_or_else(|| {
             rustls::Error::General("the server's CA is not the one the join token names: another cluster".into())
@@ -226,11 +254,12 @@ impl ServerCertVerifier for ClusterServerVerifier {
 fn server_verifier(
     ca: &CertificateDer<'static>,
     pinned: Option<String>,
+    members: Option<Arc<Members>>,
 ) -> Result<Arc<ClusterServerVerifier>, PkiError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider())
         .build()
         .map_err(|e| invalid("the cluster CA certificate", e))?;
-    Ok(Arc::new(ClusterServerVerifier { inner, pinned }))
+    Ok(Arc::new(ClusterServerVerifier { inner, pinned, members }))
 }
 
 fn client_builder() -> rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier> {
@@ -244,7 +273,7 @@ pub fn api_client(ca_pem: &str) -> Result<ClientConfig, PkiError> {
     let ca = cert_from_pem(ca_pem, "the cluster CA certificate")?;
     let mut config = client_builder()
         .dangerous()
-        .with_custom_certificate_verifier(server_verifier(&ca, None)?)
+        .with_custom_certificate_verifier(server_verifier(&ca, None, None)?)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP.to_vec()];
     Ok(config)
@@ -255,7 +284,7 @@ pub fn api_client(ca_pem: &str) -> Result<ClientConfig, PkiError> {
 pub fn joining_client(ca_sha256: &str) -> Result<ClientConfig, PkiError> {
     // The builder needs some root; the pin decides.
     let placeholder = cert_from_pem(&new_ca()?.cert_pem, "a placeholder CA")?;
-    let verifier = server_verifier(&placeholder, Some(ca_sha256.to_ascii_lowercase()))?;
+    let verifier = server_verifier(&placeholder, Some(ca_sha256.to_ascii_lowercase()), None)?;
     let mut config = client_builder().dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP.to_vec()];
     Ok(config)
@@ -278,7 +307,7 @@ pub struct Material {
 }
 
 impl Material {
-    fn build(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+    fn build(ca_pem: &str, cert_pem: &str, key_pem: &str, members: &Arc<Members>) -> Result<Self, PkiError> {
         let ca = cert_from_pem(ca_pem, "the cluster CA certificate")?;
         let cert = cert_from_pem(cert_pem, "this node's certificate")?;
         let key = || PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| invalid("this node's key", e));
@@ -296,12 +325,14 @@ impl Material {
             .with_single_cert(chain.clone(), key()?)
             .map_err(|e| invalid("this node's certificate and key", e))?;
         node_server.alpn_protocols = vec![ALPN_BLOCKS.to_vec(), ALPN_HTTP.to_vec()];
+        node_server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        node_server.send_tls13_tickets = 0;
         let mut api_server = server_builder()
             .with_no_client_auth()
             .with_single_cert(chain.clone(), key()?)
             .map_err(|e| invalid("this node's certificate and key", e))?;
         api_server.alpn_protocols = vec![ALPN_HTTP.to_vec()];
-        let verifier = server_verifier(&ca, None)?;
+        let verifier = server_verifier(&ca, None, Some(members.clone()))?;
         let client = |alpn: &[u8]| -> Result<ClientConfig, PkiError> {
             let mut config = client_builder()
                 .dangerous()
@@ -309,6 +340,8 @@ impl Material {
                 .with_client_auth_cert(chain.clone(), key()?)
                 .map_err(|e| invalid("this node's certificate and key", e))?;
             config.alpn_protocols = vec![alpn.to_vec()];
+            // Every connection is a full handshake: a resumed one would skip the member check.
+            config.resumption = rustls::client::Resumption::disabled();
             Ok(config)
         };
         Ok(Material {
@@ -331,6 +364,7 @@ pub struct NodeTls {
     key_pem: String,
     public_key: Vec<u8>,
     material: RwLock<Option<Arc<Material>>>,
+    members: Arc<Members>,
 }
 
 const KEY_FILE: &str = "node.key";
@@ -373,15 +407,22 @@ impl NodeTls {
             public_key: key.public_key_raw().to_vec(),
             key_pem,
             material: RwLock::new(None),
+            members: Arc::default(),
         };
         let (ca, cert) = (dir.join(CA_FILE), dir.join(CERT_FILE));
         if ca.exists() && cert.exists() {
             let ca_pem = std::fs::read_to_string(&ca).map_err(io(&ca))?;
             let cert_pem = std::fs::read_to_string(&cert).map_err(io(&cert))?;
             *tls.material.write().expect("tls lock") =
-                Some(Arc::new(Material::build(&ca_pem, &cert_pem, &tls.key_pem)?));
+                Some(Arc::new(Material::build(&ca_pem, &cert_pem, &tls.key_pem, &tls.members)?));
         }
         Ok(tls)
+    }
+
+    /// Makes calls to other nodes trust a server only if `check` says its certificate (by
+    /// fingerprint) is a node's of the cluster.
+    pub fn check_members_with(&self, check: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        *self.members.0.write().expect("members lock") = Some(Box::new(check));
     }
 
     /// This node's public key, for a CA to sign.
@@ -396,13 +437,17 @@ impl NodeTls {
 
     /// Takes the certificate a CA signed for this node's key, and keeps it.
     pub fn install(&self, ca_pem: &str, cert_pem: &str) -> Result<Arc<Material>, PkiError> {
-        let material = Arc::new(Material::build(ca_pem, cert_pem, &self.key_pem)?);
-        for (file, pem) in [(CA_FILE, ca_pem), (CERT_FILE, cert_pem)] {
+        let material = Arc::new(Material::build(ca_pem, cert_pem, &self.key_pem, &self.members)?);
+        // The certificate first, the CA last: `open` takes the pair only once both are there.
+        let _ = std::fs::remove_file(self.dir.join(CA_FILE));
+        for (file, pem) in [(CERT_FILE, cert_pem), (CA_FILE, ca_pem)] {
             let path = self.dir.join(file);
             let partial = self.dir.join(format!("{file}.partial"));
-            std::fs::write(&partial, pem)
+            let written = std::fs::File::create(&partial)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, pem.as_bytes()).and_then(|()| f.sync_all()))
                 .and_then(|()| std::fs::rename(&partial, &path))
-                .map_err(|source| PkiError::Io { path: path.display().to_string(), source })?;
+                .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+            written.map_err(|source| PkiError::Io { path: path.display().to_string(), source })?;
         }
         *self.material.write().expect("tls lock") = Some(material.clone());
         Ok(material)

@@ -54,6 +54,19 @@ fn nodes_of_one_cluster_know_each_other_by_certificate() {
 }
 
 #[test]
+fn a_node_calls_only_servers_whose_certificate_is_a_members() {
+    let ca = new_ca().unwrap();
+    let (_a_dir, a) = node(&ca, 1);
+    let (_b_dir, b) = node(&ca, 2);
+    let member = b.material().unwrap().cert_sha256.clone();
+    let server = b.material().unwrap().node_server.clone();
+    a.check_members_with(move |fpr| fpr == member);
+    assert!(handshake(a.material().unwrap().blocks_client.clone(), server.clone()).is_ok());
+    a.check_members_with(|_| false);
+    assert!(handshake(a.material().unwrap().blocks_client.clone(), server).is_err(), "B was removed");
+}
+
+#[test]
 fn the_node_port_takes_no_client_without_a_certificate_of_the_cluster() {
     let ca = new_ca().unwrap();
     let (_dir, server) = node(&ca, 1);

@@ -49,11 +49,14 @@ impl Drop for CloseLanding<'_> {
 
 type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
+/// When the last connect to a peer failed, and why.
+type LastFailure = Option<(std::time::Instant, String)>;
+
 #[derive(Default)]
 pub struct PeerPool {
     connections: Mutex<HashMap<String, Arc<Connection>>>,
-    /// Held while a connection to that peer is being made.
-    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a connection to that peer is being made; the last attempt's failure.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<LastFailure>>>>,
     /// The address connections go out from (this node's advertised one), if set.
     local: Option<std::net::IpAddr>,
     /// This node's certificate: connections are mutual TLS with it. Without one (tests, and
@@ -99,13 +102,27 @@ impl PeerPool {
             return Ok(c);
         }
         // One connect per peer at a time: callers arriving meanwhile share its connection
-        // (a burst of requests would otherwise open one each, past the peer's limit).
+        // (a burst of requests would otherwise open one each, past the peer's limit), or its
+        // failure (they would otherwise each wait for a connect of their own, in turn).
+        let asked = std::time::Instant::now();
         let connecting = self.connecting.lock().expect("pool lock").entry(addr.to_string()).or_default().clone();
-        let _connecting = connecting.lock().await;
+        let mut failed = connecting.lock().await;
         if let Some(c) = live() {
             return Ok(c);
         }
-        let connection = Arc::new(Connection::connect(addr, self.local, self.tls.as_deref()).await?);
+        if let Some((at, reason)) = &*failed {
+            if *at >= asked {
+                let source = std::io::Error::other(reason.clone());
+                return Err(ReplicaError::Connect { addr: addr.to_string(), source });
+            }
+        }
+        let connection = match Connection::connect(addr, self.local, self.tls.as_deref()).await {
+            Ok(connection) => Arc::new(connection),
+            Err(e) => {
+                *failed = Some((std::time::Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
         self.connections.lock().expect("pool lock").insert(addr.to_string(), connection.clone());
         Ok(connection)
     }
@@ -153,6 +170,15 @@ struct Connection {
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
+    /// The task reading replies: it holds the read half, so the socket closes only once it
+    /// is gone (over TLS, dropping the write half alone sends nothing).
+    receiver: tokio::task::AbortHandle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.receiver.abort();
+    }
 }
 
 impl Connection {
@@ -202,13 +228,14 @@ impl Connection {
         };
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone()));
+        let receiver = tokio::spawn(receive(reader, addr.to_string(), pending.clone(), alive.clone())).abort_handle();
         Ok(Connection {
             addr: addr.to_string(),
             writer: tokio::sync::Mutex::new(writer),
             pending,
             next_id: AtomicU64::new(1),
             alive,
+            receiver,
         })
     }
 
