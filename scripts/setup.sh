@@ -6,7 +6,7 @@ set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-dpkg -s qemu-utils >/dev/null 2>&1 || need+=(qemu-utils)
+have qemu-img || need+=(qemu-utils)
 have qemu-system-x86_64 || need+=(qemu-system-x86)
 # The guest needs the static busybox: a dynamically linked one would not run in the initramfs.
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
@@ -22,6 +22,11 @@ if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian's qemu-system-x86 takes away a qemu-utils of another release (a backport): the
+  # image tools then come again, from Debian's own QEMU.
+  if ! have qemu-img; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+  fi
 fi
 
 # Guests' QEMU runs as this unprivileged user when the daemon runs as root.

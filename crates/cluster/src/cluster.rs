@@ -5,7 +5,7 @@ use crate::liveness::Liveness;
 use crate::network::{Network, PeerTransport};
 use crate::status::{ClusterStatus, DiskStatus, NodeStatus};
 use crate::storage::{open_database, LogStore, StateMachineStore};
-use crate::types::{PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, SnapshotTransfer, TypeConfig};
+use crate::types::{Certified, PeerReply, PeerRpc, Proposal, RaftNode, RemoteRefusal, SnapshotTransfer, TypeConfig};
 use model::{
     ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport, OwnerEpoch,
     TokenKind, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
@@ -77,9 +77,9 @@ pub(crate) struct Inner {
     pub(crate) liveness: Liveness,
     joining: tokio::sync::Mutex<()>,
     snapshot_installs: tokio::sync::Semaphore,
-    /// This node asked to join and has no state yet: the leader's first messages come from
-    /// a node it cannot know.
-    join_pending: std::sync::atomic::AtomicBool,
+    /// Set while this node joins and has no state yet: the members' certificates its node
+    /// port takes meanwhile (`Certified::members`), the leader's first messages among them.
+    join_pending: Mutex<Option<BTreeSet<String>>>,
     tls: Arc<pki::NodeTls>,
 }
 
@@ -130,7 +130,7 @@ impl Cluster {
             liveness,
             joining: tokio::sync::Mutex::new(()),
             snapshot_installs: tokio::sync::Semaphore::new(1),
-            join_pending: std::sync::atomic::AtomicBool::new(false),
+            join_pending: Mutex::new(None),
             tls: config.tls,
         });
         // Calls to other nodes trust only certificates the state records for a node.
@@ -247,7 +247,7 @@ impl Cluster {
         let public_key = self.inner.tls.public_key().to_vec();
         let rpc = PeerRpc::Certify { token: token.to_string(), node: self.node().clone(), public_key };
         let ca = ca.as_str();
-        let (ca_pem, cert_pem) = match self.knock(peer_api_addr, rpc, ca, FORWARD_TIMEOUT).await? {
+        let Certified { ca_pem, cert_pem, members } = match self.knock(peer_api_addr, rpc, ca, FORWARD_TIMEOUT).await? {
             PeerReply::Certify(result) => result.map_err(refusal)?,
             other => return Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
         };
@@ -258,7 +258,7 @@ impl Cluster {
         let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };
         let rpc = PeerRpc::Join { token: token.to_string(), node };
         let pending = &self.inner.join_pending;
-        pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        *pending.lock().expect("join lock") = Some(members.into_iter().collect());
         let joined = async {
             let id = match self.knock(peer_api_addr, rpc, ca, JOIN_WAIT).await? {
                 PeerReply::Join(result) => result.map_err(refusal)?,
@@ -269,7 +269,7 @@ impl Cluster {
             Ok(id)
         }
         .await;
-        pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        *pending.lock().expect("join lock") = None;
         joined
     }
 
@@ -429,7 +429,7 @@ impl Cluster {
     /// Signs a certificate for a node that presented `token`: the CA's and the node's, PEM.
     /// The certificate alone opens nothing: node ports take a node whose certificate the
     /// state records, which only a completed join does.
-    fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<(String, String), ClusterError> {
+    fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<Certified, ClusterError> {
         if !self.join_token_valid(token) {
             return Err(ClusterError::BadToken);
         }
@@ -441,7 +441,9 @@ impl Cluster {
             )));
         }
         policy::check_advertised(node, state.nodes.values())?;
-        self.certify_node(node, public_key)
+        let (ca_pem, cert_pem) = self.certify_node(node, public_key)?;
+        let members = state.nodes.values().map(|n| n.cert_sha256.clone()).collect();
+        Ok(Certified { ca_pem, cert_pem, members })
     }
 
     fn certify_node(&self, node: &Node, public_key: &[u8]) -> Result<(String, String), ClusterError> {
@@ -547,7 +549,8 @@ impl Cluster {
     pub fn accepts_peer(&self, cert_sha256: &str) -> bool {
         let state = self.state();
         if state.nodes.is_empty() {
-            return self.inner.join_pending.load(std::sync::atomic::Ordering::SeqCst);
+            let pending = self.inner.join_pending.lock().expect("join lock");
+            return pending.as_ref().is_some_and(|members| members.contains(cert_sha256));
         }
         state.nodes.values().any(|n| n.cert_sha256 == cert_sha256)
     }

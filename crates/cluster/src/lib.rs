@@ -19,4 +19,4 @@ pub use error::{ClusterError, ClusterErrorKind};
 pub use liveness::{DOWN_AFTER_DEFAULT, DOWN_AFTER_MIN, PING_INTERVAL};
 pub use network::{PeerTransport, TransportError};
 pub use status::{ClusterStatus, DiskStatus, NodeStatus};
-pub use types::{PeerReply, PeerRpc, RemoteRefusal, SnapshotTransfer};
+pub use types::{Certified, PeerReply, PeerRpc, RemoteRefusal, SnapshotTransfer};

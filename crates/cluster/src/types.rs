@@ -64,11 +64,21 @@ pub enum PeerReply {
     /// The outcome and the log index it was committed at.
     Propose(Result<(CommandOutcome, u64), RemoteRefusal>),
     Join(Result<ClusterId, RemoteRefusal>),
-    /// The CA's certificate and the node's, PEM.
-    Certify(Result<(String, String), RemoteRefusal>),
+    Certify(Result<Certified, RemoteRefusal>),
     Ping(NodeReport),
     /// The answer to a `SnapshotTransfer`.
     Snapshot(Result<SnapshotResponse<u64>, RemoteRefusal>),
+}
+
+/// What a joining node gets for its public key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Certified {
+    /// The CA's certificate and the node's, PEM.
+    pub ca_pem: String,
+    pub cert_pem: String,
+    /// The members' certificate fingerprints: until the joining node has the state, its
+    /// node port takes these and no other (the leader that adds it is one of them).
+    pub members: Vec<String>,
 }
 
 /// Why a peer refused a forwarded request, carried across the wire.

@@ -227,8 +227,9 @@ fn the_node_port_serves_nodes_of_the_cluster_and_no_one_else() {
         let sent = joining.post(node.url("/internal/join")).json(&certify).send().await.unwrap();
         sent.json().await.unwrap()
     });
-    let pair = &reply["Certify"]["Ok"];
-    let half = half.install(pair[0].as_str().unwrap(), pair[1].as_str().unwrap()).unwrap();
+    let certified = &reply["Certify"]["Ok"];
+    let ca = certified["ca_pem"].as_str().unwrap();
+    let half = half.install(ca, certified["cert_pem"].as_str().unwrap()).unwrap();
     let not_a_member = ping_node_port(&runtime, half.http_client.clone(), node_port);
     assert!(not_a_member.is_err(), "{not_a_member:?}");
     assert!(node.log_text().contains("its certificate is no node's of this cluster"), "{}", node.log_text());
