@@ -4,21 +4,34 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-const WORKSPACE_CRATES: [&str; 11] =
-    ["model", "policy", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli", "converge", "sim"];
+const WORKSPACE_CRATES: [&str; 12] = [
+    "model",
+    "pki",
+    "policy",
+    "store",
+    "cluster",
+    "volume",
+    "vhost-blk",
+    "hypervisor",
+    "api",
+    "cli",
+    "converge",
+    "sim",
+];
 
 fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
     BTreeMap::from([
         ("model", vec![]),
+        ("pki", vec![]),
         ("policy", vec!["model"]),
         ("store", vec!["model"]),
-        ("cluster", vec!["model", "policy"]),
-        ("volume", vec!["model", "store"]),
+        ("cluster", vec!["model", "policy", "pki"]),
+        ("volume", vec!["model", "store", "pki"]),
         ("vhost-blk", vec!["model", "store", "volume"]),
         ("hypervisor", vec!["model"]),
-        ("api", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor"]),
+        ("api", vec!["model", "pki", "store", "cluster", "volume", "vhost-blk", "hypervisor"]),
         ("cli", vec!["model", "api"]),
-        ("converge", vec!["model", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
+        ("converge", vec!["model", "pki", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
         // dev layer: drives the pure decisions, never the binary
         ("sim", vec!["model", "volume"]),
     ])
