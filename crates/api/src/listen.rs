@@ -222,5 +222,23 @@ async fn node_connection(
         return Ok(data.serve(tls, slot).await?);
     }
     let _slot = slot;
+    // Every request checks the caller again: a node removed while its connection stays
+    // open gets nothing more on it.
+    let caller = presented.expect("checked above");
+    let router = router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let (services, caller) = (services.clone(), caller.clone());
+            async move {
+                if services.cluster().accepts_peer(&caller) {
+                    next.run(request).await
+                } else {
+                    use axum::response::IntoResponse;
+                    let body =
+                        crate::v1::ErrorBody { error: "this certificate is no node's of the cluster any more".into() };
+                    (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+                }
+            }
+        },
+    ));
     Ok(serve_http(tls, router, header_timeout).await?)
 }

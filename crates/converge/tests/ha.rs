@@ -77,11 +77,21 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     assert_eq!(after_stall["state"]["pid"], pid, "the VM was not restarted: {after_stall}");
     assert!(!events(&nodes[0]).iter().any(|e| e["kind"] == "node_down"), "no node was declared down");
 
-    // SIGKILL of the node and its QEMU: the VM runs again on another node.
+    // SIGKILL of the node: its QEMU dies with it (unprivileged as it is), and the VM runs
+    // again on another node.
     let acked_before = last_acked(&console(&nodes[0])).unwrap();
     nodes[1].sigkill();
     let killed = Instant::now();
+    let gone = |pid: u64| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status.is_empty() || status.lines().any(|l| l.starts_with("State:") && l.contains('Z'))
+    };
+    let qemu_died = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        gone(pid)
+    });
     let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    assert!(qemu_died, "the QEMU of a killed node outlived it");
     wait_until("the VM runs on another node", Duration::from_secs(60), || {
         let v = vm(&nodes[0], "ha");
         v["state"]["state"] == "running" && v["node"] != home

@@ -17,6 +17,8 @@ pub struct QemuUser {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
+    /// Its supplementary groups (`kvm`, for /dev/kvm).
+    pub groups: Vec<u32>,
 }
 
 impl QemuUser {
@@ -26,13 +28,30 @@ impl QemuUser {
             return None;
         }
         let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-        passwd.lines().find_map(|line| {
+        let (uid, gid) = passwd.lines().find_map(|line| {
             let fields: Vec<&str> = line.split(':').collect();
             if fields.len() < 4 || fields[0] != QEMU_USER {
                 return None;
             }
-            Some(QemuUser { name: QEMU_USER.to_string(), uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()? })
-        })
+            Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+        })?;
+        // group:x:gid:member,member
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        let mut groups: Vec<u32> = groups
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                let member = fields.get(3)?.split(',').any(|m| m == QEMU_USER);
+                member.then(|| fields.get(2)?.parse().ok()).flatten()
+            })
+            .collect();
+        groups.push(gid);
+        Some(QemuUser { name: QEMU_USER.to_string(), uid, gid, groups })
+    }
+
+    /// How the spawned QEMU becomes this user.
+    pub fn run_as(&self) -> crate::process::RunAs {
+        crate::process::RunAs { uid: self.uid, gid: self.gid, groups: self.groups.clone() }
     }
 
     /// Makes `path` this user's, readable and writable by it alone.
@@ -44,14 +63,10 @@ impl QemuUser {
 }
 
 /// QEMU's own arguments for confinement: its seccomp sandbox (no obsolete system calls, no
-/// spawning processes, no changing its own resource limits or scheduling) and, with
-/// `user`, dropping root for that user before the guest starts.
-pub fn qemu_args(user: Option<&QemuUser>) -> Vec<String> {
-    let mut args = vec!["-sandbox".to_string(), "on,obsolete=deny,spawn=deny,resourcecontrol=deny".to_string()];
-    if let Some(user) = user {
-        args.extend(["-runas".to_string(), user.name.clone()]);
-    }
-    args
+/// spawning processes, no changing its own resource limits or scheduling). The user it runs
+/// as is set when it is spawned (`process::spawn`).
+pub fn qemu_args() -> Vec<String> {
+    vec!["-sandbox".to_string(), "on,obsolete=deny,spawn=deny,resourcecontrol=deny".to_string()]
 }
 
 /// A VM's cgroup: its memory and CPU bounds. Removed when dropped.

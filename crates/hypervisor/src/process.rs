@@ -4,18 +4,45 @@
 use std::process::Stdio;
 use tokio::process::{Child, Command};
 
-/// Spawns `program` with `args`, output to `log`, killed if the spawning thread's process
-/// dies: a QEMU whose vhost-user backend is gone can do no IO, and an orphan would keep
-/// the guest's memory and the old owner epoch alive.
-pub fn spawn(program: &str, args: &[std::ffi::OsString], log: std::fs::File) -> std::io::Result<Child> {
+/// Who a spawned QEMU runs as: set in the child before it runs QEMU.
+#[derive(Clone, Debug)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (`kvm`, where the user is in it).
+    pub groups: Vec<u32>,
+}
+
+/// Spawns `program` with `args`, output to `log`, as `run_as` if given, killed if the
+/// spawning thread's process dies: a QEMU whose vhost-user backend is gone can do no IO,
+/// and an orphan would keep the guest's memory and the old owner epoch alive.
+///
+/// The user is switched here, not by QEMU's `-runas`: the kernel clears the parent-death
+/// signal whenever a process changes its user, so it is set after the switch.
+pub fn spawn(
+    program: &str,
+    args: &[std::ffi::OsString],
+    log: std::fs::File,
+    run_as: Option<RunAs>,
+) -> std::io::Result<Child> {
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
+    let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the child between fork and exec and only calls
-    // async-signal-safe functions (prctl, getppid) on no shared state.
+    // async-signal-safe functions (setgroups, setgid, setuid, prctl, getppid) on memory
+    // prepared before the fork (`run_as`, moved in) and shared with nothing.
     unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
+        command.pre_exec(move || {
+            let check = |result: libc::c_int| if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+            if let Some(user) = &run_as {
+                check(libc::setgroups(user.groups.len(), user.groups.as_ptr()))?;
+                check(libc::setgid(user.gid))?;
+                check(libc::setuid(user.uid))?;
+            }
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+            // The daemon died before the signal was armed: nothing would end this QEMU.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the daemon that spawned QEMU is gone"));
             }
             Ok(())
         });

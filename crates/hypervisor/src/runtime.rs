@@ -332,8 +332,9 @@ impl Hypervisor {
         let log_path = dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
         let mut args = qemu_args(&vm.spec, &paths, self.accel);
-        args.extend(crate::confine::qemu_args(self.qemu_user.as_ref()).into_iter().map(Into::into));
-        let mut child = crate::process::spawn(&self.qemu, &args, log)
+        args.extend(crate::confine::qemu_args().into_iter().map(Into::into));
+        let run_as = self.qemu_user.as_ref().map(|user| user.run_as());
+        let mut child = crate::process::spawn(&self.qemu, &args, log, run_as)
             .map_err(|source| StartError::Spawn { qemu: self.qemu.clone(), source })?;
         let pid = child.id().unwrap_or_default();
         // Its memory and CPU bounds, for as long as this QEMU runs.
