@@ -7,7 +7,7 @@
 mod common;
 
 use common::{cluster, create_guest_vm, guest, json, pattern_of, wait_until, NodeProcess, GUEST_TIMEOUT};
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,8 +57,12 @@ fn flood(
                 while !stop.load(Ordering::Relaxed) && i < FLOOD_WRITES_PER_CONNECTION {
                     if pending.is_empty() {
                         header = Request { id: (c * 1000 + i) as u64, ..request }.encode();
-                        if stream.write_all(&header).is_err() {
-                            continue;
+                        match stream.write_all(&header) {
+                            Ok(()) => {}
+                            // The node stopped reading: try again in a while.
+                            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                            // Refused (too many connections) or closed.
+                            Err(_) => return,
                         }
                         pending = &payload[..];
                     }
@@ -72,8 +76,7 @@ fn flood(
                             }
                         }
                         // The node stopped reading: it holds what it took in, no more.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                         Err(_) => return,
                     }
                 }
