@@ -45,6 +45,10 @@ impl Default for ApiLimits {
     }
 }
 
+/// TLS handshakes the node port runs at once, and from one address.
+const HANDSHAKES_MAX: usize = 64;
+const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
+
 /// Largest request head (request line and headers) taken.
 const HEAD_BYTES_MAX: usize = 64 << 10;
 /// The first byte of a TLS handshake record.
@@ -173,6 +177,16 @@ fn in_the_clear() -> Router {
 pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data: volume::DataServer) {
     let router = crate::routes::peer_router(services.clone());
     let header_timeout = ApiLimits::default().header_timeout;
+    // Handshakes in progress have a small pool of their own: until a caller shows a node's
+    // certificate it holds none of the slots members' connections use.
+    let handshakes = Arc::new(Counter {
+        open: Mutex::default(),
+        limits: ApiLimits {
+            connections_total: HANDSHAKES_MAX,
+            connections_per_address: HANDSHAKES_PER_ADDRESS_MAX,
+            ..ApiLimits::default()
+        },
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -181,14 +195,13 @@ pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data
                 continue;
             }
         };
-        // Every connection counts against the data port's limits, whatever it speaks.
-        let Some(slot) = data.admit(peer.ip()) else {
-            tracing::warn!(%peer, "refused a node port connection: too many from that address or in all");
+        let Some(handshake) = handshakes.take(peer.ip()) else {
+            tracing::warn!(%peer, "refused a node port connection: too many handshakes from that address or in all");
             continue;
         };
         let (router, services, data) = (router.clone(), services.clone(), data.clone());
         tokio::spawn(async move {
-            let ended = node_connection(stream, peer, slot, router, services, data, header_timeout).await;
+            let ended = node_connection(stream, peer, handshake, router, services, data, header_timeout).await;
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "node port connection ended");
             }
@@ -199,7 +212,7 @@ pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data
 async fn node_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    slot: volume::ConnectionSlot,
+    handshake: Counted,
     router: Router,
     services: NodeServices,
     data: volume::DataServer,
@@ -218,6 +231,12 @@ async fn node_connection(
         tracing::warn!(%peer, "refused a node port connection: its certificate is no node's of this cluster");
         return Ok(());
     }
+    drop(handshake);
+    // A node's connection counts against the data port's limits, whatever it speaks.
+    let Some(slot) = data.admit(peer.ip()) else {
+        tracing::warn!(%peer, "refused a node port connection: too many from that address or in all");
+        return Ok(());
+    };
     if session.alpn_protocol() == Some(pki::ALPN_BLOCKS) {
         return Ok(data.serve(tls, slot).await?);
     }

@@ -130,7 +130,8 @@ impl Cluster {
             liveness,
             joining: tokio::sync::Mutex::new(()),
             snapshot_installs: tokio::sync::Semaphore::new(1),
-            join_pending: Mutex::new(None),
+            // A join that was under way when this node stopped goes on where it was.
+            join_pending: Mutex::new(config.tls.joining().map(|members| members.into_iter().collect())),
             tls: config.tls,
         });
         // Calls to other nodes trust only certificates the state records for a node.
@@ -258,6 +259,7 @@ impl Cluster {
         let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };
         let rpc = PeerRpc::Join { token: token.to_string(), node };
         let pending = &self.inner.join_pending;
+        self.inner.tls.set_joining(Some(&members)).map_err(|e| ClusterError::Refused(e.to_string()))?;
         *pending.lock().expect("join lock") = Some(members.into_iter().collect());
         let joined = async {
             let id = match self.knock(peer_api_addr, rpc, ca, JOIN_WAIT).await? {
@@ -270,6 +272,9 @@ impl Cluster {
         }
         .await;
         *pending.lock().expect("join lock") = None;
+        if let Err(e) = self.inner.tls.set_joining(None) {
+            tracing::warn!(error = %e, "forgetting the finished join failed");
+        }
         joined
     }
 

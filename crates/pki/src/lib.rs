@@ -370,6 +370,8 @@ pub struct NodeTls {
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.pem";
 const CA_FILE: &str = "ca.pem";
+/// The members' certificate fingerprints while this node joins, one per line.
+const JOINING_FILE: &str = "joining";
 
 impl NodeTls {
     /// Opens (or makes) the node's key in `dir`, and its certificate if it has one.
@@ -423,6 +425,26 @@ impl NodeTls {
     /// fingerprint) is a node's of the cluster.
     pub fn check_members_with(&self, check: impl Fn(&str) -> bool + Send + Sync + 'static) {
         *self.members.0.write().expect("members lock") = Some(Box::new(check));
+    }
+
+    /// Remembers, across a restart, the members a join in progress lets in (`None`: no join
+    /// in progress).
+    pub fn set_joining(&self, members: Option<&[String]>) -> Result<(), PkiError> {
+        let path = self.dir.join(JOINING_FILE);
+        let io = |source| PkiError::Io { path: path.display().to_string(), source };
+        match members {
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+                _ => Ok(()),
+            },
+            Some(members) => std::fs::write(&path, members.join("\n")).map_err(io),
+        }
+    }
+
+    /// The members a join in progress lets in, if one was under way.
+    pub fn joining(&self) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.dir.join(JOINING_FILE)).ok()?;
+        Some(text.lines().map(str::to_string).collect())
     }
 
     /// This node's public key, for a CA to sign.

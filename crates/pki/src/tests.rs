@@ -140,3 +140,15 @@ fn a_malformed_public_key_gets_no_certificate() {
     assert!(sign_node(&ca.key_pem, 1, &[], &[4; 10]).is_err());
     assert!(sign_node(&ca.key_pem, 1, &[], &[3; PUBLIC_KEY_BYTES]).is_err());
 }
+
+#[test]
+fn a_join_in_progress_is_remembered_until_it_is_over() {
+    let ca = new_ca().unwrap();
+    let (dir, tls) = node(&ca, 3);
+    assert_eq!(tls.joining(), None);
+    tls.set_joining(Some(&["a".repeat(64), "b".repeat(64)])).unwrap();
+    let again = NodeTls::open(&dir.path().join("tls")).unwrap();
+    assert_eq!(again.joining(), Some(vec!["a".repeat(64), "b".repeat(64)]), "across a restart");
+    again.set_joining(None).unwrap();
+    assert_eq!(NodeTls::open(&dir.path().join("tls")).unwrap().joining(), None);
+}
