@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-/// How much of the device's start the signatures need (btrfs puts its own at 64 KiB).
-pub const PROBE_BYTES: usize = 128 << 10;
+/// How much of the device's start the signatures need (ZFS puts its uberblocks 128 KiB in).
+pub const PROBE_BYTES: usize = 256 << 10;
 
 /// What the first `PROBE_BYTES` of a device say it holds, if anything: a file system, a
 /// volume manager's label, swap, an encrypted volume or a partition table. Zeros, or bytes
@@ -14,7 +14,7 @@ pub const PROBE_BYTES: usize = 128 << 10;
 pub fn signature(head: &[u8]) -> Option<&'static str> {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
     // Most specific first: a file system's own boot sector also ends in 0x55AA.
-    let known: [(usize, &[u8], &'static str); 12] = [
+    let known: [(usize, &[u8], &'static str); 16] = [
         (1080, &[0x53, 0xef], "an ext2/ext3/ext4 file system"),
         (0, b"XFSB", "an XFS file system"),
         (0x10040, b"_BHRfS_M", "a btrfs file system"),
@@ -22,6 +22,17 @@ pub fn signature(head: &[u8]) -> Option<&'static str> {
         (82, b"FAT32   ", "a FAT32 file system"),
         (54, b"FAT1", "a FAT file system"),
         (0, b"LUKS\xba\xbe", "a LUKS encrypted volume"),
+        // md RAID superblocks 1.1 (at the start) and 1.2 (4 KiB in): magic 0xa92b4efc.
+        (0, &[0xfc, 0x4e, 0x2b, 0xa9], "a member of an md RAID array"),
+        (4096, &[0xfc, 0x4e, 0x2b, 0xa9], "a member of an md RAID array"),
+        // bcache's superblock, 4 KiB in, its magic 24 bytes into it.
+        (
+            4096 + 24,
+            &[0xc6, 0x85, 0x73, 0xf6, 0x4e, 0x1a, 0x45, 0xca, 0x82, 0x65, 0xf5, 0x7f, 0x48, 0xba, 0x6d, 0x81],
+            "a bcache device",
+        ),
+        // The first uberblock of ZFS's first vdev label: magic 0x00bab10c.
+        (128 << 10, &[0x0c, 0xb1, 0xba, 0x00, 0x00, 0x00, 0x00, 0x00], "a ZFS pool member"),
         (512, b"LABELONE", "an LVM physical volume"),
         (4086, b"SWAPSPACE2", "a swap area"),
         (32769, b"CD001", "an ISO 9660 image"),
@@ -65,6 +76,10 @@ mod tests {
         assert_eq!(signature(&with(0x10040, b"_BHRfS_M")), Some("a btrfs file system"));
         assert_eq!(signature(&with(512, b"LABELONE")), Some("an LVM physical volume"));
         assert_eq!(signature(&with(4086, b"SWAPSPACE2")), Some("a swap area"));
+        assert_eq!(signature(&with(4096, &[0xfc, 0x4e, 0x2b, 0xa9])), Some("a member of an md RAID array"));
+        assert_eq!(signature(&with(128 << 10, &[0x0c, 0xb1, 0xba, 0, 0, 0, 0, 0])), Some("a ZFS pool member"));
+        let bcache = [0xc6, 0x85, 0x73, 0xf6, 0x4e, 0x1a, 0x45, 0xca, 0x82, 0x65, 0xf5, 0x7f, 0x48, 0xba, 0x6d, 0x81];
+        assert_eq!(signature(&with(4096 + 24, &bcache)), Some("a bcache device"));
         assert_eq!(signature(&with(510, &[0x55, 0xaa])), Some("a partition table or boot sector (MBR)"));
         let mut gpt = with(510, &[0x55, 0xaa]);
         gpt[512..520].copy_from_slice(b"EFI PART");
