@@ -34,7 +34,11 @@ if ! getent passwd converge-qemu >/dev/null; then
   echo "setup: adding the system user converge-qemu (guests run as it)"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin converge-qemu
-  if getent group kvm >/dev/null; then $SUDO usermod -a -G kvm converge-qemu; fi
+fi
+# It opens /dev/kvm itself: it belongs in the kvm group wherever there is one.
+if getent group kvm >/dev/null && ! id -nG converge-qemu | grep -qw kvm; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO usermod -a -G kvm converge-qemu
 fi
 
 have cargo || { echo "setup: cargo is missing; install a stable Rust toolchain (rustup)"; exit 1; }

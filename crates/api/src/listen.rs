@@ -45,6 +45,8 @@ impl Default for ApiLimits {
     }
 }
 
+/// How long a node port handshake may take (a node's own connect gives up after 2 s).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// TLS handshakes the node port runs at once, and from one address.
 const HANDSHAKES_MAX: usize = 64;
 const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
@@ -224,7 +226,7 @@ async fn node_connection(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(material.node_server.clone());
     // The handshake checks the client's chain to the CA; the state says whether it is a node.
-    let tls = tokio::time::timeout(data.io_timeout(), acceptor.accept(stream)).await??;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
     let (_, session) = tls.get_ref();
     let presented = session.peer_certificates().and_then(|c| c.first()).map(|c| pki::fingerprint(c));
     if !presented.as_deref().is_some_and(|fpr| services.cluster().accepts_peer(fpr)) {
@@ -237,13 +239,16 @@ async fn node_connection(
         tracing::warn!(%peer, "refused a node port connection: too many from that address or in all");
         return Ok(());
     };
+    let caller = presented.expect("checked above");
     if session.alpn_protocol() == Some(pki::ALPN_BLOCKS) {
-        return Ok(data.serve(tls, slot).await?);
+        // Each request checks the caller again: a node removed while connected is cut off.
+        let cluster = services.cluster().clone();
+        let admitted: volume::Admitted = Arc::new(move || cluster.accepts_peer(&caller));
+        return Ok(data.serve_while(tls, slot, admitted).await?);
     }
     let _slot = slot;
     // Every request checks the caller again: a node removed while its connection stays
     // open gets nothing more on it.
-    let caller = presented.expect("checked above");
     let router = router.layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| {
             let (services, caller) = (services.clone(), caller.clone());

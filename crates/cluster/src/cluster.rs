@@ -60,6 +60,18 @@ pub struct ClusterConfig {
     pub tls: Arc<pki::NodeTls>,
 }
 
+/// Ends a join's pass for the members when dropped.
+struct JoinPending<'a>(&'a Inner);
+
+impl Drop for JoinPending<'_> {
+    fn drop(&mut self) {
+        *self.0.join_pending.lock().expect("join lock") = None;
+        if let Err(e) = self.0.tls.set_joining(None) {
+            tracing::warn!(error = %e, "forgetting the finished join failed");
+        }
+    }
+}
+
 /// This node's view of the cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -258,9 +270,11 @@ impl Cluster {
         let material = self.inner.tls.install(&ca_pem, &cert_pem).map_err(|e| ClusterError::Refused(e.to_string()))?;
         let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };
         let rpc = PeerRpc::Join { token: token.to_string(), node };
-        let pending = &self.inner.join_pending;
-        self.inner.tls.set_joining(Some(&members)).map_err(|e| ClusterError::Refused(e.to_string()))?;
-        *pending.lock().expect("join lock") = Some(members.into_iter().collect());
+        let until = std::time::SystemTime::now() + JOIN_WAIT + JOIN_WAIT;
+        self.inner.tls.set_joining(Some((&members, until))).map_err(|e| ClusterError::Refused(e.to_string()))?;
+        *self.inner.join_pending.lock().expect("join lock") = Some(members.into_iter().collect());
+        // However this ends (done, refused, or the caller gone), the members' pass ends too.
+        let _pending = JoinPending(&self.inner);
         let joined = async {
             let id = match self.knock(peer_api_addr, rpc, ca, JOIN_WAIT).await? {
                 PeerReply::Join(result) => result.map_err(refusal)?,
@@ -271,10 +285,6 @@ impl Cluster {
             Ok(id)
         }
         .await;
-        *pending.lock().expect("join lock") = None;
-        if let Err(e) = self.inner.tls.set_joining(None) {
-            tracing::warn!(error = %e, "forgetting the finished join failed");
-        }
         joined
     }
 

@@ -49,6 +49,17 @@ impl QemuUser {
         Some(QemuUser { name: QEMU_USER.to_string(), uid, gid, groups })
     }
 
+    /// Whether this user may open `device` for reading and writing, by its mode, owner and
+    /// group (QEMU opens /dev/kvm as this user).
+    pub fn may_open(&self, device: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(device) else { return false };
+        let mode = meta.mode();
+        (meta.uid() == self.uid && mode & 0o600 == 0o600)
+            || (self.groups.contains(&meta.gid()) && mode & 0o060 == 0o060)
+            || mode & 0o006 == 0o006
+    }
+
     /// How the spawned QEMU becomes this user.
     pub fn run_as(&self) -> crate::process::RunAs {
         crate::process::RunAs { uid: self.uid, gid: self.gid, groups: self.groups.clone() }

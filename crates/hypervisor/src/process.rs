@@ -42,7 +42,8 @@ pub fn spawn(
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
             // The daemon died before the signal was armed: nothing would end this QEMU.
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the daemon that spawned QEMU is gone"));
+                // (No allocation between fork and exec: the error is a bare errno.)
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -91,6 +91,19 @@ impl Hypervisor {
     pub fn new(host: Arc<dyn Host>, vm_dir: PathBuf, accel: Accel) -> Arc<Self> {
         let qemu = std::env::var("CONVERGE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
         let qemu_user = crate::confine::QemuUser::find();
+        // QEMU opens /dev/kvm as its own user: KVM only if that user may.
+        let accel = match &qemu_user {
+            Some(user) if accel == Accel::Kvm && !user.may_open(std::path::Path::new("/dev/kvm")) => {
+                tracing::warn!(
+                    user = %user.name,
+                    "guests run under TCG, much slower: {} may not open /dev/kvm; add it to the kvm group \
+                     (scripts/setup.sh does) and restart",
+                    user.name
+                );
+                Accel::Tcg
+            }
+            _ => accel,
+        };
         match &qemu_user {
             Some(user) => tracing::info!(user = %user.name, uid = user.uid, "guests run as an unprivileged user"),
             None => tracing::warn!(

@@ -427,9 +427,9 @@ impl NodeTls {
         *self.members.0.write().expect("members lock") = Some(Box::new(check));
     }
 
-    /// Remembers, across a restart, the members a join in progress lets in (`None`: no join
-    /// in progress).
-    pub fn set_joining(&self, members: Option<&[String]>) -> Result<(), PkiError> {
+    /// Remembers, across a restart, the members a join in progress lets in until `until`
+    /// (`None`: no join in progress).
+    pub fn set_joining(&self, members: Option<(&[String], std::time::SystemTime)>) -> Result<(), PkiError> {
         let path = self.dir.join(JOINING_FILE);
         let io = |source| PkiError::Io { path: path.display().to_string(), source };
         match members {
@@ -437,14 +437,20 @@ impl NodeTls {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
                 _ => Ok(()),
             },
-            Some(members) => std::fs::write(&path, members.join("\n")).map_err(io),
+            Some((members, until)) => {
+                let until = until.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                std::fs::write(&path, format!("{until}\n{}", members.join("\n"))).map_err(io)
+            }
         }
     }
 
-    /// The members a join in progress lets in, if one was under way.
+    /// The members a join in progress lets in, if one was under way and is not past its time.
     pub fn joining(&self) -> Option<Vec<String>> {
         let text = std::fs::read_to_string(self.dir.join(JOINING_FILE)).ok()?;
-        Some(text.lines().map(str::to_string).collect())
+        let mut lines = text.lines();
+        let until: u64 = lines.next()?.parse().ok()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        (now <= until).then(|| lines.map(str::to_string).collect())
     }
 
     /// This node's public key, for a CA to sign.

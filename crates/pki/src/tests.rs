@@ -146,9 +146,14 @@ fn a_join_in_progress_is_remembered_until_it_is_over() {
     let ca = new_ca().unwrap();
     let (dir, tls) = node(&ca, 3);
     assert_eq!(tls.joining(), None);
-    tls.set_joining(Some(&["a".repeat(64), "b".repeat(64)])).unwrap();
+    let members = ["a".repeat(64), "b".repeat(64)];
+    let soon = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+    tls.set_joining(Some((&members, soon))).unwrap();
     let again = NodeTls::open(&dir.path().join("tls")).unwrap();
-    assert_eq!(again.joining(), Some(vec!["a".repeat(64), "b".repeat(64)]), "across a restart");
+    assert_eq!(again.joining(), Some(members.to_vec()), "across a restart");
     again.set_joining(None).unwrap();
     assert_eq!(NodeTls::open(&dir.path().join("tls")).unwrap().joining(), None);
+    let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    tls.set_joining(Some((&members, past))).unwrap();
+    assert_eq!(tls.joining(), None, "a join past its time lets no one in");
 }

@@ -30,7 +30,7 @@ pub use gc::collect_garbage;
 pub use overlap::{OverlapQueue, WriteId};
 pub use replica::{ReplicaService, Reply};
 pub use resync::{resync_loop, ResyncStats};
-pub use server::{serve, serve_with, ConnectionSlot, DataLimits, DataServer};
+pub use server::{serve, serve_with, Admitted, ConnectionSlot, DataLimits, DataServer};
 pub use topology::{
     pg_change_outcome, replicas_of, PgChange, PgChangeError, Replica, ReplicaSet, StateTopology, Topology,
 };

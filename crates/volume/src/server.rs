@@ -107,6 +107,9 @@ pub async fn serve_with(listener: TcpListener, service: Arc<ReplicaService>, lim
     }
 }
 
+/// Whether a connection's peer may still be served.
+pub type Admitted = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The block protocol's side of the node port: its limits, and the service that answers.
 #[derive(Clone)]
 pub struct DataServer {
@@ -136,7 +139,17 @@ impl DataServer {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let served = serve_connection(stream, self.service.clone(), &self.shared, slot.peer_bytes.clone()).await;
+        self.serve_while(stream, slot, Arc::new(|| true)).await
+    }
+
+    /// `serve`, while `admitted` holds: it is asked before each request, and the connection
+    /// closes once it says no (the peer was removed from the cluster).
+    pub async fn serve_while<S>(&self, stream: S, slot: ConnectionSlot, admitted: Admitted) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let peer_bytes = slot.peer_bytes.clone();
+        let served = serve_connection(stream, self.service.clone(), &self.shared, peer_bytes, admitted).await;
         drop(slot);
         served
     }
@@ -209,6 +222,7 @@ async fn serve_connection<S>(
     service: Arc<ReplicaService>,
     shared: &Shared,
     peer_bytes: Arc<Semaphore>,
+    admitted: Admitted,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -258,6 +272,12 @@ where
             // A header that does not parse leaves the stream unframed: close the connection.
             let request =
                 Request::parse(&header).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            if !admitted() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the peer is no node of the cluster",
+                ));
+            }
             // A request for another cluster or a disk this node does not have: the peer is
             // misconfigured or hostile. It gets a clear answer, and the connection is closed.
             if let Some(reply) = service.wrong_target(&request) {
