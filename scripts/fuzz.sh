@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${FUZZ_SECONDS:-30}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-for target in blk_request wire_request wire_server; do
+for target in blk_request wire_request wire_server wire_client; do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${seconds}s"
   log=$(mktemp)

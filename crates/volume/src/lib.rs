@@ -21,6 +21,7 @@ pub mod verdict;
 pub mod wire;
 
 pub use active::{ActiveError, ActiveLog};
+pub use client::{PeerPool, ReadTarget};
 pub use dirty::{DirtyError, DirtyExtent, DirtyLog};
 pub use engine::{
     Engine, EngineConfig, Reconciled, VolumeWriter, IO_WAIT_MAX, REPLICA_TIMEOUT_DEFAULT, WRITES_IN_FLIGHT_MAX,
