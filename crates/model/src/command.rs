@@ -210,7 +210,7 @@ pub enum CommandError {
     VolumeExists(String),
     #[error("Volume {0} does not exist")]
     UnknownVolume(VolumeId),
-    #[error("Volume size {0} bytes is not a positive multiple of 512")]
+    #[error("Volume size {0} bytes is not a positive multiple of 512 of at most 256 TiB")]
     InvalidSize(u64),
     #[error("Replication factor {0} is outside 1..=3")]
     InvalidReplicas(u8),
@@ -490,6 +490,12 @@ impl ClusterState {
         if spec.memory_bytes < VM_MEMORY_MIN_BYTES || !spec.memory_bytes.is_multiple_of(1 << 20) {
             return invalid(format!("memory must be whole MiB and at least {} MiB", VM_MEMORY_MIN_BYTES >> 20));
         }
+        if spec.memory_bytes > crate::vm::VM_MEMORY_MAX_BYTES {
+            return invalid(format!("memory must be at most {} GiB", crate::vm::VM_MEMORY_MAX_BYTES >> 30));
+        }
+        if self.vms.len() >= crate::vm::VMS_MAX {
+            return invalid(format!("the cluster holds {} VMs, the most it takes: delete some first", self.vms.len()));
+        }
         if let Err(reason) = spec.ha.check() {
             return invalid(reason);
         }
@@ -600,8 +606,15 @@ impl ClusterState {
         if !self.pools.contains_key(&pool) {
             return Err(CommandError::UnknownPool(pool));
         }
-        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_SIZE_BYTES) {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(SECTOR_SIZE_BYTES) || size_bytes > crate::VOLUME_SIZE_MAX_BYTES
+        {
             return Err(CommandError::InvalidSize(size_bytes));
+        }
+        if self.volumes.len() >= crate::VOLUMES_MAX {
+            return Err(CommandError::InvalidInput(format!(
+                "the cluster holds {} volumes, the most it takes: delete some first",
+                self.volumes.len()
+            )));
         }
         if self.volume_by_name(name).is_some() {
             return Err(CommandError::VolumeExists(name.to_string()));
@@ -761,6 +774,26 @@ mod tests {
         };
         let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
         vm
+    }
+
+    #[test]
+    fn a_vm_asks_for_no_more_memory_than_the_bound() {
+        let mut state = two_node_cluster();
+        let spec = |memory_bytes| VmSpec {
+            name: "big".into(),
+            cpus: 1,
+            memory_bytes,
+            disks: vec![],
+            boot: crate::vm::Boot::Kernel {
+                kernel: crate::vm::BootFile { volume: VolumeId(99), len_bytes: 1 },
+                initrd: None,
+                cmdline: String::new(),
+            },
+            ha: Default::default(),
+        };
+        let too_much =
+            state.apply(&ClusterCommand::CreateVm { spec: spec(crate::vm::VM_MEMORY_MAX_BYTES + (1 << 20)) });
+        assert!(matches!(&too_much, Err(CommandError::InvalidVm(r)) if r.contains("at most")), "{too_much:?}");
     }
 
     #[test]
@@ -960,6 +993,9 @@ mod tests {
         let mut state = two_node_cluster();
         let create = ClusterCommand::CreateVolume { name: "odd".into(), pool: PoolId(0), size_bytes: 1000 };
         assert_eq!(state.apply(&create), Err(CommandError::InvalidSize(1000)));
+        let huge = crate::VOLUME_SIZE_MAX_BYTES + 512;
+        let too_big = ClusterCommand::CreateVolume { name: "huge".into(), pool: PoolId(0), size_bytes: huge };
+        assert_eq!(state.apply(&too_big), Err(CommandError::InvalidSize(huge)));
     }
 
     fn down(node: NodeId, at_ms: u64) -> ClusterCommand {

@@ -26,9 +26,9 @@ pub use state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, Pg,
 pub use tokens::{Role, Token, TokenKind, TOKENS_MAX, TOKEN_NAME_MAX_BYTES};
 pub use units::{
     extent_of, format_size, parse_size, pg_of, SizeError, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT, REPLICAS_MAX,
-    SECTOR_SIZE_BYTES,
+    SECTOR_SIZE_BYTES, VOLUMES_MAX, VOLUME_SIZE_MAX_BYTES,
 };
 pub use vm::{
-    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX,
-    VM_MEMORY_MIN_BYTES,
+    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VMS_MAX, VM_CPUS_MAX, VM_DISKS_MAX,
+    VM_MEMORY_MAX_BYTES, VM_MEMORY_MIN_BYTES,
 };

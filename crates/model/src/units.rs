@@ -10,6 +10,10 @@ pub const SECTOR_SIZE_BYTES: u64 = 512;
 pub const PG_COUNT_DEFAULT: u32 = 128;
 /// Copies of each extent a pool may keep.
 pub const REPLICAS_MAX: u8 = 3;
+/// Largest volume (256 TiB): offsets and extent counts stay far from overflow.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 256 << 40;
+/// Volumes one cluster holds: bounds the state every node keeps and every snapshot carries.
+pub const VOLUMES_MAX: usize = 16_384;
 
 const _: () = assert!(EXTENT_SIZE_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
 const _: () = assert!(EXTENT_SIZE_BYTES.is_power_of_two());

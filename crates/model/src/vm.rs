@@ -20,6 +20,10 @@ impl fmt::Display for VmId {
 pub const VM_CPUS_MAX: u16 = 64;
 /// Smallest guest memory converge starts a VM with.
 pub const VM_MEMORY_MIN_BYTES: u64 = 64 << 20;
+/// Largest guest memory a VM may ask for (4 TiB).
+pub const VM_MEMORY_MAX_BYTES: u64 = 4 << 40;
+/// VMs one cluster holds: bounds the state every node keeps and every snapshot carries.
+pub const VMS_MAX: usize = 4096;
 /// Disks one VM may have.
 pub const VM_DISKS_MAX: usize = 8;
 
