@@ -120,7 +120,8 @@ echo "  checksums match: no acknowledged byte was lost"
 
 step "Restarting node ${IPS[0]} with the same data dir"
 start_node "${IPS[0]}"
-wait_for 60 "the cluster is healthy again" healthy "${IPS[0]}"
+# Every node's view: the restarted one may not have applied yet that it was declared down.
+for ip in "${IPS[@]}"; do wait_for 60 "the cluster is healthy again (as $ip sees it)" healthy "$ip"; done
 cv "${IPS[0]}" cluster status
 
 GUEST="$PWD/target/guest"

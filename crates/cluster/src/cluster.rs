@@ -782,6 +782,12 @@ impl Cluster {
                 let up = report.is_some();
                 if !up {
                     problems.push(format!("{} ({}) is down", node.id, node.api_addr));
+                } else if state.is_down(node.id) {
+                    // Answering again, but VMs are not placed on it until the leader says so.
+                    problems.push(format!(
+                        "{} ({}) answers again; the leader marks it up once a majority hears it",
+                        node.id, node.api_addr
+                    ));
                 }
                 let disks = state
                     .disks_of(node.id)
