@@ -189,18 +189,30 @@ impl Cluster {
     /// Creates a one-node cluster with this node; its first admin token, and a join token
     /// for the others (valid for `JOIN_TOKEN_TTL`).
     pub async fn init(&self) -> Result<(String, String), ClusterError> {
-        if let Some(info) = &self.state().cluster {
-            return Err(ClusterError::AlreadyMember(info.id));
+        // An init cut short (this node stopped half-way) goes on where it stopped: each step
+        // is taken only if the state does not show it done. A node that is a member of its
+        // cluster is initialised already.
+        let state = self.state();
+        let me = self.node_id();
+        if let Some(info) = &state.cluster {
+            if !state.nodes.is_empty() || !state.removed.is_empty() {
+                return Err(ClusterError::AlreadyMember(info.id));
+            }
         }
         let raft = &self.inner.raft;
         if !raft.is_initialized().await.map_err(raft_error)? {
-            let members = BTreeMap::from([(self.node_id().0, RaftNode { addr: self.node().data_addr.clone() })]);
+            let members = BTreeMap::from([(me.0, RaftNode { addr: self.node().data_addr.clone() })]);
             raft.initialize(members).await.map_err(raft_error)?;
         }
-        let id = ClusterId(u128::from(random_u64()?) << 64 | u128::from(random_u64()?));
-        self.propose(ClusterCommand::InitCluster { id }).await?;
-        let ca = pki::new_ca().map_err(|e| ClusterError::Refused(e.to_string()))?;
-        self.propose(ClusterCommand::SetCa(model::ClusterCa { cert_pem: ca.cert_pem, key_pem: ca.key_pem })).await?;
+        if self.state().cluster.is_none() {
+            let id = ClusterId(u128::from(random_u64()?) << 64 | u128::from(random_u64()?));
+            self.propose(ClusterCommand::InitCluster { id }).await?;
+        }
+        if self.state().ca.is_none() {
+            let ca = pki::new_ca().map_err(|e| ClusterError::Refused(e.to_string()))?;
+            let ca = model::ClusterCa { cert_pem: ca.cert_pem, key_pem: ca.key_pem };
+            self.propose(ClusterCommand::SetCa(ca)).await?;
+        }
         let (ca_pem, cert_pem) = self.certify_node(self.node(), self.inner.tls.public_key())?;
         let material = self.inner.tls.install(&ca_pem, &cert_pem).map_err(|e| ClusterError::Refused(e.to_string()))?;
         let node = Node { cert_sha256: material.cert_sha256.clone(), ..self.node().clone() };

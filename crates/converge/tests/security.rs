@@ -74,6 +74,8 @@ fn without_a_token_only_the_health_check_answers_and_each_role_does_what_it_may(
 
     let init = json(&node.cli(&["--json", "cluster", "init"]));
     let admin = init["admin_token"].as_str().unwrap().to_string();
+    let again = node.cli_result(&["cluster", "init"]).unwrap_err();
+    assert!(again.contains("already a member"), "an initialised node is not initialised again: {again}");
     node.cli(&["disk", "add", node.data_dir.with_extension("disk").to_str().unwrap(), "--size", "256M"]);
     node.cli(&["volume", "create", "v", "--size", "4M", "--replicas", "1"]);
 
