@@ -67,8 +67,22 @@ struct Counted {
     ip: IpAddr,
 }
 
+/// Whom a connection is counted against: its IPv4 address, or its IPv6 /64 (one host
+/// commonly holds a whole /64).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::V6(segments.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl Counter {
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Counted> {
+        let ip = source(ip);
         let mut open = self.open.lock().expect("counter lock");
         let total: usize = open.values().sum();
         let from = open.get(&ip).copied().unwrap_or(0);
@@ -265,4 +279,26 @@ async fn node_connection(
         },
     ));
     Ok(serve_http(tls, router, header_timeout).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64_and_each_ipv4_address_as_itself() {
+        let counter = Arc::new(Counter {
+            open: Mutex::default(),
+            limits: ApiLimits { connections_total: 10, connections_per_address: 2, ..ApiLimits::default() },
+        });
+        let held: Vec<_> = ["2001:db8::1", "2001:db8::2:3"].iter().map(|a| counter.take(a.parse().unwrap())).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(counter.take("2001:db8::ffff:1:2:3".parse().unwrap()).is_none(), "a third from the same /64");
+        assert!(counter.take("2001:db8:0:1::1".parse().unwrap()).is_some(), "another /64");
+        let v4: Vec<_> = (0..2).map(|_| counter.take("10.0.0.1".parse().unwrap())).collect();
+        assert!(v4.iter().all(Option::is_some) && counter.take("10.0.0.1".parse().unwrap()).is_none());
+        assert!(counter.take("10.0.0.2".parse().unwrap()).is_some());
+        drop(held);
+        assert!(counter.take("2001:db8::9".parse().unwrap()).is_some(), "given back when dropped");
+    }
 }
