@@ -214,6 +214,9 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
     // Since when each node has been heard by no majority of the voters.
     let mut minority_since: HashMap<NodeId, Instant> = HashMap::new();
     let mut unplaced_told: HashSet<(VmId, NodeId)> = HashSet::new();
+    // When this leader first saw each node in the state: a node that just joined has had no
+    // time to be heard, and its silence counts from then.
+    let mut known_since: HashMap<NodeId, Instant> = HashMap::new();
     let mut last_tick = Instant::now();
     let mut judging_since = Instant::now();
     loop {
@@ -236,7 +239,12 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
         if !leading || state.cluster.is_none() {
             heard.clear();
             minority_since.clear();
+            known_since.clear();
             continue;
+        }
+        known_since.retain(|node, _| state.nodes.contains_key(node));
+        for &node in state.nodes.keys() {
+            known_since.entry(node).or_insert(now);
         }
         if state.is_down(me) {
             propose(&cluster, ClusterCommand::MarkNodeUp { node: me, at_ms: now_ms() }).await;
@@ -247,6 +255,7 @@ pub(crate) async fn leader_loop(inner: Weak<Inner>) {
         let steady_since = inner.liveness.steady_since().max(judging_since);
         let down_after = inner.liveness.down_after;
         for &node in state.nodes.keys().filter(|&&n| n != me) {
+            let steady_since = steady_since.max(known_since[&node]);
             let (last, heard_by) = last_heard(&inner, node, down_after);
             let silent = now.duration_since(last.unwrap_or(steady_since).max(steady_since));
             let with_itself = heard_by + usize::from(voters.contains(&node.0));
