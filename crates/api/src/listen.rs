@@ -119,9 +119,27 @@ where
         .await
 }
 
-fn accept_failed(e: std::io::Error) -> impl std::future::Future<Output = ()> {
-    tracing::warn!(error = %e, "accepting a connection failed");
-    tokio::time::sleep(Duration::from_millis(100))
+/// The next connection on `listener` that `counter` has room for; the others are closed at
+/// once.
+async fn accept_counted(
+    listener: &TcpListener,
+    counter: &Arc<Counter>,
+    door: &str,
+) -> (TcpStream, SocketAddr, Counted) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, door, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match counter.take(peer.ip()) {
+            Some(counted) => return (stream, peer, counted),
+            None => tracing::warn!(%peer, door, "refused a connection: too many from that address or in all"),
+        }
+    }
 }
 
 /// Serves the API port until the task is dropped.
@@ -129,17 +147,7 @@ pub async fn serve_api(listener: TcpListener, services: NodeServices, limits: Ap
     let counter = Arc::new(Counter { open: Mutex::default(), limits: limits.clone() });
     let router = crate::routes::router(services.clone());
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                accept_failed(e).await;
-                continue;
-            }
-        };
-        let Some(counted) = counter.take(peer.ip()) else {
-            tracing::debug!(%peer, "refused an API connection: too many from that address or in all");
-            continue;
-        };
+        let (stream, peer, counted) = accept_counted(&listener, &counter, "API").await;
         let (router, services, limits) = (router.clone(), services.clone(), limits.clone());
         tokio::spawn(async move {
             let _counted = counted;
@@ -204,17 +212,7 @@ pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data
         },
     });
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                accept_failed(e).await;
-                continue;
-            }
-        };
-        let Some(handshake) = handshakes.take(peer.ip()) else {
-            tracing::warn!(%peer, "refused a node port connection: too many handshakes from that address or in all");
-            continue;
-        };
+        let (stream, peer, handshake) = accept_counted(&listener, &handshakes, "node port handshake").await;
         let (router, services, data) = (router.clone(), services.clone(), data.clone());
         tokio::spawn(async move {
             let ended = node_connection(stream, peer, handshake, router, services, data, header_timeout).await;

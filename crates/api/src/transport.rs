@@ -126,7 +126,7 @@ async fn send(
         if e.is_connect() || e.is_timeout() {
             TransportError::Unreachable { addr: addr.clone(), source: Box::new(e) }
         } else {
-            TransportError::Failed { addr: addr.clone(), reason: error_chain(&e) }
+            TransportError::Failed { addr: addr.clone(), reason: model::error_chain(&e) }
         }
     })?;
     if !response.status().is_success() {
@@ -136,16 +136,4 @@ async fn send(
         return Err(TransportError::Failed { addr, reason });
     }
     response.json().await.map_err(|e| TransportError::Failed { addr, reason: e.to_string() })
-}
-
-/// An error with its causes: a TLS refusal sits a few levels down.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

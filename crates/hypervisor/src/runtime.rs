@@ -450,12 +450,5 @@ fn excerpt(log: &str) -> String {
 const LOG_EXCERPT_BYTES: usize = 512;
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    model::error_chain(e)
 }

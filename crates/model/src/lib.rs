@@ -32,3 +32,16 @@ pub use vm::{
     Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VMS_MAX, VM_CPUS_MAX, VM_DISKS_MAX,
     VM_MEMORY_MAX_BYTES, VM_MEMORY_MIN_BYTES,
 };
+
+/// An error and its causes, `outer: inner: innermost`: what a user needs when the reason
+/// sits a few levels down (a TLS refusal, an OS error under a spawn).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

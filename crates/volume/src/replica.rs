@@ -394,16 +394,7 @@ async fn raise_and_hold<E: Copy + Ord + Send + Sync + 'static>(gate: Gate<E>, ep
     gate.read_owned().await
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+pub(crate) use model::error_chain;
 
 fn store_refusal(e: StoreError) -> Reply {
     let status = match e.kind() {
