@@ -42,7 +42,7 @@ demo-stop:
 bench: build
 	@scripts/bench-import.sh
 	@scripts/bench-vm.sh
-	@cargo test --release -q -p volume --test transport_cost -- --ignored --nocapture 2>&1 | grep -A3 "^4 KiB writes"
+	@cargo run --release -q -p volume --example transport_cost
 
 # SIGKILL of a VM's node until its guest boots elsewhere, split into detection, decision,
 # fencing and boot, against a cold start of the same VM. RUNS=N runs (default 3).

@@ -1,7 +1,7 @@
 //! What mutual TLS on the node port costs a 4 KiB write at queue depth 1 (docs/benchmarks.md).
-//! A benchmark, not a test: `make bench` runs it in release (`--ignored`) and it prints the
-//! mean write latency over mutual TLS against the same writes in the clear, measured in
-//! the same run, rounds alternating so drift falls on both.
+//! `make bench` runs it (`cargo run --release -p volume --example transport_cost`); it
+//! prints the mean write latency over mutual TLS against the same writes in the clear,
+//! measured in the same run, rounds alternating so drift falls on both.
 //!
 //! Node A writes a 2-replica volume whose other replica is on node B, both on loopback with
 //! file disks: each write is one durable local write and one round trip to B's replica
@@ -112,10 +112,11 @@ async fn round(engine: &Engine, fill: u8) -> f64 {
     started.elapsed().as_secs_f64() * 1e6 / WRITES_PER_ROUND as f64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a benchmark: make bench runs it"]
-async fn mutual_tls_on_the_node_port_costs_a_4k_write_little() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // File disks on a real file system (O_DIRECT), under the build's target directory.
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target");
+    let dir = tempfile::Builder::new().prefix("transport-cost-").tempdir_in(target).unwrap();
     let ca = pki::new_ca().unwrap();
     let (tls_a, tls_b) = (node_tls(&ca, 1, dir.path()), node_tls(&ca, 2, dir.path()));
     let plain_listener = TcpListener::bind("127.0.0.3:0").await.unwrap();
