@@ -1115,8 +1115,8 @@ mod tests {
         assert_eq!(state.events.back().map(|e| e.kind), Some(crate::ha::EventKind::Drain));
     }
 
-    #[test]
-    fn a_move_off_a_drained_node_starts_elsewhere_only_once_the_guest_stopped() {
+    /// A VM that ran on A, now moving to B because A is drained.
+    fn moving_off_drained_a() -> (ClusterState, VmId) {
         let mut state = two_node_cluster();
         let vm = vm_with_disk(&mut state, "web");
         state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
@@ -1124,6 +1124,12 @@ mod tests {
         state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
         state.apply(&ClusterCommand::SetDrain { node: NODE_A, drained: true, at_ms: 0 }).unwrap();
         state.apply(&ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 }).unwrap();
+        (state, vm)
+    }
+
+    #[test]
+    fn a_move_off_a_drained_node_starts_elsewhere_only_once_the_guest_stopped() {
+        let (mut state, vm) = moving_off_drained_a();
         let finish = ClusterCommand::FinishMove { vm, to: NODE_B, at_ms: 1 };
         let disk = state.vms[&vm].spec.disks[0];
         let acquire = |node| ClusterCommand::AcquireVolume { volume: disk, node, unless_vm_running: false };
@@ -1159,13 +1165,7 @@ mod tests {
 
     #[test]
     fn a_move_whose_source_went_down_finishes_without_waiting_for_it() {
-        let mut state = two_node_cluster();
-        let vm = vm_with_disk(&mut state, "web");
-        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
-        let running = VmRunState::Running { accel: crate::vm::Accel::Tcg, pid: 7 };
-        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: running }).unwrap();
-        state.apply(&ClusterCommand::SetDrain { node: NODE_A, drained: true, at_ms: 0 }).unwrap();
-        state.apply(&ClusterCommand::MoveOffDrained { vm, from: NODE_A, to: NODE_B, at_ms: 0 }).unwrap();
+        let (mut state, vm) = moving_off_drained_a();
 
         state.apply(&down(NODE_A, 1)).unwrap();
 
