@@ -25,7 +25,7 @@ sync
 
 t0=$(now); dd if="$DIR/input.raw" of="$DIR/reference.raw" bs=1M oflag=direct conv=fsync status=none; t1=$(now)
 dd_write=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
-t0=$(now); cv "${IPS[0]}" volume import bench "$DIR/input.raw" >/dev/null; t1=$(now)
+t0=$(now); cv "${IPS[0]}" volume import bench "$DIR/input.raw" --format raw >/dev/null; t1=$(now)
 cv_import=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
 t0=$(now); dd if="$DIR/reference.raw" of=/dev/null bs=1M iflag=direct status=none; t1=$(now)
 dd_read=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')

@@ -96,7 +96,7 @@ sum_in=$(sha256sum "$DEMO/input.raw" | cut -d' ' -f1)
 echo "  sha256 $sum_in"
 
 step "Importing it through node ${IPS[0]}"
-cv "${IPS[0]}" volume import demo "$DEMO/input.raw"
+cv "${IPS[0]}" volume import demo "$DEMO/input.raw" --format raw
 cv "${IPS[0]}" volume show demo
 
 step "Killing node ${IPS[0]} with SIGKILL (pid $(cat "$DEMO/node-${IPS[0]}.pid"))"
@@ -125,22 +125,25 @@ for ip in "${IPS[@]}"; do wait_for 60 "the cluster is healthy again (as $ip sees
 cv "${IPS[0]}" cluster status
 
 GUEST="$PWD/target/guest"
-step "Building the guest: Debian's cloud kernel, busybox, an ext4 root filesystem ($GUEST)"
+step "Building the guest image: GPT, an EFI system partition with systemd-boot, Debian's cloud kernel, busybox on ext4 ($GUEST)"
 guest/build.sh "$GUEST"
 
-step "Creating VM 'web': 1 vCPU, 256 MiB, its root filesystem imported onto a 2-replica volume"
-cv "${IPS[0]}" vm create web --cpus 1 --memory 256M --disk 128M,replicas=2 --image "$GUEST/rootfs.img" \
-  --kernel "$GUEST/vmlinuz" --initrd "$GUEST/initramfs.cpio.gz" --cmdline "console=ttyS0 panic=-1 quiet"
+step "Importing it once as a template (its format told by its header), then a VM 'web' cloned from it"
+cv "${IPS[0]}" volume import guest-image "$GUEST/uefi.img"
+ssh-keygen -q -t ed25519 -N "" -C demo@converge -f "$DEMO/id_ed25519" <<<y >/dev/null 2>&1 \
+  || printf 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyDemoKeyDemoKeyDemoKeyDemoKey01 demo@converge\n' >"$DEMO/id_ed25519.pub"
+cv "${IPS[0]}" vm create web --cpus 1 --memory 256M --disk 128M,replicas=2 --template guest-image \
+  --ssh-key "$DEMO/id_ed25519.pub" --hostname web
 
 console_has() { cv "${IPS[0]}" vm console web --no-follow 2>/dev/null | grep -q "$1"; }
 
-step "Starting it on ${IPS[0]}: QEMU serves its disk from the node daemon over vhost-user-blk"
+step "Starting it on ${IPS[0]}: UEFI firmware boots the image from a disk the node daemon serves over vhost-user-blk"
 cv "${IPS[0]}" vm start web --node "${IPS[0]}"
 cv "${IPS[0]}" vm show web
 wait_for 180 "the guest has booted" console_has "GUEST: ready"
 
-step "Its serial console: the guest wrote /root/hello.txt on its replicated root filesystem"
-cv "${IPS[0]}" vm console web --no-follow | grep GUEST
+step "Its serial console: booted by UEFI, its cloud-init seed read, /root/hello.txt written on its replicated root"
+cv "${IPS[0]}" vm console web --no-follow | grep -E "BdsDxe: starting|GUEST"
 
 step "Stopping the VM (ACPI power button; the guest syncs and powers off)"
 cv "${IPS[0]}" vm stop web
@@ -153,7 +156,11 @@ if ! console_has "GUEST: found /root/hello.txt"; then
   echo "the file written on ${IPS[0]} is missing after the move" >&2
   exit 1
 fi
-echo "  the file written on ${IPS[0]} is there on ${IPS[1]}"
+if ! console_has "GUEST: UEFI variable kept"; then
+  echo "the UEFI variable the guest set on ${IPS[0]} is missing after the move" >&2
+  exit 1
+fi
+echo "  the file written on ${IPS[0]}, and the UEFI variable the guest set there, are there on ${IPS[1]}"
 cv "${IPS[1]}" volume list
 
 step "Done"
@@ -161,7 +168,7 @@ cv "${IPS[1]}" cluster ca >"$DEMO/ca.pem"
 cat <<MSG
 The cluster and VM 'web' are still running (on ${IPS[1]}). Try:
   export CONVERGE_SERVER=https://${IPS[0]}:$PORT CONVERGE_TOKEN=$admin CONVERGE_CA=$DEMO/ca.pem
-  $BIN vm console web          # follow the guest's serial console (Ctrl-C to leave)
+  $BIN vm console web          # the guest's serial console, interactive (Ctrl-] leaves)
   $BIN vm show web
   $BIN cluster status
 Stop everything with:

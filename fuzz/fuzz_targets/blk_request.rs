@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use model::SECTOR_SIZE_BYTES;
-use vhost_blk::request::{BlkOp, BlkRequest, Descriptor, GuestBuf, REQUEST_DATA_MAX_BYTES};
+use vhost_blk::request::{pieces, BlkOp, BlkRequest, Descriptor, GuestBuf, PIECE_BYTES, REQUEST_DATA_MAX_BYTES};
 
 const CAPACITY_SECTORS: u64 = 1 << 21; // 1 GiB
 
@@ -32,6 +32,23 @@ fuzz_target!(|input: &[u8]| {
                 let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
                 assert!(len > 0 && len % SECTOR_SIZE_BYTES == 0 && len <= REQUEST_DATA_MAX_BYTES);
                 assert!(sector + len / SECTOR_SIZE_BYTES <= CAPACITY_SECTORS);
+                // Executed in pieces: every byte once, in order, each piece whole sectors
+                // of at most PIECE_BYTES (the last may be shorter).
+                let cut = pieces(&bufs, PIECE_BYTES);
+                let sizes: Vec<u64> = cut.iter().map(|p| p.iter().map(|b| u64::from(b.len)).sum()).collect();
+                assert_eq!(sizes.iter().sum::<u64>(), len);
+                assert!(sizes.iter().all(|s| *s > 0 && *s <= PIECE_BYTES && s % SECTOR_SIZE_BYTES == 0));
+                assert!(sizes[..sizes.len() - 1].iter().all(|s| *s == PIECE_BYTES));
+                let flat: Vec<(u64, u32)> = cut.iter().flatten().map(|b| (b.addr, b.len)).collect();
+                // (An empty buffer moves nothing: no piece holds it.)
+                let mut at = bufs.iter().filter(|b| b.len > 0).map(|b| (b.addr, b.len));
+                let mut current = at.next();
+                for (addr, piece_len) in flat {
+                    let (start, left) = current.expect("a piece beyond the buffers");
+                    assert_eq!(addr, start);
+                    current = if piece_len == left { at.next() } else { Some((start + u64::from(piece_len), left - piece_len)) };
+                }
+                assert!(current.is_none() || current.is_some_and(|(_, l)| l == 0));
             }
             BlkOp::Zero { segments } => {
                 for s in segments {

@@ -33,7 +33,8 @@ pub fn required(method: &Method, path: &str) -> Access {
         ["v1", "nodes", _, "check"] if read => Access::Role(Role::Viewer),
         ["v1", "nodes", ..] => Access::Role(Role::Admin),
         // A volume's bytes and a guest's console are its data, not metadata.
-        ["v1", "volumes", _, "data" | "blocks", ..] | ["v1", "vms", _, "console"] => Access::Role(Role::Operator),
+        // Reading a console is as good as typing into it (a password prompt, a shell).
+        ["v1", "volumes", _, "data" | "blocks", ..] | ["v1", "vms", _, "console", ..] => Access::Role(Role::Operator),
         ["v1", "cluster" | "volumes" | "vms" | "events", ..] if read => Access::Role(Role::Viewer),
         ["v1", "volumes" | "vms", ..] => Access::Role(Role::Operator),
         _ => Access::Role(Role::Admin),
@@ -106,6 +107,7 @@ mod tests {
         assert_eq!(required(&get, "/v1/volumes/v/data"), Access::Role(Role::Operator));
         assert_eq!(required(&get, "/v1/volumes/v/blocks/0"), Access::Role(Role::Operator));
         assert_eq!(required(&get, "/v1/vms/web/console"), Access::Role(Role::Operator));
+        assert_eq!(required(&get, "/v1/vms/web/console/session"), Access::Role(Role::Operator));
         assert_eq!(required(&post, "/v1/disks"), Access::Role(Role::Admin));
         assert_eq!(required(&post, "/v1/nodes/node-1/drain"), Access::Role(Role::Admin));
         assert_eq!(required(&delete, "/v1/nodes/node-1"), Access::Role(Role::Admin));

@@ -18,6 +18,12 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("Cannot reach converge at {server}: is `converge serve` running there?")]
+    NoAnswer {
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
     #[error("{0}")]
@@ -39,6 +45,24 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// What kind of failure this is, for scripts: `not_found`, `refused` (the request was
+    /// understood and said no: bad input, a conflict, no permission), `unreachable` (no
+    /// answer, or none now: no node there, no leader), or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::NoAnswer { .. } => "unreachable",
+            ClientError::Api { status, .. } if *status == StatusCode::NOT_FOUND => "not_found",
+            ClientError::Api { status, .. }
+                if matches!(status.as_u16(), 502..=504) || *status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                "unreachable"
+            }
+            ClientError::Api { status, .. } if status.is_client_error() || status.as_u16() == 507 => "refused",
+            ClientError::BadSegment(_) => "refused",
+            _ => "failed",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -48,6 +72,26 @@ pub struct Client {
     /// The URLs' start.
     base: String,
     http: reqwest::Client,
+    /// How a websocket reaches the same server.
+    ws: WsTarget,
+}
+
+/// Where a websocket connects: a node's API port over TLS (with the token), or its local
+/// socket.
+#[derive(Clone)]
+enum WsTarget {
+    Tls { authority: String, tls: std::sync::Arc<rustls::ClientConfig>, token: Option<String> },
+    Unix(std::path::PathBuf),
+}
+
+/// Any stream a websocket runs over.
+trait WsIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> WsIo for T {}
+
+/// An interactive console: the guest's output as it comes, and a way to send it keys.
+pub struct ConsoleSession {
+    pub output: futures_util::stream::BoxStream<'static, Result<Bytes, ClientError>>,
+    pub input: tokio::sync::mpsc::Sender<Bytes>,
 }
 
 impl Client {
@@ -66,18 +110,96 @@ impl Client {
         if let Some(value) = token.and_then(|t| format!("Bearer {}", t.trim()).parse().ok()) {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
+        let authority = server.trim_start_matches("https://").split('/').next().unwrap_or_default();
+        // (A port-less address is HTTPS's 443, as for every other call.)
+        let has_port =
+            authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']');
+        let authority = if has_port { authority.to_string() } else { format!("{authority}:443") };
+        let ws = WsTarget::Tls {
+            authority,
+            tls: std::sync::Arc::new(tls.clone()),
+            token: token.map(|t| t.trim().to_string()),
+        };
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .default_headers(headers)
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))?;
-        Ok(Client { base: server.clone(), server, http })
+        Ok(Client { base: server.clone(), server, http, ws })
     }
 
     /// Talks to the node whose local socket is `socket` (root on that node; no token).
     pub fn local(socket: &std::path::Path) -> Self {
         let http = reqwest::Client::builder().unix_socket(socket).build().expect("a plain HTTP client builds");
-        Client { server: format!("the local socket {}", socket.display()), base: "http://localhost".into(), http }
+        Client {
+            server: format!("the local socket {}", socket.display()),
+            base: "http://localhost".into(),
+            http,
+            ws: WsTarget::Unix(socket.to_path_buf()),
+        }
+    }
+
+    /// Opens an interactive console on VM `name` (a websocket to the server).
+    pub async fn console_session(&self, name: &str) -> Result<ConsoleSession, ClientError> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let path = format!("/v1/vms/{}/console/session", segment(name)?);
+        let unreachable = |source: std::io::Error| ClientError::NoAnswer { server: self.server.clone(), source };
+        let (url, io, token): (String, Box<dyn WsIo>, Option<&String>) = match &self.ws {
+            WsTarget::Unix(socket) => {
+                let io = tokio::net::UnixStream::connect(socket).await.map_err(unreachable)?;
+                (format!("ws://localhost{path}"), Box::new(io), None)
+            }
+            WsTarget::Tls { authority, tls, token } => {
+                let tcp = tokio::net::TcpStream::connect(authority.as_str()).await.map_err(unreachable)?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                // Nodes are checked against the cluster CA, whatever name was dialled.
+                let name = rustls::pki_types::ServerName::try_from(pki::NODE_NAME).expect("a valid name");
+                let io = connector.connect(name, tcp).await.map_err(unreachable)?;
+                (format!("wss://{authority}{path}"), Box::new(io), token.as_ref())
+            }
+        };
+        let mut request = url.into_client_request().map_err(|e| ClientError::Setup(e.to_string()))?;
+        if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+            request.headers_mut().insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let (socket, _) = tokio_tungstenite::client_async(request, io).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(response) => {
+                let status = response.status();
+                let body = response.body().as_deref().unwrap_or_default();
+                let message = serde_json::from_slice::<v1::ErrorBody>(body)
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| format!("the server answered {status}"));
+                ClientError::Api { status, message }
+            }
+            other => ClientError::Setup(format!("opening the console of {name}: {other}")),
+        })?;
+        let (mut to_server, from_server) = socket.split();
+        let (input, mut keys) = tokio::sync::mpsc::channel::<Bytes>(64);
+        tokio::spawn(async move {
+            while let Some(bytes) = keys.recv().await {
+                if to_server.send(Message::Binary(bytes)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to_server.send(Message::Close(None)).await;
+        });
+        let server = self.server.clone();
+        let output = from_server
+            .filter_map(move |message| {
+                let server = server.clone();
+                async move {
+                    match message {
+                        Ok(Message::Binary(bytes)) => Some(Ok(bytes)),
+                        Ok(Message::Text(text)) => Some(Ok(Bytes::copy_from_slice(text.as_bytes()))),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(ClientError::Setup(format!("the console from {server} broke off: {e}")))),
+                    }
+                }
+            })
+            .boxed();
+        Ok(ConsoleSession { output, input })
     }
 
     pub fn server(&self) -> &str {
@@ -100,8 +222,15 @@ impl Client {
             return Ok(response);
         }
         let status = response.status();
-        let message = match response.json::<v1::ErrorBody>().await {
+        // The API's own errors are JSON; the HTTP layer's (a body too large, JSON that does
+        // not parse) are a line of text: either way the user reads the server's reason.
+        let text = response.text().await.unwrap_or_default();
+        let message = match serde_json::from_str::<v1::ErrorBody>(&text) {
             Ok(body) => body.error,
+            Err(_) if !text.trim().is_empty() => {
+                let reason: String = text.trim().chars().take(512).collect();
+                format!("the server refused the request ({status}): {reason}")
+            }
             Err(_) => format!("the server answered {status}"),
         };
         Err(ClientError::Api { status, message })
@@ -182,6 +311,35 @@ impl Client {
             .body(reqwest::Body::wrap_stream(body));
         let response = self.send(request).await?;
         response.json().await.map_err(|source| ClientError::Http { server: self.server.clone(), source })
+    }
+
+    pub async fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<v1::VolumeInfo, ClientError> {
+        let path = format!("/v1/volumes/{}/resize", segment(name)?);
+        self.call(Method::POST, &path, Some(&v1::ResizeVolume { size_bytes })).await
+    }
+
+    pub async fn update_vm(&self, name: &str, request: &v1::UpdateVm) -> Result<v1::VmInfo, ClientError> {
+        self.call(Method::PATCH, &format!("/v1/vms/{}", segment(name)?), Some(request)).await
+    }
+
+    pub async fn add_vm_disk(&self, name: &str, disk: &v1::DiskRequest) -> Result<v1::VmInfo, ClientError> {
+        self.call(Method::POST, &format!("/v1/vms/{}/disks", segment(name)?), Some(disk)).await
+    }
+
+    pub async fn detach_vm_volume(&self, name: &str, volume: &str) -> Result<v1::VmInfo, ClientError> {
+        let path = format!("/v1/vms/{}/disks/{}", segment(name)?, segment(volume)?);
+        self.call::<(), _>(Method::DELETE, &path, None).await
+    }
+
+    /// Copies volume `name` into `request.into`: the server's progress lines as they come.
+    pub async fn clone_volume(
+        &self,
+        name: &str,
+        request: &v1::CloneVolume,
+    ) -> Result<JsonLines<v1::CloneProgress>, ClientError> {
+        let url = self.url(&format!("/v1/volumes/{}/clone", segment(name)?));
+        let response = self.send(self.http.post(url).json(request)).await?;
+        Ok(JsonLines { response, buffer: Vec::new(), server: self.server.clone(), line: std::marker::PhantomData })
     }
 
     /// The volume's bytes as a stream, and its length.
@@ -265,6 +423,44 @@ fn segment(text: &str) -> Result<String, ClientError> {
         }
     }
     Ok(out)
+}
+
+/// An answer of one JSON value per line, read as they arrive.
+pub struct JsonLines<T> {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    server: String,
+    line: std::marker::PhantomData<T>,
+}
+
+/// The longest line a server sends: anything longer is not this API.
+const JSON_LINE_MAX: usize = 1 << 20;
+
+impl<T: DeserializeOwned> JsonLines<T> {
+    /// The next value, or `None` at the end of the answer.
+    pub async fn next(&mut self) -> Result<Option<T>, ClientError> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let value = serde_json::from_slice(&line).map_err(|e| ClientError::Api {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: format!("{} sent a line that is not what this client expects: {e}", self.server),
+                })?;
+                return Ok(Some(value));
+            }
+            if self.buffer.len() > JSON_LINE_MAX {
+                return Err(ClientError::Api {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: format!("{} sent a line longer than {JSON_LINE_MAX} bytes", self.server),
+                });
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Ok(None) => return Ok(None),
+                Err(source) => return Err(ClientError::Http { server: self.server.clone(), source }),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
     fn from_error(status: StatusCode, e: &dyn std::error::Error) -> Self {
         ApiError { status, message: chain(e) }
     }

@@ -6,6 +6,7 @@
 //! `NodeServices`.
 
 mod auth;
+mod cidata;
 pub mod client;
 mod error;
 mod listen;

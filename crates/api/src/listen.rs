@@ -29,8 +29,8 @@ pub struct ApiLimits {
     pub connections_per_address: usize,
     /// How long a TLS handshake may take.
     pub handshake_timeout: Duration,
-    /// How long a request's headers may take to arrive, and an idle connection may wait
-    /// for its next request.
+    /// How long a request's headers may take to arrive, a request's body may go without a
+    /// byte, and an idle connection may wait for its next request.
     pub header_timeout: Duration,
 }
 
@@ -47,7 +47,7 @@ impl Default for ApiLimits {
 
 /// How long a node port handshake may take (a node's own connect gives up after 2 s).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-/// TLS handshakes the node port runs at once, and from one address.
+/// TLS handshakes the node port runs at once, and from one address (see `Handshakes`).
 const HANDSHAKES_MAX: usize = 64;
 const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
 
@@ -106,17 +106,67 @@ impl Drop for Counted {
     }
 }
 
-/// Serves HTTP/1.1 on `io` with `router` until the connection ends.
-async fn serve_http<S>(io: S, router: Router, header_timeout: Duration) -> Result<(), hyper::Error>
+/// Serves HTTP/1.1 on `io` with `router` until the connection ends; headers must arrive
+/// within `timeout`.
+async fn serve_http<S>(io: S, router: Router, timeout: Duration) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(timeout)
         .max_buf_size(HEAD_BYTES_MAX)
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
+        // A console session upgrades its connection to a websocket.
+        .with_upgrades()
         .await
+}
+
+/// The slowest a request body may arrive on average, after a grace of the idle timeout.
+const BODY_RATE_MIN: u64 = 32 << 10;
+
+/// `router`, with every request body bounded in time: it fails when `timeout` passes
+/// without a byte of it, or when it falls behind `BODY_RATE_MIN` bytes a second (counted
+/// from its first poll, after a grace of `timeout`). A client that stops sending, or
+/// trickles a byte at a time, holds its connection (and what the handler holds) for about
+/// `timeout`; an upload that keeps moving is never cut.
+fn with_body_deadline(router: Router, timeout: Duration) -> Router {
+    router.layer(axum::middleware::from_fn(move |request, next| body_keeps_coming(request, next, timeout)))
+}
+
+async fn body_keeps_coming(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    timeout: Duration,
+) -> axum::response::Response {
+    use futures_util::StreamExt;
+    let (parts, body) = request.into_parts();
+    let started = tokio::time::Instant::now();
+    let state = Some((body.into_data_stream(), 0u64));
+    let chunks = futures_util::stream::unfold(state, move |state| async move {
+        let (mut chunks, received) = state?;
+        let behind = started + timeout + Duration::from_secs_f64(received as f64 / BODY_RATE_MIN as f64);
+        let deadline = behind.min(tokio::time::Instant::now() + timeout);
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                let received = received + chunk.len() as u64;
+                Some((Ok(chunk), Some((chunks, received))))
+            }
+            Ok(Some(Err(e))) => Some((Err(e), None)),
+            Ok(None) => None,
+            Err(_) => {
+                let stalled = format!(
+                    "the request body came too slowly: {received} bytes in {:.0} s (it may pause {} s at most, \
+                     and must average {} KiB/s)",
+                    started.elapsed().as_secs_f64(),
+                    timeout.as_secs(),
+                    BODY_RATE_MIN >> 10
+                );
+                Some((Err(axum::Error::new(stalled)), None))
+            }
+        }
+    });
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(chunks))).await
 }
 
 /// The next connection on `listener` that `counter` has room for; the others are closed at
@@ -145,7 +195,7 @@ async fn accept_counted(
 /// Serves the API port until the task is dropped.
 pub async fn serve_api(listener: TcpListener, services: NodeServices, limits: ApiLimits) {
     let counter = Arc::new(Counter { open: Mutex::default(), limits: limits.clone() });
-    let router = crate::routes::router(services.clone());
+    let router = with_body_deadline(crate::routes::router(services.clone()), limits.header_timeout);
     loop {
         let (stream, peer, counted) = accept_counted(&listener, &counter, "API").await;
         let (router, services, limits) = (router.clone(), services.clone(), limits.clone());
@@ -197,25 +247,92 @@ fn in_the_clear() -> Router {
     })
 }
 
+/// TLS handshakes in progress on the node port. Until a caller shows a node's certificate
+/// it holds none of the slots members' connections use, only one of these, and a newcomer
+/// always gets one: when its source already holds its share, that source's oldest
+/// handshake makes room; when the pool is full, the oldest of the source holding the most
+/// does. A member completes its handshake within a round trip or two, from a source that
+/// holds one, so callers that stall (from as many addresses as they like, or from the
+/// member's own) cannot keep it out; they would have to open a pool's worth of
+/// connections within that time, again and again.
+struct Handshakes {
+    inner: Mutex<HandshakesInner>,
+}
+
+#[derive(Default)]
+struct HandshakesInner {
+    next: u64,
+    /// In the order they began: the source each counts against, and the sender whose drop
+    /// tells its task to give up.
+    running: std::collections::BTreeMap<u64, (IpAddr, tokio::sync::oneshot::Sender<()>)>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// A handshake's place in [`Handshakes`]; given back when dropped.
+struct Handshake {
+    pool: Arc<Handshakes>,
+    id: u64,
+    /// Resolves when an older handshake must make room for a newer one.
+    evicted: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl HandshakesInner {
+    fn remove(&mut self, id: u64) {
+        if let Some((ip, _)) = self.running.remove(&id) {
+            let n = self.per_source.get_mut(&ip).expect("counted when it began");
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&ip);
+            }
+        }
+    }
+}
+
+impl Handshakes {
+    /// A place for a handshake from `ip`, made by ending an older one if need be.
+    fn begin(self: &Arc<Self>, ip: IpAddr) -> Handshake {
+        let ip = source(ip);
+        let mut inner = self.inner.lock().expect("handshakes lock");
+        let at_share = inner.per_source.get(&ip).copied().unwrap_or(0) >= HANDSHAKES_PER_ADDRESS_MAX;
+        if at_share || inner.running.len() >= HANDSHAKES_MAX {
+            let most = inner.per_source.values().copied().max().unwrap_or(0);
+            let makes_room = |from: &IpAddr| if at_share { *from == ip } else { inner.per_source[from] == most };
+            let oldest = inner.running.iter().find(|(_, (from, _))| makes_room(from)).map(|(id, _)| *id);
+            inner.remove(oldest.expect("a source that holds places holds an oldest"));
+        }
+        let id = inner.next;
+        inner.next += 1;
+        let (tell, evicted) = tokio::sync::oneshot::channel();
+        inner.running.insert(id, (ip, tell));
+        *inner.per_source.entry(ip).or_default() += 1;
+        Handshake { pool: self.clone(), id, evicted }
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.pool.inner.lock().expect("handshakes lock").remove(self.id);
+    }
+}
+
 /// Serves the node port until the task is dropped.
 pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data: volume::DataServer) {
-    let router = crate::routes::peer_router(services.clone());
-    let header_timeout = ApiLimits::default().header_timeout;
-    // Handshakes in progress have a small pool of their own: until a caller shows a node's
-    // certificate it holds none of the slots members' connections use.
-    let handshakes = Arc::new(Counter {
-        open: Mutex::default(),
-        limits: ApiLimits {
-            connections_total: HANDSHAKES_MAX,
-            connections_per_address: HANDSHAKES_PER_ADDRESS_MAX,
-            ..ApiLimits::default()
-        },
-    });
+    let timeout = ApiLimits::default().header_timeout;
+    let router = with_body_deadline(crate::routes::peer_router(services.clone()), timeout);
+    let handshakes = Arc::new(Handshakes { inner: Mutex::default() });
     loop {
-        let (stream, peer, handshake) = accept_counted(&listener, &handshakes, "node port handshake").await;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a node port connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handshake = handshakes.begin(peer.ip());
         let (router, services, data) = (router.clone(), services.clone(), data.clone());
         tokio::spawn(async move {
-            let ended = node_connection(stream, peer, handshake, router, services, data, header_timeout).await;
+            let ended = node_connection(stream, peer, handshake, router, services, data, timeout).await;
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "node port connection ended");
             }
@@ -226,11 +343,11 @@ pub async fn serve_node_port(listener: TcpListener, services: NodeServices, data
 async fn node_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    handshake: Counted,
+    mut handshake: Handshake,
     router: Router,
     services: NodeServices,
     data: volume::DataServer,
-    header_timeout: Duration,
+    timeout: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     stream.set_nodelay(true)?;
     let Some(material) = services.cluster().tls().material() else {
@@ -238,7 +355,13 @@ async fn node_connection(
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(material.node_server.clone());
     // The handshake checks the client's chain to the CA; the state says whether it is a node.
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await??;
+    let tls = tokio::select! {
+        tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => tls??,
+        _ = &mut handshake.evicted => {
+            tracing::debug!(%peer, "a node port handshake made room for a newer one");
+            return Ok(());
+        }
+    };
     let (_, session) = tls.get_ref();
     let presented = session.peer_certificates().and_then(|c| c.first()).map(|c| pki::fingerprint(c));
     if !presented.as_deref().is_some_and(|fpr| services.cluster().accepts_peer(fpr)) {
@@ -276,7 +399,7 @@ async fn node_connection(
             }
         },
     ));
-    Ok(serve_http(tls, router, header_timeout).await?)
+    Ok(serve_http(tls, router, timeout).await?)
 }
 
 #[cfg(test)]
@@ -298,5 +421,76 @@ mod tests {
         assert!(counter.take("10.0.0.2".parse().unwrap()).is_some());
         drop(held);
         assert!(counter.take("2001:db8::9".parse().unwrap()).is_some(), "given back when dropped");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_or_trickles_ends_its_request_and_one_that_keeps_coming_does_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let router = Router::new()
+            .route("/", axum::routing::put(|body: axum::body::Bytes| async move { format!("took {}", body.len()) }));
+        let timeout = Duration::from_millis(300);
+        let router = with_body_deadline(router, timeout);
+        // Sends `chunks` pieces of `piece` bytes, `gap` apart; returns the answer.
+        let exchange = |chunks: usize, piece: usize, gap: Duration| {
+            let router = router.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(1 << 20);
+                let served = tokio::spawn(serve_http(server, router, timeout));
+                let head = format!("PUT / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", chunks * piece);
+                client.write_all(head.as_bytes()).await.unwrap();
+                for _ in 0..chunks {
+                    tokio::time::sleep(gap).await;
+                    if client.write_all(&vec![b'x'; piece]).await.is_err() {
+                        break;
+                    }
+                }
+                let mut answer = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut answer)).await;
+                drop(client);
+                let _ = served.await;
+                String::from_utf8_lossy(&answer).into_owned()
+            }
+        };
+        // 640 KiB over a second: past the grace, but well above the least rate.
+        let moving = exchange(10, 64 << 10, Duration::from_millis(100)).await;
+        assert!(moving.starts_with("HTTP/1.1 200") && moving.contains("took 655360"), "{moving}");
+        let stalled = exchange(2, 1, Duration::from_millis(1000)).await;
+        assert!(stalled.starts_with("HTTP/1.1 400"), "{stalled}");
+        // A byte every 200 ms: never a pause as long as the timeout, but far below the rate.
+        let trickled = exchange(8, 1, Duration::from_millis(200)).await;
+        assert!(trickled.starts_with("HTTP/1.1 400"), "{trickled}");
+    }
+
+    #[test]
+    fn a_newcomer_always_gets_a_handshake_and_the_most_crowded_source_makes_room() {
+        let pool = Arc::new(Handshakes { inner: Mutex::default() });
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let evicted =
+            |h: &mut Handshake| matches!(h.evicted.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed));
+        // Stallers fill the pool, eight per address; a member comes in among them.
+        let mut stallers: Vec<_> = (0..HANDSHAKES_MAX).map(|i| pool.begin(ip(&format!("10.0.0.{}", i / 8)))).collect();
+        assert!(!stallers.iter_mut().any(evicted), "a full pool, nobody evicted yet");
+        let mut member = pool.begin(ip("10.9.9.9"));
+        assert!(evicted(&mut stallers[0]), "the oldest of the most crowded made room");
+
+        // Newcomers from fresh addresses: each takes the oldest place of the sources holding
+        // the most, never the member's single one, until every source holds one.
+        let newcomers: Vec<_> = (0..HANDSHAKES_MAX - 9).map(|i| pool.begin(ip(&format!("10.1.0.{i}")))).collect();
+        assert!(!evicted(&mut member), "a source holding one place is among the last to give it up");
+        let left = stallers.iter_mut().map(evicted).filter(|gone| !gone).count();
+        assert_eq!(left, 8, "the stallers hold one place per address");
+        assert_eq!(pool.inner.lock().unwrap().running.len(), HANDSHAKES_MAX);
+
+        drop((newcomers, stallers, member));
+
+        // A source at its share makes room from its own places, oldest first.
+        let mut same: Vec<_> = (0..HANDSHAKES_PER_ADDRESS_MAX).map(|_| pool.begin(ip("10.2.0.1"))).collect();
+        let newest = pool.begin(ip("10.2.0.1"));
+        assert!(evicted(&mut same[0]) && !same[1..].iter_mut().any(evicted));
+        assert_eq!(pool.inner.lock().unwrap().per_source[&ip("10.2.0.1")], HANDSHAKES_PER_ADDRESS_MAX);
+
+        drop((same, newest));
+        let inner = pool.inner.lock().unwrap();
+        assert!(inner.running.is_empty() && inner.per_source.is_empty(), "every place given back");
     }
 }

@@ -3,13 +3,14 @@
 
 use crate::services::NodeServices;
 use futures_util::future::BoxFuture;
-use hypervisor::{AttachedDisk, Host, HostError};
-use model::{BootFile, ClusterState, NodeId, Vm, VmId, VmRunState};
+use hypervisor::{AttachedDisk, AttachedVars, Host, HostError, VarsVolume};
+use model::{BootFile, ClusterState, NodeId, Vm, VmId, VmRunState, VolumeId};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use vhost_blk::{DiskServer, DiskTarget};
+use volume::VolumeWriter;
 
 pub struct NodeHost {
     services: NodeServices,
@@ -27,6 +28,61 @@ struct ServedDisk(DiskServer);
 impl AttachedDisk for ServedDisk {
     fn socket(&self) -> &Path {
         self.0.socket()
+    }
+}
+
+impl NodeHost {
+    /// Takes `volume` of `vm` for this node (a new owner epoch fences any earlier owner) and
+    /// makes its replicas agree on the last owner's writes.
+    async fn acquire(&self, vm: &Vm, volume: VolumeId) -> Result<(model::Volume, Arc<VolumeWriter>), HostError> {
+        let cluster = self.services.cluster();
+        // A VM moved or stopped while it was starting here must not take its volumes back
+        // from the node it runs on now.
+        let here = model::VmDesired::Running { node: cluster.node_id() };
+        if cluster.state().vms.get(&vm.id).map(|v| v.desired) != Some(here) {
+            return Err(HostError {
+                what: format!("VM {} is no longer meant to run here", vm.spec.name),
+                source: None,
+            });
+        }
+        let epoch =
+            cluster.acquire_volume(volume).await.map_err(|e| HostError::new(format!("acquiring {volume}"), e))?;
+        let info =
+            cluster.state().volumes.get(&volume).cloned().ok_or_else(|| HostError {
+                what: format!("{volume} of VM {} was deleted", vm.spec.name),
+                source: None,
+            })?;
+        let engine = self.services.engine();
+        // The last owner may have died with writes in flight: its replicas agree before the
+        // guest reads anything.
+        let writer = Arc::new(engine.writer(volume, epoch));
+        let reconciled = engine
+            .reconcile(&writer)
+            .await
+            .map_err(|e| HostError::new(format!("reconciling {} after its last owner", info.name), e))?;
+        if reconciled.ranges > 0 {
+            tracing::info!(volume = %info.name, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
+        }
+        Ok((info, writer))
+    }
+}
+
+/// A UEFI variable store's volume, written as its owner.
+struct Vars {
+    writer: Arc<VolumeWriter>,
+    name: String,
+}
+
+impl VarsVolume for Vars {
+    fn save<'a>(&'a self, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), HostError>> {
+        Box::pin(async move {
+            let mut buf = store::AlignedBuf::zeroed(bytes.len());
+            buf.as_mut_slice().copy_from_slice(bytes);
+            self.writer
+                .write(0, Arc::new(buf), 0..bytes.len())
+                .await
+                .map_err(|e| HostError::new(format!("writing the UEFI variables to {}", self.name), e))
+        })
     }
 }
 
@@ -76,36 +132,9 @@ impl Host for NodeHost {
     ) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>> {
         Box::pin(async move {
             let mut disks: Vec<Box<dyn AttachedDisk>> = Vec::new();
-            for (index, &volume) in vm.spec.disks.iter().enumerate() {
-                let cluster = self.services.cluster();
-                // A VM moved or stopped while it was starting here must not take its disks
-                // back from the node it runs on now.
-                let here = model::VmDesired::Running { node: cluster.node_id() };
-                if cluster.state().vms.get(&vm.id).map(|v| v.desired) != Some(here) {
-                    return Err(HostError {
-                        what: format!("VM {} is no longer meant to run here", vm.spec.name),
-                        source: None,
-                    });
-                }
-                let epoch = cluster
-                    .acquire_volume(volume)
-                    .await
-                    .map_err(|e| HostError::new(format!("acquiring {volume}"), e))?;
-                let info = cluster.state().volumes.get(&volume).cloned().ok_or_else(|| HostError {
-                    what: format!("{volume} of VM {} was deleted", vm.spec.name),
-                    source: None,
-                })?;
+            for (index, volume) in vm.spec.attached().into_iter().enumerate() {
+                let (info, writer) = self.acquire(vm, volume).await?;
                 let engine = self.services.engine().clone();
-                // The last owner may have died with writes in flight: its replicas agree
-                // before the guest reads anything.
-                let writer = Arc::new(engine.writer(volume, epoch));
-                let reconciled = engine
-                    .reconcile(&writer)
-                    .await
-                    .map_err(|e| HostError::new(format!("reconciling {} after its last owner", info.name), e))?;
-                if reconciled.ranges > 0 {
-                    tracing::info!(volume = %info.name, ranges = reconciled.ranges, bytes = reconciled.bytes, "made the replicas of the last owner's recent writes identical");
-                }
                 let target =
                     DiskTarget { volume, size_bytes: info.size_bytes, writer, engine, serial: info.name.clone() };
                 let socket = dir.join(format!("disk{index}.sock"));
@@ -114,6 +143,18 @@ impl Host for NodeHost {
                 disks.push(Box::new(ServedDisk(server)));
             }
             Ok(disks)
+        })
+    }
+
+    fn attach_vars<'a>(&'a self, vm: &'a Vm, volume: VolumeId) -> BoxFuture<'a, Result<AttachedVars, HostError>> {
+        Box::pin(async move {
+            let (info, writer) = self.acquire(vm, volume).await?;
+            let len = model::UEFI_VARS_BYTES;
+            let kept = self.services.engine().read(volume, 0, len).await.map_err(|e| {
+                HostError::new(format!("reading the UEFI variables of VM {} ({})", vm.spec.name, info.name), e)
+            })?;
+            let kept = kept.map(|data| data.as_ref()[..len as usize].to_vec()).unwrap_or_else(|| vec![0; len as usize]);
+            Ok(AttachedVars { kept, volume: Arc::new(Vars { writer, name: info.name }) })
         })
     }
 
@@ -129,7 +170,8 @@ impl Host for NodeHost {
                 source: None,
             };
             let (_, mut chunks) = self.services.export(&volume.name).map_err(|e| fail(&e.message))?;
-            let mut out = tokio::fs::File::create(&to).await.map_err(|e| fail(&e))?;
+            // Made anew, never through a link a QEMU may have left in the VM's directory.
+            let mut out = tokio::fs::File::from_std(hypervisor::create_fresh(&to).map_err(|e| fail(&e))?);
             let mut left = file.len_bytes;
             while left > 0 {
                 let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await else { break };

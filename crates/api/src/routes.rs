@@ -9,6 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use cluster::{PeerReply, PeerRpc};
 
 /// The API as the node's local socket serves it: root on the node, no token.
@@ -31,7 +32,11 @@ pub fn peer_router(services: NodeServices) -> Router {
         .route("/internal/peer", post(peer).layer(DefaultBodyLimit::max(cluster::PEER_REQUEST_BYTES_MAX)))
         .route("/internal/snapshot", post(snapshot).layer(DefaultBodyLimit::max(cluster::SNAPSHOT_BYTES_MAX)))
         // A VM's console, relayed by another node for its user.
-        .route("/internal/vms/{name}/console", get(vm_console))
+        .route("/internal/vms/{name}/console", get(internal_vm_console))
+        .route(
+            "/internal/vms/{name}/console/input",
+            post(vm_console_input).layer(DefaultBodyLimit::max(crate::vms::CONSOLE_INPUT_MAX_BYTES)),
+        )
         .with_state(services)
 }
 
@@ -48,12 +53,17 @@ fn routes() -> Router<NodeServices> {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/data", get(export_volume).put(import_volume))
+        .route("/v1/volumes/{name}/clone", post(clone_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/blocks/{offset}", get(read_blocks).put(write_blocks))
         .route("/v1/vms", get(list_vms).post(create_vm))
-        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/{name}", get(show_vm).delete(delete_vm).patch(update_vm))
+        .route("/v1/vms/{name}/disks", post(add_vm_disk))
+        .route("/v1/vms/{name}/disks/{volume}", axum::routing::delete(detach_vm_volume))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/console", get(vm_console))
+        .route("/v1/vms/{name}/console/session", get(vm_console_session))
         .route("/v1/events", get(events))
         .route("/v1/nodes/{node}/drain", post(drain_node))
         .route("/v1/nodes/{node}/resume", post(resume_node))
@@ -177,6 +187,39 @@ async fn export_volume(State(node): State<NodeServices>, Path(name): Path<String
         .into_response())
 }
 
+/// Answers at once and copies in a task of its own, one JSON line per chunk copied and one
+/// for the outcome; the copy stops if the client goes away.
+async fn clone_volume(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::CloneVolume>,
+) -> Result<Response, ApiError> {
+    node.volume(&name)?;
+    crate::services::check_name("volume", &request.into)?;
+    let (lines, receiver) = tokio::sync::mpsc::channel::<v1::CloneProgress>(64);
+    tokio::spawn(async move {
+        // Progress a slow reader has no room for is skipped; a reader gone stops the copy.
+        let progress = |bytes, of| {
+            !matches!(
+                lines.try_send(v1::CloneProgress::Copied { bytes, of }),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+            )
+        };
+        let outcome = match node.clone_volume(&name, &request, progress).await {
+            Ok(volume) => v1::CloneProgress::Done { volume },
+            Err(e) => v1::CloneProgress::Failed { error: e.message },
+        };
+        let _ = lines.send(outcome).await;
+    });
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let line = receiver.recv().await?;
+        let mut text = serde_json::to_vec(&line).expect("progress serialises");
+        text.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), receiver))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}
+
 #[derive(serde::Deserialize)]
 struct BlockRead {
     len: u64,
@@ -231,6 +274,37 @@ async fn show_vm(State(node): State<NodeServices>, Path(name): Path<String>) -> 
     Ok(Json(node.vm(&name)?))
 }
 
+async fn update_vm(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::UpdateVm>,
+) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.update_vm(&name, request).await?))
+}
+
+async fn add_vm_disk(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::DiskRequest>,
+) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.add_vm_disk(&name, request).await?))
+}
+
+async fn detach_vm_volume(
+    State(node): State<NodeServices>,
+    Path((name, volume)): Path<(String, String)>,
+) -> Result<Json<v1::VmInfo>, ApiError> {
+    Ok(Json(node.detach_vm_volume(&name, &volume).await?))
+}
+
+async fn resize_volume(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Json(request): Json<v1::ResizeVolume>,
+) -> Result<Json<v1::VolumeInfo>, ApiError> {
+    Ok(Json(node.resize_volume(&name, request.size_bytes).await?))
+}
+
 async fn delete_vm(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     node.delete_vm(&name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -256,6 +330,127 @@ async fn stop_vm(
 struct ConsoleQuery {
     #[serde(default)]
     follow: bool,
+    /// Only the last this many bytes of what was written before.
+    #[serde(default)]
+    tail: Option<u64>,
+}
+
+/// How much earlier output an interactive console session shows first.
+const SESSION_TAIL_BYTES: u64 = 16 << 10;
+
+/// An interactive console over a websocket: binary messages from the client are keys for
+/// the guest's serial port; the guest's output (its last 16 KiB, then as it comes) goes
+/// back as binary messages, until the VM stops or the client leaves. Any number of
+/// sessions (up to `SESSIONS_MAX` per node) may watch and type at once; any node serves
+/// one, relaying to the VM's node.
+async fn vm_console_session(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // A session outlives its HTTP connection (and that connection's place in the API
+    // port's count): sessions have a count of their own.
+    let Ok(place) = node.console_sessions().clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this node serves {} console sessions already: try another node", crate::services::SESSIONS_MAX),
+        ));
+    };
+    let output = node.console(&name, true, Some(SESSION_TAIL_BYTES), true).await?;
+    let upgrade = upgrade
+        .max_message_size(crate::vms::CONSOLE_INPUT_MAX_BYTES)
+        .max_frame_size(crate::vms::CONSOLE_INPUT_MAX_BYTES);
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        console_session(node, name, output, socket).await;
+        drop(place);
+    }))
+}
+
+/// A session's heartbeat: a client that answers no ping within two of these is gone.
+const SESSION_PING: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn console_session(
+    node: NodeServices,
+    name: String,
+    mut output: futures_util::stream::BoxStream<'static, Result<Bytes, std::io::Error>>,
+    socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    use futures_util::{SinkExt, StreamExt};
+    let (mut to_client, mut from_client) = socket.split();
+    // Keys go to the guest from a task of their own, in order, a few at most waiting: a
+    // guest slow to take them never holds up its output or the session's end.
+    let (keys, mut queued) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let (refusals, mut refused) = tokio::sync::mpsc::channel::<String>(1);
+    let typist = {
+        let (node, name) = (node.clone(), name.clone());
+        tokio::spawn(async move {
+            while let Some(input) = queued.recv().await {
+                if let Err(e) = node.console_input(&name, input, true).await {
+                    let _ = refusals.try_send(e.message);
+                }
+            }
+        })
+    };
+    let mut ping = tokio::time::interval(SESSION_PING);
+    let mut answered = true;
+    loop {
+        tokio::select! {
+            chunk = output.next() => match chunk {
+                Some(Ok(bytes)) => {
+                    if to_client.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                // The VM stopped (or its output broke off): the session ends.
+                _ => {
+                    let _ = to_client.send(Message::Close(None)).await;
+                    break;
+                }
+            },
+            Some(reason) = refused.recv() => {
+                let said = format!("\r\n[converge: the console input was refused: {reason}]\r\n");
+                if to_client.send(Message::Binary(Bytes::from(said))).await.is_err() {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if !answered || to_client.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break;
+                }
+                answered = false;
+            }
+            message = from_client.next() => {
+                let input = match message {
+                    Some(Ok(Message::Binary(bytes))) => bytes,
+                    Some(Ok(Message::Text(text))) => Bytes::copy_from_slice(text.as_bytes()),
+                    Some(Ok(Message::Pong(_))) => {
+                        answered = true;
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_))) => continue,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                };
+                if keys.try_send(input).is_err() {
+                    let said = "\r\n[converge: keys dropped: the guest is not taking them]\r\n";
+                    if to_client.send(Message::Binary(Bytes::from_static(said.as_bytes()))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    typist.abort();
+}
+
+/// Keys relayed by another node, for a VM that runs here.
+async fn vm_console_input(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    input: Bytes,
+) -> Result<StatusCode, ApiError> {
+    node.console_input(&name, input, false).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn vm_console(
@@ -263,6 +458,16 @@ async fn vm_console(
     Path(name): Path<String>,
     Query(query): Query<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
-    let stream = node.console(&name, query.follow).await?;
+    let stream = node.console(&name, query.follow, query.tail, true).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
+}
+
+/// The console of a VM that runs here, for another node relaying it.
+async fn internal_vm_console(
+    State(node): State<NodeServices>,
+    Path(name): Path<String>,
+    Query(query): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let stream = node.console(&name, query.follow, query.tail, false).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
 }

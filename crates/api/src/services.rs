@@ -32,7 +32,14 @@ struct Inner {
     http: crate::transport::HttpTransport,
     /// Volumes this node writes through the block API, with the writer it holds for each.
     block_writers: tokio::sync::Mutex<std::collections::HashMap<model::VolumeId, Arc<volume::VolumeWriter>>>,
+    /// A connection to the console socket of each VM running here that was typed into.
+    pub(crate) console_inputs: crate::vms::ConsoleInputs,
+    /// Places for interactive console sessions, which outlive their HTTP connections.
+    console_sessions: Arc<tokio::sync::Semaphore>,
 }
+
+/// Interactive console sessions one node serves at once.
+pub const SESSIONS_MAX: usize = 64;
 
 /// Largest block API request: bounds the memory one call holds.
 pub const BLOCK_IO_MAX_BYTES: usize = 1 << 20;
@@ -46,8 +53,18 @@ impl NodeServices {
         vm_dir: std::path::PathBuf,
         http: crate::transport::HttpTransport,
     ) -> Self {
-        let block_writers = Default::default();
-        NodeServices { inner: Arc::new(Inner { cluster, disks, engine, vm_dir, http, block_writers }) }
+        let (block_writers, console_inputs) = Default::default();
+        let console_sessions = Arc::new(tokio::sync::Semaphore::new(SESSIONS_MAX));
+        let inner = Inner { cluster, disks, engine, vm_dir, http, block_writers, console_inputs, console_sessions };
+        NodeServices { inner: Arc::new(inner) }
+    }
+
+    pub(crate) fn console_inputs(&self) -> &crate::vms::ConsoleInputs {
+        &self.inner.console_inputs
+    }
+
+    pub(crate) fn console_sessions(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.console_sessions
     }
 
     pub fn engine(&self) -> &Engine {
@@ -262,6 +279,13 @@ impl NodeServices {
         Ok(volume_info(&self.inner.cluster.state(), &volume))
     }
 
+    /// Grows a volume no active VM uses.
+    pub async fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<v1::VolumeInfo, ApiError> {
+        let volume = self.inner.cluster.volume(name)?;
+        self.inner.cluster.propose(model::ClusterCommand::ResizeVolume { volume: volume.id, size_bytes }).await?;
+        self.volume(name)
+    }
+
     pub async fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
         Ok(self.inner.cluster.delete_volume(name).await?)
     }
@@ -338,6 +362,88 @@ impl NodeServices {
             }
         });
         Ok((size, chunks.buffered(TRANSFER_IN_FLIGHT_MAX)))
+    }
+}
+
+impl NodeServices {
+    /// Copies volume `source` into `request.into`, making it if it does not exist, and tells
+    /// `progress` each chunk copied; stops when `progress` answers false (nobody listens).
+    /// A target it made is removed again if the copy fails. The source must not be a disk
+    /// of an active VM (its bytes would change under the copy).
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        request: &v1::CloneVolume,
+        progress: impl Fn(u64, u64) -> bool,
+    ) -> Result<v1::VolumeInfo, ApiError> {
+        let from = self.inner.cluster.volume(source)?;
+        if request.into == source {
+            return Err(ApiError::bad_request(format!("volume {source} cannot be cloned into itself")));
+        }
+        let state = self.inner.cluster.state();
+        if let Some(vm) = state.vms.values().find(|vm| vm.is_active() && vm.volumes().contains(&from.id)) {
+            return Err(ApiError::conflict(format!(
+                "volume {source} belongs to VM {}, which is active: stop it before cloning its disk",
+                vm.spec.name
+            )));
+        }
+        let made = match self.inner.cluster.volume(&request.into) {
+            Ok(target) if target.size_bytes < from.size_bytes => {
+                return Err(ApiError::conflict(format!(
+                    "volume {} has {} bytes, fewer than {source}'s {}",
+                    request.into, target.size_bytes, from.size_bytes
+                )));
+            }
+            Ok(_) => false,
+            Err(cluster::ClusterError::NotFound { .. }) => {
+                let replicas = match request.replicas {
+                    Some(replicas) => replicas,
+                    None => state.pools.get(&from.pool).map(|p| p.replicas).unwrap_or(2),
+                };
+                let create = v1::CreateVolume { name: request.into.clone(), size_bytes: from.size_bytes, replicas };
+                self.create_volume(create).await?;
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let copied = async {
+            // The source is taken (a new owner epoch fences any writer it had), and the
+            // copy counts only if nobody took it while it ran.
+            let epoch = self.inner.cluster.acquire_idle_volume(from.id).await?;
+            let (size, chunks) = self.export(source)?;
+            let mut done = 0u64;
+            let chunks = chunks.take_while(|chunk| {
+                let listened = match chunk {
+                    Ok(bytes) => {
+                        done += bytes.len() as u64;
+                        progress(done, size)
+                    }
+                    Err(_) => true,
+                };
+                std::future::ready(listened)
+            });
+            let imported = self.import(&request.into, Box::pin(chunks)).await?;
+            if imported.bytes != size {
+                return Err(ApiError::bad_request(format!(
+                    "the copy ended after {} of {size} bytes (nobody was waiting for it)",
+                    imported.bytes
+                )));
+            }
+            let now = self.inner.cluster.state().volumes.get(&from.id).map(|v| v.owner_epoch);
+            if now != Some(epoch) {
+                return Err(ApiError::conflict(format!(
+                    "volume {source} was taken by a writer while it was being copied: the copy is not whole"
+                )));
+            }
+            self.volume(&request.into)
+        }
+        .await;
+        if copied.is_err() && made {
+            if let Err(e) = self.delete_volume(&request.into).await {
+                tracing::warn!(volume = %request.into, error = %e.message, "removing a failed clone's volume failed");
+            }
+        }
+        copied
     }
 }
 

@@ -106,6 +106,40 @@ pub struct ImportResult {
     pub owner_epoch: OwnerEpoch,
 }
 
+/// `POST /v1/volumes/{name}/resize`: grow the volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    pub size_bytes: u64,
+}
+
+/// `PATCH /v1/vms/{name}`: what changes from the VM's next start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UpdateVm {
+    #[serde(default)]
+    pub cpus: Option<u16>,
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+/// `POST /v1/volumes/{name}/clone`: copy the volume's bytes into volume `into`, made with the
+/// source's size (and `replicas`, or the source's) if it does not exist.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneVolume {
+    pub into: String,
+    #[serde(default)]
+    pub replicas: Option<u8>,
+}
+
+/// One line of a clone's answer (JSON, one per line): progress as it copies, then how it
+/// ended. A clone that fails removes the volume it made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneProgress {
+    Copied { bytes: u64, of: u64 },
+    Done { volume: VolumeInfo },
+    Failed { error: String },
+}
+
 /// The body of every error response.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -128,8 +162,15 @@ pub struct BootFileRef {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "from", rename_all = "snake_case")]
 pub enum BootRequest {
+    /// BIOS from the first disk.
     Disk,
-    Kernel { kernel: BootFileRef, initrd: Option<BootFileRef>, cmdline: String },
+    /// UEFI from the first disk; the server makes the VM's variable volume (`NAME-uefi-vars`).
+    Uefi,
+    Kernel {
+        kernel: BootFileRef,
+        initrd: Option<BootFileRef>,
+        cmdline: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -142,6 +183,29 @@ pub struct CreateVm {
     /// Restart on another node when its node goes down; on by default.
     #[serde(default)]
     pub ha: model::HaPolicy,
+    /// A cloud-init seed (NoCloud) attached after the disks.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInit>,
+    /// An ISO image (uploaded into a volume) attached as a CD-ROM, booted first.
+    #[serde(default)]
+    pub cdrom: Option<BootFileRef>,
+}
+
+/// What cloud-init is told at the VM's first boot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CloudInit {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// A user to make, with sudo and the SSH keys; without one, the keys are the image's
+    /// default user's.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// The user's own user-data (a cloud-config, a script...), instead of the one made from
+    /// the fields above.
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -177,6 +241,12 @@ pub struct VmInfo {
     /// Whether the node the VM is meant to run on, or last ran on, is down.
     #[serde(default)]
     pub node_down: bool,
+    /// The volume of its cloud-init seed, attached after the disks.
+    #[serde(default)]
+    pub seed: Option<String>,
+    /// The volume of the ISO image attached as its CD-ROM.
+    #[serde(default)]
+    pub cdrom: Option<String>,
 }
 
 /// `GET /v1/events?after=SEQ`: the events after `after`, oldest first.

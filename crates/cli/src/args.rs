@@ -38,6 +38,8 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node daemon.
@@ -89,7 +91,10 @@ pub enum TokenCommand {
     /// The tokens that work now (never their secrets).
     List,
     /// Make a token stop working, by its id.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, as `token list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,20 +108,33 @@ pub enum NodeCommand {
         no_wait: bool,
     },
     /// Let VMs onto a drained node again.
-    Resume { node: String },
+    Resume {
+        /// A node id (node-12) or address (127.0.0.3).
+        node: String,
+    },
     /// Whether the node can go down now without stopping a volume or a VM.
-    Check { node: String },
+    Check {
+        /// A node id (node-12) or address (127.0.0.3).
+        node: String,
+    },
     /// Take a node that is gone for good out of the cluster and its Raft voters, so a new
     /// one can join in its place. The node must be down.
-    Remove { node: String },
+    Remove {
+        /// A node id (node-12) or address (127.0.0.3).
+        node: String,
+    },
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Define a VM and create its disks.
     Create {
+        /// The VM's name: letters, digits, '-', '_' and '.'.
         name: String,
         #[arg(long, default_value_t = 1)]
+        /// Virtual CPUs.
         cpus: u16,
         /// Guest memory, for example 512M.
         #[arg(long, default_value = "512M")]
@@ -124,16 +142,54 @@ pub enum VmCommand {
         /// A disk: SIZE[,replicas=R], for example 10G or 10G,replicas=3. Repeat for more disks.
         #[arg(long = "disk")]
         disks: Vec<String>,
-        /// A raw or qcow2 image copied onto the first disk (booted by BIOS unless --kernel is given).
+        /// A disk image (qcow2, vmdk, vhdx, vdi, vhd or raw) copied onto the first disk
+        /// (booted by its firmware unless --kernel is given).
         #[arg(long)]
         image: Option<PathBuf>,
+        /// The image's format, when its header does not tell it.
+        #[arg(long, value_enum, requires = "image")]
+        image_format: Option<crate::image::Format>,
+        /// A volume (an image imported once) copied onto the first disk; the first disk is
+        /// made the template's size unless --disk asks for more.
+        #[arg(long, conflicts_with = "image")]
+        template: Option<String>,
+        /// The firmware that boots the first disk: UEFI (its variables kept in a volume of
+        /// the VM's) or BIOS for legacy images.
+        #[arg(long, value_enum, default_value_t = Firmware::Uefi, conflicts_with = "kernel")]
+        firmware: Firmware,
+        /// An ISO image (an installer) attached as a CD-ROM and booted first; kept in a
+        /// volume (NAME-cdrom), so any node can start the VM.
+        #[arg(long)]
+        cdrom: Option<PathBuf>,
         /// Boot this kernel directly (kept in a volume, so any node can start the VM).
         #[arg(long)]
         kernel: Option<PathBuf>,
         #[arg(long, requires = "kernel")]
+        /// An initramfs for --kernel (kept in a volume too).
         initrd: Option<PathBuf>,
         #[arg(long, requires = "kernel", default_value = "console=ttyS0")]
+        /// The kernel command line for --kernel.
         cmdline: String,
+        /// An SSH public key file for cloud-init (every key line in it); repeat for more.
+        #[arg(long = "ssh-key")]
+        ssh_keys: Vec<PathBuf>,
+        /// A user cloud-init makes, with sudo and the SSH keys (else the keys are the
+        /// image's default user's).
+        #[arg(long)]
+        user: Option<String>,
+        /// The guest's host name, for cloud-init.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Your own cloud-init user-data (a #cloud-config file, a script...), instead of the
+        /// one made from --user and --hostname.
+        #[arg(long = "cloud-init")]
+        cloud_init: Option<PathBuf>,
+        /// Start the VM once it is made (on the least loaded node, or --node).
+        #[arg(long)]
+        start: bool,
+        /// With --start: the node to start it on.
+        #[arg(long, requires = "start")]
+        node: Option<String>,
         /// Restart the VM on another node when its node goes down.
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         ha: OnOff,
@@ -146,39 +202,94 @@ pub enum VmCommand {
     },
     /// Start a VM, on NODE or on the least loaded node.
     Start {
+        /// The VM's name.
         name: String,
         /// A node id (node-12) or address (127.0.0.3).
         #[arg(long)]
         node: Option<String>,
-        /// Move a VM that is running on another node.
-        #[arg(long)]
-        force: bool,
         /// Return at once instead of waiting until it runs.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move a running VM to another node: it stops here and starts there (its disks go
+    /// with it; the guest restarts).
+    Move {
+        /// The VM's name.
+        name: String,
+        /// A node id (node-12) or address (127.0.0.3).
+        #[arg(long)]
+        node: String,
+        /// Return at once instead of waiting until it runs there.
         #[arg(long)]
         no_wait: bool,
     },
     /// Shut a VM down (ACPI), or end it at once with --force.
     Stop {
+        /// The VM's name.
         name: String,
         #[arg(long)]
+        /// End it at once instead of asking the guest to shut down (ACPI).
         force: bool,
         #[arg(long)]
+        /// Return at once instead of waiting until it stopped.
         no_wait: bool,
     },
+    /// Every VM: desired and actual state, the node it runs on, a failure in one line.
     List,
+    /// A VM's spec, state and the reason for a failure.
     Show {
+        /// The VM's name.
         name: String,
     },
-    /// Follow a VM's serial console.
+    /// The VM's serial console, interactive: keys go to the guest, Ctrl-] leaves. Works
+    /// through any node; others may watch or type at the same time.
     Console {
+        /// The VM's name.
         name: String,
-        /// Print what is there and return.
-        #[arg(long)]
+        /// Print what the console showed so far and return.
+        #[arg(long, conflicts_with = "watch")]
         no_follow: bool,
+        /// Only watch: follow the output, send no keys (Ctrl-C leaves).
+        #[arg(long)]
+        watch: bool,
     },
     /// Delete a stopped VM and its disks.
     Delete {
+        /// The VM's name.
         name: String,
+    },
+    /// Change a VM's vCPUs or memory; it gets them at its next start.
+    Set {
+        /// The VM's name.
+        name: String,
+        #[arg(long)]
+        /// Virtual CPUs.
+        cpus: Option<u16>,
+        /// Guest memory, for example 2G.
+        #[arg(long)]
+        memory: Option<String>,
+    },
+    /// Add disks to a stopped VM, or take one off.
+    #[command(subcommand)]
+    Disk(VmDiskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmDiskCommand {
+    /// Give a stopped VM a new empty disk (a volume NAME-diskN).
+    Add {
+        /// The VM's name.
+        name: String,
+        /// SIZE[,replicas=R], for example 20G or 20G,replicas=3.
+        disk: String,
+    },
+    /// Take a disk, the cloud-init seed or the CD-ROM off a stopped VM. The volume stays:
+    /// `volume delete` removes it.
+    Detach {
+        /// The VM's name.
+        name: String,
+        /// The volume's name, as `vm show` lists it.
+        volume: String,
     },
 }
 
@@ -214,7 +325,12 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Create a cluster with this node as its first member; prints the join token.
-    Init,
+    Init {
+        /// A disk of this node to give converge: PATH[,size=SIZE][,force] (size makes a
+        /// file of that size; force claims a device holding data). Repeat for more.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+    },
     /// Join this node to an existing cluster.
     Join {
         /// `host:port` of any member.
@@ -223,6 +339,9 @@ pub enum ClusterCommand {
         /// The join token `cluster init` (or `token create --join`) printed.
         #[arg(long)]
         join_token: String,
+        /// A disk of this node to give converge: PATH[,size=SIZE][,force]. Repeat for more.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
     },
     /// Nodes, disks, capacity and health.
     Status,
@@ -234,6 +353,7 @@ pub enum ClusterCommand {
 pub enum DiskCommand {
     /// Give a raw device (or a file standing in for one) to this node, whole.
     Add {
+        /// A whole block device (/dev/nvme1n1) or a file (made with --size if it does not exist).
         path: PathBuf,
         /// Create a file of this size at PATH (for example 20G) if it does not exist.
         #[arg(long)]
@@ -249,6 +369,7 @@ pub enum DiskCommand {
 pub enum VolumeCommand {
     /// Create a thin-provisioned replicated volume.
     Create {
+        /// The volume's name: letters, digits, '-', '_' and '.'.
         name: String,
         /// Size, for example 20G.
         #[arg(long)]
@@ -257,30 +378,101 @@ pub enum VolumeCommand {
         #[arg(long, default_value_t = 2)]
         replicas: u8,
     },
+    /// Every volume: size, replicas, owner, health.
     List,
+    /// A volume's size, placement and health.
     Show {
+        /// The volume's name.
         name: String,
     },
+    /// Delete a volume no VM uses (its data is gone for good).
     Delete {
+        /// The volume's name.
         name: String,
     },
-    /// Copy a raw or qcow2 image into a volume (created to fit if it does not exist).
+    /// Copy a disk image into a volume (created to fit if it does not exist).
+    ///
+    /// The image's format (qcow2, vmdk, vhdx, vdi, vhd, raw) is told by its header; a raw
+    /// image whose start is no partition table, file system or ISO 9660 image needs
+    /// `--format raw`. The image is checked before a byte is sent and streamed without a
+    /// temporary copy (qemu-utils reads the formats other than raw).
     Import {
+        /// The volume to fill (made to fit if it does not exist).
         name: String,
+        /// The image file.
         file: PathBuf,
         /// Replicas for a volume this creates.
         #[arg(long, default_value_t = 2)]
         replicas: u8,
+        /// The image's format, when its header does not tell it (raw data of any kind).
+        #[arg(long, value_enum)]
+        format: Option<crate::image::Format>,
+    },
+    /// Grow a volume no running VM uses (a guest sees the new size at its next start).
+    Resize {
+        /// The volume's name.
+        name: String,
+        /// The new size, for example 40G: never smaller than now.
+        #[arg(long)]
+        size: String,
+    },
+    /// Copy a volume into another (made with the source's size if it does not exist): an
+    /// image imported once serves as the template of many VMs' disks.
+    Clone {
+        /// The volume to copy.
+        source: String,
+        /// The volume to copy into (made with the source's size if it does not exist).
+        target: String,
+        /// Replicas for a volume this creates (default: the source's).
+        #[arg(long)]
+        replicas: Option<u8>,
     },
     /// Copy a volume's bytes into a raw file.
     Export {
+        /// The volume's name.
         name: String,
+        /// The raw file to write (made or overwritten).
         file: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Firmware {
+    Uefi,
+    Bios,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
     Off,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and every flag or argument explains itself in `--help`.
+    #[test]
+    fn every_command_and_flag_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "converge", &mut missing);
+        assert!(missing.is_empty(), "no help text for:\n{}", missing.join("\n"));
+    }
 }

@@ -2,6 +2,9 @@
 //! commands (everything but `serve`), each one or a few calls of the API client.
 
 mod args;
+mod console;
+mod image;
+mod nbd;
 mod node;
 mod output;
 mod transfer;
@@ -17,6 +20,62 @@ use api::client::Client;
 use api::v1;
 use model::parse_size;
 use output::Output;
+
+/// A failure the command's output has told already (with --json, inside its one
+/// document): it still sets the exit code, and is printed again only as text.
+#[derive(Debug)]
+struct Shown(anyhow::Error);
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Shown {}
+
+/// Tells the user why a command failed (with `json`, as JSON on stdout, where the answer
+/// would have been) and returns the exit code.
+pub fn report_failure(e: &anyhow::Error, json: bool) -> u8 {
+    let (kind, code) = match e.downcast_ref::<Shown>() {
+        Some(shown) => failure(&shown.0),
+        None => failure(e),
+    };
+    if json && e.downcast_ref::<Shown>().is_some() {
+        return code;
+    }
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "error": text, "kind": kind }));
+    } else {
+        eprintln!("error: {text}");
+    }
+    code
+}
+
+/// How a failed command ends: its kind (`api::client::ClientError::kind`, or `failed`)
+/// and the exit code that tells it: 3 not found, 4 refused, 5 unreachable, 1 anything
+/// else (clap's own usage errors exit with 2).
+pub fn failure(e: &anyhow::Error) -> (&'static str, u8) {
+    let kind =
+        e.chain().find_map(|cause| cause.downcast_ref::<api::client::ClientError>()).map_or("failed", |e| e.kind());
+    let code = match kind {
+        "not_found" => 3,
+        "refused" => 4,
+        "unreachable" => 5,
+        _ => 1,
+    };
+    (kind, code)
+}
 
 /// The local socket a node made with `--data-dir /var/lib/converge` listens on.
 const DEFAULT_SOCKET: &str = "/var/lib/converge/api.sock";
@@ -82,22 +141,41 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
     let out = Output { json: client.json };
     match command {
         Command::Serve(_) => unreachable!("serve is run by the binary itself"),
-        Command::Cluster(ClusterCommand::Init) => {
+        Command::Cluster(ClusterCommand::Init { disks }) => {
+            let requests = disks.iter().map(|d| disk_spec(d)).collect::<Result<Vec<_>>>()?;
             let init = api.init().await?;
-            out.print(&init, || {
+            let (added, refused) = add_disks(&api, &requests).await;
+            let shown = with_disks(serde_json::to_value(&init)?, &added, refused.as_ref());
+            out.print(&shown, || {
                 format!(
                     "Created cluster {}.\n\nAdmin token (shown once; keep it safe):\n  {}\nUse it from any machine with \
                      --server https://{}, --token or CONVERGE_TOKEN, and the cluster's CA certificate (`converge \
                      cluster ca` prints it) with --ca; or put `server`, `token` and `ca` in ~/.config/converge/config.\n\nJoin other nodes \
                      within an hour, running this on each of them:\n  converge --socket DATA_DIR/api.sock cluster join \
-                     --peer {} --join-token {}",
-                    init.cluster_id, init.admin_token, init.address, init.address, init.join_token
+                     --peer {} --join-token {}{}",
+                    init.cluster_id,
+                    init.admin_token,
+                    init.address,
+                    init.address,
+                    init.join_token,
+                    disks_added(&added)
                 )
+            })?;
+            // The cluster stands (and the tokens were shown) even when a disk was refused;
+            // with --json, the one document above says so.
+            refused.map_or(Ok(()), |e| {
+                Err(Shown(e.context("the cluster was created, but not every disk was added")).into())
             })
         }
-        Command::Cluster(ClusterCommand::Join { peer, join_token }) => {
+        Command::Cluster(ClusterCommand::Join { peer, join_token, disks }) => {
+            let requests = disks.iter().map(|d| disk_spec(d)).collect::<Result<Vec<_>>>()?;
             let joined = api.join(&v1::JoinRequest { peer, token: join_token }).await?;
-            out.print(&joined, || format!("{} joined cluster {}.", joined.node, joined.cluster_id))
+            let (added, refused) = add_disks(&api, &requests).await;
+            let shown = with_disks(serde_json::to_value(&joined)?, &added, refused.as_ref());
+            out.print(&shown, || {
+                format!("{} joined cluster {}.{}", joined.node, joined.cluster_id, disks_added(&added))
+            })?;
+            refused.map_or(Ok(()), |e| Err(Shown(e.context("this node joined, but not every disk was added")).into()))
         }
         Command::Cluster(ClusterCommand::Ca) => {
             print!("{}", api.ca().await?);
@@ -109,18 +187,8 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
         }
         Command::Disk(DiskCommand::Add { path, size, force }) => {
             let size_bytes = size.as_deref().map(parse_size).transpose()?;
-            let absolute = std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?;
-            let request = v1::AddDisk { path: absolute.display().to_string(), size_bytes, force };
-            let disk = api.add_disk(&request).await?;
-            out.print(&disk, || {
-                format!(
-                    "Added {} at {} on {}: {} usable.",
-                    disk.id,
-                    disk.path,
-                    disk.node,
-                    model::format_size(disk.capacity_bytes)
-                )
-            })
+            let disk = api.add_disk(&add_disk(&path, size_bytes, force)?).await?;
+            out.print(&disk, || disks_added(std::slice::from_ref(&disk)).trim_start().to_string())
         }
         Command::Volume(command) => volume(&api, &out, command).await,
         Command::Vm(command) => vm::run(&api, &out, command).await,
@@ -128,6 +196,61 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
         Command::Events { follow } => node::events(&api, &out, follow).await,
         Command::Token(command) => token(&api, &out, command).await,
     }
+}
+
+/// The request for a disk at `path` (made absolute: the server resolves it, not the CLI).
+fn add_disk(path: &std::path::Path, size_bytes: Option<u64>, force: bool) -> Result<v1::AddDisk> {
+    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    Ok(v1::AddDisk { path: absolute.display().to_string(), size_bytes, force })
+}
+
+/// Parses `PATH[,size=SIZE][,force]`, the `--disk` of `cluster init` and `cluster join`.
+fn disk_spec(text: &str) -> Result<v1::AddDisk> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).with_context(|| format!("--disk {text:?} names no path"))?;
+    let (mut size_bytes, mut force) = (None, false);
+    for option in parts {
+        match option.split_once('=') {
+            Some(("size", size)) => size_bytes = Some(parse_size(size)?),
+            None if option == "force" => force = true,
+            _ => bail!("unknown disk option {option:?} in --disk {text}: use PATH[,size=SIZE][,force]"),
+        }
+    }
+    add_disk(std::path::Path::new(path), size_bytes, force)
+}
+
+/// Adds the disks in order until one is refused: the ones added, and the refusal.
+async fn add_disks(api: &Client, requests: &[v1::AddDisk]) -> (Vec<v1::DiskInfo>, Option<anyhow::Error>) {
+    let mut added = Vec::new();
+    for request in requests {
+        match api.add_disk(request).await {
+            Ok(disk) => added.push(disk),
+            Err(e) => return (added, Some(anyhow::Error::new(e).context(format!("adding disk {}", request.path)))),
+        }
+    }
+    (added, None)
+}
+
+/// `shown` (init's or join's answer) with the disks added, and why the rest were not.
+fn with_disks(
+    mut shown: serde_json::Value,
+    added: &[v1::DiskInfo],
+    refused: Option<&anyhow::Error>,
+) -> serde_json::Value {
+    shown["disks"] = serde_json::to_value(added).expect("disks serialise");
+    if let Some(e) = refused {
+        shown["disks_error"] = format!("{e:#}").into();
+    }
+    shown
+}
+
+fn disks_added(disks: &[v1::DiskInfo]) -> String {
+    disks
+        .iter()
+        .map(|d| {
+            format!("\nAdded {} at {} on {}: {} usable.", d.id, d.path, d.node, model::format_size(d.capacity_bytes))
+        })
+        .collect()
 }
 
 async fn token(api: &Client, out: &Output, command: TokenCommand) -> Result<()> {
@@ -213,9 +336,24 @@ async fn volume(api: &Client, out: &Output, command: VolumeCommand) -> Result<()
             api.delete_volume(&name).await?;
             out.print(&serde_json::json!({ "deleted": name }), || format!("Deleted volume {name}."))
         }
-        VolumeCommand::Import { name, file, replicas } => {
-            let report = transfer::import(api, out, &name, &file, replicas).await?;
+        VolumeCommand::Import { name, file, replicas, format } => {
+            let report = transfer::import(api, out, &name, &file, replicas, format).await?;
             out.print(&report, || report.describe("Imported", "into"))
+        }
+        VolumeCommand::Resize { name, size } => {
+            let volume = api.resize_volume(&name, parse_size(&size)?).await?;
+            out.print(&volume, || format!("Volume {name} has {} now.", model::format_size(volume.size_bytes)))
+        }
+        VolumeCommand::Clone { source, target, replicas } => {
+            let started = std::time::Instant::now();
+            let volume = transfer::clone(api, out, &source, &target, replicas).await?;
+            out.print(&volume, || {
+                format!(
+                    "Cloned volume {source} into {target} ({} in {:.1} s).",
+                    model::format_size(volume.size_bytes),
+                    started.elapsed().as_secs_f64()
+                )
+            })
         }
         VolumeCommand::Export { name, file } => {
             if file.exists() && !file.is_file() {

@@ -1,6 +1,7 @@
 //! `volume import` and `volume export`: streams between a local file and a volume, with a
-//! progress bar on a terminal. qcow2 images are turned into raw by `qemu-img` first.
+//! progress bar on a terminal. Imports take any image format `image` knows.
 
+use crate::image::{self, Format};
 use crate::output::Output;
 use anyhow::{bail, Context, Result};
 use api::client::Client;
@@ -8,12 +9,10 @@ use api::v1;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// New volumes made by import are rounded up to whole MiB.
 const IMPORT_ROUND_BYTES: u64 = 1 << 20;
 
@@ -21,6 +20,7 @@ const IMPORT_ROUND_BYTES: u64 = 1 << 20;
 pub struct TransferReport {
     pub volume: String,
     pub file: String,
+    pub format: Format,
     pub bytes: u64,
     pub seconds: f64,
 }
@@ -28,8 +28,12 @@ pub struct TransferReport {
 impl TransferReport {
     pub fn describe(&self, verb: &str, preposition: &str) -> String {
         let mib_per_s = self.bytes as f64 / (1 << 20) as f64 / self.seconds.max(1e-9);
+        let format = match self.format {
+            Format::Raw => String::new(),
+            format => format!(" ({format})"),
+        };
         format!(
-            "{verb} {} {preposition} volume {} ({} in {:.1} s, {mib_per_s:.0} MiB/s).",
+            "{verb} {}{format} {preposition} volume {} ({} in {:.1} s, {mib_per_s:.0} MiB/s).",
             self.file,
             self.volume,
             model::format_size(self.bytes),
@@ -53,51 +57,22 @@ fn progress(out: &Output, len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// A raw image to upload: the file itself, or a temporary raw conversion of a qcow2 one.
-struct RawImage {
-    path: PathBuf,
-    temporary: bool,
-}
-
-impl Drop for RawImage {
-    fn drop(&mut self) {
-        if self.temporary {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-fn raw_image(file: &Path, out: &Output) -> Result<RawImage> {
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let is_qcow2 = f.read_exact(&mut magic).is_ok() && magic == QCOW2_MAGIC;
-    if !is_qcow2 {
-        return Ok(RawImage { path: file.to_path_buf(), temporary: false });
-    }
-    let path = std::env::temp_dir().join(format!("converge-import-{}.raw", std::process::id()));
-    if !out.json {
-        eprintln!("{} is qcow2: converting to raw with qemu-img first", file.display());
-    }
-    let raw = RawImage { path, temporary: true };
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(file)
-        .arg(&raw.path)
-        .status()
-        .context("running qemu-img (install the qemu-utils package)")?;
-    if !status.success() {
-        bail!("qemu-img could not convert {} ({status})", file.display());
-    }
-    Ok(raw)
-}
-
-pub async fn import(api: &Client, out: &Output, name: &str, file: &Path, replicas: u8) -> Result<TransferReport> {
-    let raw = raw_image(file, out)?;
-    let len = std::fs::metadata(&raw.path).with_context(|| format!("reading {}", raw.path.display()))?.len();
+/// Imports `file` into volume `name` (made to fit, with `replicas`, if it does not exist):
+/// the disk image it is, in the format its header tells or `format` says.
+pub async fn import(
+    api: &Client,
+    out: &Output,
+    name: &str,
+    file: &Path,
+    replicas: u8,
+    format: Option<Format>,
+) -> Result<TransferReport> {
+    let image = image::inspect(file, format)?;
+    let len = image.virtual_size;
     match api.volume(name).await {
         Ok(volume) if volume.size_bytes < len => {
             bail!(
-                "{} holds {len} bytes but volume {name} has only {}: use another volume",
+                "{} holds a disk of {len} bytes but volume {name} has only {}: use another volume",
                 file.display(),
                 volume.size_bytes
             )
@@ -112,16 +87,19 @@ pub async fn import(api: &Client, out: &Output, name: &str, file: &Path, replica
         }
         Err(e) => return Err(e.into()),
     }
-    let bar = progress(out, len, &format!("import {name}"));
-    let reader = tokio::fs::File::open(&raw.path).await.with_context(|| format!("opening {}", raw.path.display()))?;
+    let what = match image.format {
+        Format::Raw => format!("import {name}"),
+        format => format!("import {name} ({format})"),
+    };
+    let bar = progress(out, len, &what);
     let counted = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 1 << 20).inspect(move |chunk| {
+    let chunks = image::read(&image).await?.inspect(move |chunk| {
         if let Ok(bytes) = chunk {
             counted.inc(bytes.len() as u64);
         }
     });
     let started = Instant::now();
-    let result = api.import(name, stream).await;
+    let result = api.import(name, chunks).await;
     bar.finish_and_clear();
     let result = result?;
     if result.bytes != len {
@@ -130,6 +108,7 @@ pub async fn import(api: &Client, out: &Output, name: &str, file: &Path, replica
     Ok(TransferReport {
         volume: name.into(),
         file: file.display().to_string(),
+        format: image.format,
         bytes: len,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -165,9 +144,38 @@ pub async fn export(api: &Client, out: &Output, name: &str, file: &Path) -> Resu
     Ok(TransferReport {
         volume: name.into(),
         file: file.display().to_string(),
+        format: Format::Raw,
         bytes: len,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Copies volume `source` into `into` on the server (made to fit if it does not exist),
+/// showing the server's progress.
+pub async fn clone(
+    api: &Client,
+    out: &Output,
+    source: &str,
+    into: &str,
+    replicas: Option<u8>,
+) -> Result<v1::VolumeInfo> {
+    let request = v1::CloneVolume { into: into.to_string(), replicas };
+    let mut lines = api.clone_volume(source, &request).await?;
+    let bar = progress(out, 0, &format!("clone {source} into {into}"));
+    let outcome = loop {
+        match lines.next().await {
+            Ok(Some(v1::CloneProgress::Copied { bytes, of })) => {
+                bar.set_length(of);
+                bar.set_position(bytes);
+            }
+            Ok(Some(v1::CloneProgress::Done { volume })) => break Ok(volume),
+            Ok(Some(v1::CloneProgress::Failed { error })) => break Err(anyhow::anyhow!("{error}")),
+            Ok(None) => break Err(anyhow::anyhow!("the server ended the answer without saying how the copy went")),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    bar.finish_and_clear();
+    outcome.with_context(|| format!("cloning volume {source} into {into}"))
 }
 
 fn reqwest_not_found() -> reqwest::StatusCode {

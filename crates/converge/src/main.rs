@@ -8,6 +8,7 @@ use cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let args = Cli::parse();
+    let json = args.client.json;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime starts");
     let result = runtime.block_on(async {
         match args.command {
@@ -15,25 +16,11 @@ fn main() -> std::process::ExitCode {
             command => cli::run(command, args.client).await,
         }
     });
+    // A console session may leave a read of stdin pending, which nothing can cancel: the
+    // command is done, so its process does not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", chain(&e));
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => std::process::ExitCode::from(cli::report_failure(&e, json)),
     }
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&cause);
-        }
-    }
-    text
 }

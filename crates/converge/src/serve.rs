@@ -150,7 +150,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 .with_context(|| format!("making {} its owner's alone", path.display()))?;
         }
     }
-    let vm_dir = args.data_dir.join("vms");
+    let vm_dir = hypervisor::vm_dir(&args.data_dir.join("vms"));
     let config = EngineConfig {
         replica_timeout: Duration::from_millis(args.replica_timeout_ms),
         local_address: Some(advertised),

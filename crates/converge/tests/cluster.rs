@@ -14,7 +14,7 @@ fn data_imported_through_a_killed_node_exports_identically_through_another() {
     let input = dir.path().join("input.raw");
     let output = dir.path().join("output.raw");
     let expected = random_file(&input, 256 << 20, 0x5eed);
-    nodes[0].cli(&["volume", "import", "data", input.to_str().unwrap(), "--replicas", "2"]);
+    nodes[0].cli(&["volume", "import", "data", input.to_str().unwrap(), "--replicas", "2", "--format", "raw"]);
 
     nodes[0].sigkill();
     nodes[1].cli(&["volume", "export", "data", output.to_str().unwrap()]);
@@ -30,7 +30,7 @@ fn a_restarted_node_rejoins_with_its_state_and_catches_up() {
     let mut nodes = cluster(dir.path(), [5, 6, 7], 18710);
     let input = dir.path().join("input.raw");
     let expected = random_file(&input, 24 << 20, 7);
-    nodes[0].cli(&["volume", "import", "before", input.to_str().unwrap()]);
+    nodes[0].cli(&["volume", "import", "before", input.to_str().unwrap(), "--format", "raw"]);
 
     nodes[2].sigkill();
     nodes[0].cli(&["volume", "create", "while-down", "--size", "1G", "--replicas", "3"]);
@@ -116,24 +116,118 @@ fn disks_are_claimed_only_deliberately_and_the_data_dir_is_the_owners_alone() {
     }
 }
 
+/// `qemu-img convert` of `raw` into `format` (with `options`), at `to`.
+fn convert(raw: &std::path::Path, format: &str, options: &[&str], to: &std::path::Path) {
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", format])
+        .args(options)
+        .arg(raw)
+        .arg(to)
+        .status()
+        .expect("qemu-img runs (scripts/setup.sh installs qemu-utils)");
+    assert!(converted.success(), "qemu-img convert to {format}");
+}
+
 #[test]
-fn qcow2_image_imports_as_its_raw_contents_on_a_single_replica_volume() {
+fn every_image_format_imports_as_the_same_disk_and_bad_images_are_refused() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let node = NodeProcess::start(dir.path(), 9, 18730);
     node.cli(&["cluster", "init"]);
-    node.cli(&["disk", "add", dir.path().join("disk").to_str().unwrap(), "--size", "256M"]);
-    let raw = dir.path().join("image.raw");
-    let qcow2 = dir.path().join("image.qcow2");
-    let expected = random_file(&raw, 8 << 20, 42);
-    let converted =
-        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).status();
-    assert!(converted.expect("qemu-img runs (scripts/setup.sh installs qemu-utils)").success());
+    node.cli(&["disk", "add", dir.path().join("disk").to_str().unwrap(), "--size", "512M"]);
+    // A disk of 12 MiB: random data, then a hole of zeros (sparse in the images), then an
+    // MBR signature at its start so that even the raw file says it is a disk.
+    let raw = dir.path().join("disk.raw");
+    random_file(&raw, 8 << 20, 42);
+    let mut bytes = std::fs::read(&raw).unwrap();
+    bytes[510..512].copy_from_slice(&[0x55, 0xaa]);
+    bytes.resize(12 << 20, 0);
+    std::fs::write(&raw, &bytes).unwrap();
+    let expected = sha256(&raw);
 
-    node.cli(&["volume", "import", "image", qcow2.to_str().unwrap(), "--replicas", "1"]);
-    let output = dir.path().join("output.raw");
-    node.cli(&["volume", "export", "image", output.to_str().unwrap()]);
+    let formats: [(&str, &str, &[&str]); 8] = [
+        ("raw", "raw", &[]),
+        ("qcow2", "qcow2", &[]),
+        ("qcow2c", "qcow2", &["-c"]),
+        ("vmdk", "vmdk", &[]),
+        ("vmdks", "vmdk", &["-o", "subformat=streamOptimized"]),
+        ("vhdx", "vhdx", &[]),
+        ("vdi", "vdi", &[]),
+        ("vhd", "vpc", &["-o", "subformat=fixed,force_size=on"]),
+    ];
+    for (name, format, options) in formats {
+        let image = dir.path().join(format!("image.{name}"));
+        convert(&raw, format, options, &image);
+        let imported =
+            json(&node.cli(&["--json", "volume", "import", name, image.to_str().unwrap(), "--replicas", "1"]));
+        let exported = dir.path().join(format!("{name}.out"));
+        node.cli(&["volume", "export", name, exported.to_str().unwrap()]);
+        let volume = json(&node.cli(&["--json", "volume", "show", name]));
+        let size = volume["size_bytes"].as_u64().unwrap();
+        assert_eq!(size, 12 << 20, "{name}: a volume the disk's size: {volume}");
+        assert_eq!(sha256(&exported), expected, "{name} ({imported}) imports as the disk it holds");
+        let told = if format == "vpc" { "vhd" } else { format };
+        assert_eq!(imported["format"], told, "{imported}");
+    }
 
-    assert_eq!(sha256(&output), expected);
+    // An imported image is a template: cloned into a volume of its own, and into a new VM's
+    // first disk (made larger than the template here), byte for byte.
+    let cloned = json(&node.cli(&["--json", "volume", "clone", "qcow2", "copy"]));
+    assert_eq!(cloned["size_bytes"], 12 << 20, "{cloned}");
+    assert_eq!(cloned["replicas"], 1, "the source's replicas: {cloned}");
+    let copy = dir.path().join("copy.out");
+    node.cli(&["volume", "export", "copy", copy.to_str().unwrap()]);
+    assert_eq!(sha256(&copy), expected);
+    node.cli(&["vm", "create", "from-template", "--template", "qcow2", "--disk", "16M,replicas=1"]);
+    let disk = dir.path().join("from-template.out");
+    node.cli(&["volume", "export", "from-template-disk0", disk.to_str().unwrap()]);
+    let mut disk_bytes = std::fs::read(&disk).unwrap();
+    assert_eq!(disk_bytes.len(), 16 << 20);
+    assert!(disk_bytes[12 << 20..].iter().all(|b| *b == 0), "past the template: zeros");
+    disk_bytes.truncate(12 << 20);
+    assert!(disk_bytes == bytes, "the VM's first disk holds the template");
+    let small = run(&node.addr, &["vm", "create", "too-small", "--template", "qcow2", "--disk", "8M,replicas=1"]);
+    assert!(small.unwrap_err().contains("smaller than template qcow2"));
+    node.cli(&["volume", "create", "tiny", "--size", "4M", "--replicas", "1"]);
+    let into_tiny = run(&node.addr, &["volume", "clone", "qcow2", "tiny"]).unwrap_err();
+    assert!(into_tiny.contains("fewer than qcow2's"), "{into_tiny}");
+    let itself = run(&node.addr, &["volume", "clone", "qcow2", "qcow2"]).unwrap_err();
+    assert!(itself.contains("cannot be cloned into itself"), "{itself}");
+    let missing = run(&node.addr, &["volume", "clone", "no-such-volume", "other"]).unwrap_err();
+    assert!(missing.contains("no-such-volume"), "{missing}");
+    assert!(run(&node.addr, &["volume", "show", "other"]).is_err(), "nothing made for a missing source");
+
+    // Random bytes say nothing of what they are: refused unless the user says raw.
+    let noise = dir.path().join("noise.bin");
+    random_file(&noise, 1 << 20, 7);
+    let unsaid = run(&node.addr, &["volume", "import", "noise", noise.to_str().unwrap()]).unwrap_err();
+    assert!(unsaid.contains("qcow2, vmdk, vhdx, vdi, vhd, or raw") && unsaid.contains("--format raw"), "{unsaid}");
+    node.cli(&["volume", "import", "noise", noise.to_str().unwrap(), "--format", "raw", "--replicas", "1"]);
+    // A made-up header is refused, naming the formats converge knows, and makes nothing.
+    let made_up = dir.path().join("made-up.img");
+    let mut header = b"CONVERGE-NOT-AN-IMAGE".to_vec();
+    header.resize(1 << 20, 0xa5);
+    std::fs::write(&made_up, &header).unwrap();
+    let refused = run(&node.addr, &["volume", "import", "made-up", made_up.to_str().unwrap()]).unwrap_err();
+    assert!(
+        refused.contains("none of the image formats converge knows (qcow2, vmdk, vhdx, vdi, vhd, or raw"),
+        "{refused}"
+    );
+    assert!(run(&node.addr, &["volume", "show", "made-up"]).is_err(), "nothing made for a refused image");
+
+    // Truncated images are refused with the reason, before a volume is made.
+    for (name, format) in [("qcow2", "qcow2"), ("vmdk", "vmdk"), ("vhdx", "vhdx"), ("vdi", "vdi")] {
+        let whole = std::fs::read(dir.path().join(format!("image.{name}"))).unwrap();
+        let cut = dir.path().join(format!("cut.{name}"));
+        std::fs::write(&cut, &whole[..whole.len() * 2 / 3]).unwrap();
+        let volume = format!("cut-{name}");
+        let refused = run(&node.addr, &["volume", "import", &volume, cut.to_str().unwrap()]).unwrap_err();
+        assert!(
+            ["truncated", "corrupt", "not a readable"].iter().any(|why| refused.contains(why))
+                && refused.contains(format),
+            "{name}: {refused}"
+        );
+        assert!(run(&node.addr, &["volume", "show", &volume]).is_err(), "nothing made for a truncated {name}");
+    }
 }
 
 #[test]
@@ -247,7 +341,7 @@ fn a_dead_node_removed_and_replaced_leaves_three_voters_that_survive_another_los
     let (mut nodes, token) = common::cluster_and_token(dir.path(), [60, 61, 62], 18980);
     let data = dir.path().join("kept.bin");
     let sum = random_file(&data, 8 << 20, 60);
-    nodes[0].cli(&["volume", "import", "kept", data.to_str().unwrap(), "--replicas", "2"]);
+    nodes[0].cli(&["volume", "import", "kept", data.to_str().unwrap(), "--replicas", "2", "--format", "raw"]);
 
     // Removing a node that is up is refused; once it is dead and declared down, it goes.
     let refused = run(&nodes[0].addr, &["node", "remove", &nodes[2].addr]).unwrap_err();

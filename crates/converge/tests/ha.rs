@@ -62,7 +62,7 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     wait_until("the guest writes", GUEST_TIMEOUT, || last_acked(&console(&nodes[0])).is_some_and(|b| b >= 50));
 
     let pid = vm(&nodes[0], "ha")["state"]["pid"].as_u64().unwrap();
-    assert_confined(pid, &nodes[1].data_dir.join("vms/vm-0"));
+    assert_confined(pid, &nodes[1].vm_dir("vm-0"));
 
     // A 2 s stall of the VM's node is no failure: the VM stays where it runs.
     nodes[1].signal("STOP");
@@ -107,7 +107,7 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     assert!(check["reasons"][0].as_str().unwrap().contains("min_size"), "{check}");
 
     // What the guest saw acknowledged before the kill, from the dead node's console log.
-    let first_run = std::fs::read_to_string(nodes[1].data_dir.join("vms/vm-0/console.log")).unwrap();
+    let first_run = std::fs::read_to_string(nodes[1].vm_dir("vm-0").join("console.log")).unwrap();
     let acked = last_acked(&first_run).unwrap();
     assert!(acked >= acked_before);
     assert!(!first_run.contains("GUEST: HA failed"), "no write failed in the guest");
@@ -153,7 +153,7 @@ fn a_vm_whose_node_dies_runs_again_elsewhere_with_every_acknowledged_write() {
     assert_ne!(drained["node"], moved_to, "{drained}");
     assert_eq!(drained["state"]["state"], "running", "{drained}");
     // Stop then start: the guest shut down cleanly on the drained node before it ran again.
-    let left = std::fs::read_to_string(target.data_dir.join("vms/vm-0/console.log")).unwrap();
+    let left = std::fs::read_to_string(target.vm_dir("vm-0").join("console.log")).unwrap();
     assert!(left.contains("GUEST: power button pressed, shutting down"), "{left}");
     nodes[0].cli(&["node", "resume", &target.addr]);
 }
@@ -232,7 +232,7 @@ fn a_node_cut_off_ends_its_vm_before_the_majority_runs_it_elsewhere() {
     create_guest_vm(&nodes[1], &guest, "cut", &["64M", "160M,replicas=2"], cmdline);
     let home = node_id(&nodes[0]);
     nodes[1].cli(&["vm", "start", "cut", "--node", &nodes[0].addr]);
-    let console_file = nodes[0].data_dir.join("vms/vm-0/console.log");
+    let console_file = nodes[0].vm_dir("vm-0").join("console.log");
     wait_until("the guest writes", GUEST_TIMEOUT, || {
         last_acked(&std::fs::read_to_string(&console_file).unwrap_or_default()).is_some_and(|b| b >= 20)
     });

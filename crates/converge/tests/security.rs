@@ -200,6 +200,27 @@ fn the_node_port_serves_nodes_of_the_cluster_and_no_one_else() {
     let member = pki::NodeTls::open(&node.data_dir.join("tls")).unwrap().material().unwrap();
     assert_eq!(ping_node_port(&runtime, member.http_client.clone(), node_port), Ok(200));
 
+    // Callers from twelve addresses, and from the member's own (127.0.0.1), open eight
+    // connections each and never say a word: more stalled handshakes than the pool holds.
+    // A node still gets in, at once.
+    let stalled: Vec<_> = runtime.block_on(async {
+        let mut stalled = Vec::new();
+        for host in 0..13u8 {
+            for _ in 0..8 {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                let from = if host == 12 { [127, 0, 0, 1] } else { [127, 0, 1, host + 1] };
+                socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+                stalled.push(socket.connect(node_port.parse().unwrap()).await.unwrap());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stalled
+    });
+    let began = std::time::Instant::now();
+    assert_eq!(ping_node_port(&runtime, member.http_client.clone(), node_port), Ok(200));
+    assert!(began.elapsed() < std::time::Duration::from_secs(2), "{:?}", began.elapsed());
+    drop(stalled);
+
     // No certificate: the handshake is refused.
     let anonymous = ping_node_port(&runtime, pki::api_client(&ca_pem).unwrap(), node_port);
     assert!(anonymous.is_err(), "{anonymous:?}");

@@ -30,7 +30,7 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("vhost-blk", vec!["model", "store", "volume"]),
         ("hypervisor", vec!["model"]),
         ("api", vec!["model", "pki", "store", "cluster", "volume", "vhost-blk", "hypervisor"]),
-        ("cli", vec!["model", "api"]),
+        ("cli", vec!["model", "store", "api"]),
         ("converge", vec!["model", "pki", "store", "cluster", "volume", "vhost-blk", "hypervisor", "api", "cli"]),
         // dev layer: drives the pure decisions, never the binary
         ("sim", vec!["model", "volume"]),

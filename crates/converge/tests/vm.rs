@@ -84,7 +84,10 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
     let delete_running = run(&nodes[0].addr, &["vm", "delete", "idle"]).unwrap_err();
     let image = dir.path().join("small.raw");
     std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
-    let import_running = run(&nodes[2].addr, &["volume", "import", "idle-disk0", image.to_str().unwrap()]).unwrap_err();
+    let import_running =
+        run(&nodes[2].addr, &["volume", "import", "idle-disk0", image.to_str().unwrap(), "--format", "raw"])
+            .unwrap_err();
+    let clone_running = run(&nodes[2].addr, &["volume", "clone", "idle-disk0", "idle-copy"]).unwrap_err();
     nodes[2].cli(&["vm", "stop", "idle"]);
     let stopped = vm_state(&nodes[0], "idle");
     let text = console(&nodes[0], "idle");
@@ -93,9 +96,10 @@ fn a_running_vm_stops_on_request_and_a_vm_cannot_start_twice() {
 
     assert!(duplicate.contains("A VM named \"idle\" exists already"), "{duplicate}");
     assert_eq!(volumes_after, volumes_before, "a refused create touches no volume");
-    assert!(elsewhere.contains("stop it first, or start it with --force"), "{elsewhere}");
+    assert!(elsewhere.contains("stop it first, or move it with `converge vm move idle --node NODE`"), "{elsewhere}");
     assert!(delete_running.contains("stop it before deleting it"), "{delete_running}");
     assert!(import_running.contains("which is running: stop the VM first"), "{import_running}");
+    assert!(clone_running.contains("belongs to VM idle, which is active"), "{clone_running}");
     assert_eq!(stopped["state"]["state"], "stopped", "{stopped}");
     assert!(text.contains("GUEST: power button pressed, shutting down"), "a graceful stop: {text}");
     assert_eq!(volumes, serde_json::json!([]), "deleting the VM deleted its volumes");

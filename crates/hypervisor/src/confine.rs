@@ -65,19 +65,78 @@ impl QemuUser {
         crate::process::RunAs { uid: self.uid, gid: self.gid, groups: self.groups.clone() }
     }
 
-    /// Makes `path` this user's, readable and writable by it alone.
+    /// Makes `path` this user's, readable and writable by it alone. A symbolic link is
+    /// refused: every QEMU runs as this user, so one a guest broke out of could put a link
+    /// in a VM directory to have root hand it a host file.
     pub fn give(&self, path: &Path, mode: u32) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))?;
+        if std::fs::symlink_metadata(path)?.file_type().is_symlink() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a symbolic link, not converge's own file",
+            ));
+        }
+        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+
+    /// Makes the open file `file` this user's.
+    pub fn give_file(&self, file: &std::fs::File) -> std::io::Result<()> {
+        std::os::unix::fs::fchown(file, Some(self.uid), Some(self.gid))
     }
 }
 
+/// Where VMs' runtime files (sockets, console log, UEFI variables) live: `preferred` (the
+/// data dir's `vms`) when guests run as `QEMU_USER` and every directory above it lets that
+/// user through; else a directory of this data dir's own under `/run/converge`, root's and
+/// passable, so a data dir under a private directory (`/root/...`) still runs guests
+/// confined.
+pub fn vm_dir(preferred: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if QemuUser::find().is_none() {
+        return preferred.to_path_buf();
+    }
+    let passable = preferred
+        .ancestors()
+        .skip(1)
+        .filter_map(|dir| std::fs::metadata(dir).ok())
+        .all(|meta| meta.permissions().mode() & 0o001 != 0);
+    if passable {
+        return preferred.to_path_buf();
+    }
+    // FNV-1a of the path: short enough for socket paths (108 bytes), the same at every start.
+    let hash = preferred
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    let dir = PathBuf::from(format!("/run/converge/vms-{hash:016x}"));
+    tracing::info!(
+        data = %preferred.display(),
+        vms = %dir.display(),
+        "a directory above the data dir does not let the guests' user through: VMs' runtime files go elsewhere"
+    );
+    dir
+}
+
+/// Creates `path` anew (mode 0600), never through whatever is there now: a file a QEMU
+/// left, or a link it put in its place, is removed first, and the new file is made
+/// exclusively.
+pub fn create_fresh(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
 /// QEMU's own arguments for confinement: its seccomp sandbox (no obsolete system calls, no
-/// spawning processes, no changing its own resource limits or scheduling). The user it runs
-/// as is set when it is spawned (`process::spawn`).
+/// changing user or group, no spawning processes, no changing its own resource limits or
+/// scheduling). The user it runs as is set before it starts (`process::spawn`), so QEMU
+/// itself never needs to change it.
 pub fn qemu_args() -> Vec<String> {
-    vec!["-sandbox".to_string(), "on,obsolete=deny,spawn=deny,resourcecontrol=deny".to_string()]
+    vec!["-sandbox".to_string(), "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".to_string()]
 }
 
 /// A VM's cgroup: its memory and CPU bounds. Removed when dropped.
@@ -137,4 +196,38 @@ impl Drop for Cgroup {
 fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find(|l| l.starts_with("Uid:"))?.split_whitespace().nth(2)?.parse().ok()
+}
+
+#[cfg(test)]
+mod vm_dir_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn runtime_files_leave_a_data_dir_the_guests_user_cannot_reach() {
+        let outer = tempfile::tempdir().unwrap();
+        let private = outer.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let open = outer.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let behind = private.join("data/vms");
+        let reachable = open.join("data/vms");
+        if QemuUser::find().is_none() {
+            // Not root, or no guests' user: QEMU runs as the daemon's own user, anywhere.
+            assert_eq!(vm_dir(&behind), behind);
+            return;
+        }
+        let moved = vm_dir(&behind);
+        assert!(
+            moved.to_string_lossy().starts_with("/run/converge/vms-") && moved.as_os_str().len() < 40,
+            "{}",
+            moved.display()
+        );
+        assert_eq!(vm_dir(&behind), moved, "the same place at every start");
+        assert_eq!(vm_dir(&reachable), reachable);
+    }
 }

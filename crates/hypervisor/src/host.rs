@@ -21,6 +21,19 @@ impl HostError {
     }
 }
 
+/// A VM's UEFI variable store in its volume, owned by this node while the VM runs here.
+pub trait VarsVolume: Send + Sync {
+    /// Writes the store (`model::UEFI_VARS_BYTES`) into the volume; durable when it returns.
+    fn save<'a>(&'a self, bytes: &'a [u8]) -> BoxFuture<'a, Result<(), HostError>>;
+}
+
+/// A VM's UEFI variable volume, taken for this node: what it holds and how to write it.
+pub struct AttachedVars {
+    /// `model::UEFI_VARS_BYTES`, zeros if never written.
+    pub kept: Vec<u8>,
+    pub volume: Arc<dyn VarsVolume>,
+}
+
 /// A disk served to a VM; dropping it (after QEMU has gone) ends the service.
 pub trait AttachedDisk: Send + Sync {
     fn socket(&self) -> &Path;
@@ -40,12 +53,15 @@ pub trait Host: Send + Sync + 'static {
     /// Adds to the cluster's event log, best effort.
     fn record_event(&self, kind: model::EventKind, message: String);
     /// Takes ownership of the VM's disks (new owner epochs, so any earlier owner is fenced)
-    /// and serves each on a vhost-user socket under `dir`, in the spec's order.
+    /// and serves each on a vhost-user socket under `dir`, in `VmSpec::attached`'s order.
     fn attach_disks<'a>(
         &'a self,
         vm: &'a Vm,
         dir: &'a Path,
     ) -> BoxFuture<'a, Result<Vec<Box<dyn AttachedDisk>>, HostError>>;
+    /// Takes ownership of the VM's UEFI variable volume, as of its disks.
+    fn attach_vars<'a>(&'a self, vm: &'a Vm, volume: model::VolumeId)
+        -> BoxFuture<'a, Result<AttachedVars, HostError>>;
     /// Copies a boot file out of its volume to `to`.
     fn fetch_boot_file<'a>(&'a self, file: BootFile, to: PathBuf) -> BoxFuture<'a, Result<(), HostError>>;
 }

@@ -5,6 +5,7 @@
 
 mod accel;
 mod confine;
+mod firmware;
 mod host;
 mod plan;
 mod process;
@@ -13,10 +14,11 @@ mod qmp;
 mod runtime;
 
 pub use accel::detect_accel;
-pub use confine::{QemuUser, QEMU_USER};
-pub use host::{AttachedDisk, Host, HostError};
+pub use confine::{create_fresh, vm_dir, QemuUser, QEMU_USER};
+pub use firmware::{OVMF_CODE, OVMF_VARS, VARS_SYNC};
+pub use host::{AttachedDisk, AttachedVars, Host, HostError, VarsVolume};
 pub use plan::{plan, Action, LocalPhase};
-pub use qemu_args::{qemu_args, VmPaths, DISK_QUEUES_MAX};
+pub use qemu_args::{qemu_args, UefiPaths, VmPaths, DISK_QUEUES_MAX};
 pub use runtime::{Hypervisor, POWERDOWN_TIMEOUT};
 
 /// The serial console log of `vm` under the node's VM directory.

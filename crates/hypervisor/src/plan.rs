@@ -76,6 +76,8 @@ mod tests {
             disks: vec![],
             boot: Boot::Kernel { kernel, initrd: None, cmdline: String::new() },
             ha: Default::default(),
+            seed: None,
+            cdrom: None,
         };
         let commands = [
             ClusterCommand::InitCluster { id: ClusterId(1) },

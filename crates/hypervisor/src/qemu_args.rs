@@ -14,13 +14,23 @@ pub struct VmPaths {
     pub disk_sockets: Vec<PathBuf>,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    pub uefi: Option<UefiPaths>,
+    /// The ISO image attached as a CD-ROM.
+    pub cdrom: Option<PathBuf>,
+}
+
+/// The two flash chips of a UEFI VM: the firmware (read-only) and its variable store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UefiPaths {
+    pub code: PathBuf,
+    pub vars: PathBuf,
 }
 
 /// Queues per disk: one per vCPU, up to this many.
 pub const DISK_QUEUES_MAX: u16 = 4;
 
 pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<OsString> {
-    assert_eq!(paths.disk_sockets.len(), spec.disks.len(), "one socket per disk");
+    assert_eq!(paths.disk_sockets.len(), spec.attached().len(), "one socket per disk");
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
     let memory_mib = spec.memory_bytes >> 20;
@@ -34,6 +44,11 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<OsString> 
         Accel::Tcg => push(&["-machine", "q35,memory-backend=ram", "-accel", "tcg", "-cpu", "max"]),
     }
     push(&["-m", &format!("{memory_mib}M"), "-smp", &spec.cpus.to_string()]);
+    if let Some(uefi) = &paths.uefi {
+        let code = format!("if=pflash,format=raw,unit=0,readonly=on,file={}", uefi.code.display());
+        let vars = format!("if=pflash,format=raw,unit=1,file={}", uefi.vars.display());
+        push(&["-drive", &code, "-drive", &vars]);
+    }
     let queues = spec.cpus.clamp(1, DISK_QUEUES_MAX);
     for (index, socket) in paths.disk_sockets.iter().enumerate() {
         push(&["-chardev", &format!("socket,id=disk{index},path={}", socket.display())]);
@@ -45,6 +60,11 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<OsString> 
         if let Some(initrd) = &paths.initrd {
             push(&["-initrd", &initrd.display().to_string()]);
         }
+    }
+    if let Some(iso) = &paths.cdrom {
+        // On q35's own AHCI controller, booted before the disks (an installer).
+        let drive = format!("if=none,id=cdrom,media=cdrom,readonly=on,format=raw,file={}", iso.display());
+        push(&["-drive", &drive, "-device", "ide-cd,drive=cdrom,bus=ide.0,bootindex=0"]);
     }
     let console = format!(
         "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
@@ -69,6 +89,8 @@ mod tests {
             disks: (0..disks as u64).map(VolumeId).collect(),
             boot,
             ha: Default::default(),
+            seed: None,
+            cdrom: None,
         }
     }
 
@@ -80,6 +102,8 @@ mod tests {
             disk_sockets: (0..disks).map(|i| PathBuf::from(format!("/run/vm/disk{i}.sock"))).collect(),
             kernel: kernel.then(|| "/run/vm/kernel".into()),
             initrd: kernel.then(|| "/run/vm/initrd".into()),
+            uefi: None,
+            cdrom: None,
         }
     }
 
@@ -112,5 +136,28 @@ mod tests {
             line.contains("-kernel /run/vm/kernel -append console=ttyS0 root=/dev/vda -initrd /run/vm/initrd"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_uefi_vm_has_the_firmware_read_only_and_its_own_variable_store() {
+        let mut paths = paths(1, false);
+        paths.uefi = Some(UefiPaths { code: "/fw/CODE.fd".into(), vars: "/run/vm/uefi-vars.fd".into() });
+        let line = joined(&qemu_args(&spec(1, 1, Boot::Uefi { vars: VolumeId(9) }), &paths, Accel::Tcg));
+        assert!(line.contains("-drive if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd"), "{line}");
+        assert!(line.contains("-drive if=pflash,format=raw,unit=1,file=/run/vm/uefi-vars.fd"), "{line}");
+        let bios = joined(&qemu_args(&spec(1, 1, Boot::Disk), &super::tests::paths(1, false), Accel::Tcg));
+        assert!(!bios.contains("pflash"), "{bios}");
+    }
+
+    #[test]
+    fn an_iso_is_a_read_only_cd_rom_booted_before_the_disks() {
+        let mut paths = paths(1, false);
+        paths.cdrom = Some("/run/vm/cdrom.iso".into());
+        let line = joined(&qemu_args(&spec(1, 1, Boot::Uefi { vars: VolumeId(9) }), &paths, Accel::Tcg));
+        assert!(
+            line.contains("-drive if=none,id=cdrom,media=cdrom,readonly=on,format=raw,file=/run/vm/cdrom.iso"),
+            "{line}"
+        );
+        assert!(line.contains("-device ide-cd,drive=cdrom,bus=ide.0,bootindex=0"), "{line}");
     }
 }

@@ -62,6 +62,8 @@ enum StartError {
     },
     #[error(transparent)]
     Qmp(#[from] crate::qmp::QmpError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
 }
 
 /// A start that restarts a VM whose node went down.
@@ -315,6 +317,8 @@ impl Hypervisor {
             disk_sockets: Vec::new(),
             kernel: None,
             initrd: None,
+            uefi: None,
+            cdrom: None,
         };
         for stale in [&paths.qmp_socket, &paths.console_socket, &paths.console_log] {
             let _ = std::fs::remove_file(stale);
@@ -330,14 +334,37 @@ impl Hypervisor {
                 paths.initrd = Some(initrd_path);
             }
         }
-        // Disks last before QEMU: attaching fences any earlier owner.
+        if let Some(iso) = vm.spec.cdrom {
+            // QEMU's CD-ROM is a block device of its own, not a vhost-user disk: the image
+            // is copied here at each start (it is read-only, so nothing goes back).
+            let iso_path = dir.join("cdrom.iso");
+            self.host.fetch_boot_file(iso, iso_path.clone()).await?;
+            paths.cdrom = Some(iso_path);
+        }
+        // Volumes last before QEMU: attaching fences any earlier owner.
         let fencing = std::time::Instant::now();
+        let mut vars = None;
+        if let Boot::Uefi { vars: volume } = &vm.spec.boot {
+            let code = crate::firmware::code()?;
+            let crate::host::AttachedVars { kept, volume: store } = self.host.attach_vars(vm, *volume).await?;
+            // A first boot's empty store differs from the volume's zeros: the first sync
+            // writes it.
+            let bytes = crate::firmware::initial_vars(kept.clone())?;
+            let path = dir.join("uefi-vars.fd");
+            let mut file = crate::confine::create_fresh(&path).map_err(io(&path))?;
+            std::io::Write::write_all(&mut file, &bytes).map_err(io(&path))?;
+            if let Some(user) = &self.qemu_user {
+                user.give_file(&file).map_err(io(&path))?;
+            }
+            paths.uefi = Some(crate::qemu_args::UefiPaths { code, vars: path.clone() });
+            vars = Some(Arc::new(crate::firmware::VarsSync::new(path, store, kept)));
+        }
         let disks: Vec<Box<dyn AttachedDisk>> = self.host.attach_disks(vm, &dir).await?;
         let fencing = fencing.elapsed();
         let spawned = std::time::Instant::now();
         paths.disk_sockets = disks.iter().map(|d| d.socket().to_path_buf()).collect();
         if let Some(user) = &self.qemu_user {
-            let files = paths.disk_sockets.iter().chain(&paths.kernel).chain(&paths.initrd);
+            let files = paths.disk_sockets.iter().chain(&paths.kernel).chain(&paths.initrd).chain(&paths.cdrom);
             for file in files {
                 user.give(file, 0o600).map_err(io(file))?;
             }
@@ -366,6 +393,8 @@ impl Hypervisor {
                 return Ok(Ended::Crashed(format!("{}; QEMU said: {}", chain(&e), excerpt(&log))));
             }
         };
+        let stop_syncing = Arc::new(tokio::sync::Notify::new());
+        let syncing = vars.clone().map(|vars| tokio::spawn(vars.run(stop_syncing.clone(), vm.spec.name.clone())));
         tracing::info!(vm = %vm.spec.name, pid, accel = ?self.accel, "VM running");
         self.set_phase(vm.id, LocalPhase::Running);
         self.report(vm.id, VmRunState::Running { accel: self.accel, pid }).await;
@@ -426,7 +455,15 @@ impl Hypervisor {
             }
         };
         drop(qmp);
-        // QEMU is gone: the disks can stop serving.
+        // QEMU is gone: what the firmware last wrote goes to the volume.
+        if let (Some(vars), Some(syncing)) = (&vars, syncing) {
+            stop_syncing.notify_one();
+            let _ = syncing.await;
+            if let Err(e) = vars.sync().await {
+                tracing::warn!(vm = %vm.spec.name, error = %chain(&e), "saving the UEFI variables at the end failed");
+            }
+        }
+        // The disks can stop serving.
         drop(disks);
         Ok(ended)
     }

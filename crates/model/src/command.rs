@@ -35,6 +35,11 @@ pub enum ClusterCommand {
         pool: PoolId,
         size_bytes: u64,
     },
+    /// Grows a volume to `size_bytes` (never shrinks it), while no active VM uses it.
+    ResizeVolume {
+        volume: VolumeId,
+        size_bytes: u64,
+    },
     DeleteVolume {
         volume: VolumeId,
     },
@@ -48,6 +53,12 @@ pub enum ClusterCommand {
         unless_vm_running: bool,
     },
     CreateVm {
+        spec: VmSpec,
+    },
+    /// Gives VM `vm` a new spec, from its next start. Its name stays; while it is active
+    /// only its vCPUs, memory and HA policy may change (its volumes are in use).
+    UpdateVm {
+        vm: VmId,
         spec: VmSpec,
     },
     /// Deletes a stopped VM (its volumes are deleted by their own commands).
@@ -224,7 +235,7 @@ pub enum CommandError {
     InvalidVm(String),
     #[error("Volume {volume} is already used by VM {vm}")]
     VolumeInUse { volume: VolumeId, vm: String },
-    #[error("VM {vm} is running on {node}: stop it first, or start it with --force to move it")]
+    #[error("VM {vm} is running on {node}: stop it first, or move it with `converge vm move {vm} --node NODE`")]
     VmRunningElsewhere { vm: String, node: NodeId },
     #[error("VM {0} is not stopped: stop it before deleting it")]
     VmNotStopped(String),
@@ -291,6 +302,7 @@ impl ClusterState {
                 self.create_pool(name, *replicas, *min_size, pgs)
             }
             ClusterCommand::CreateVolume { name, pool, size_bytes } => self.create_volume(name, *pool, *size_bytes),
+            ClusterCommand::ResizeVolume { volume, size_bytes } => self.resize_volume(*volume, *size_bytes),
             ClusterCommand::DeleteVolume { volume } => {
                 if let Some(vm) = self.vm_using(*volume) {
                     return Err(CommandError::VolumeInUse { volume: *volume, vm: vm.spec.name.clone() });
@@ -299,6 +311,7 @@ impl ClusterState {
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::CreateVm { spec } => self.create_vm(spec),
+            ClusterCommand::UpdateVm { vm, spec } => self.update_vm(*vm, spec),
             ClusterCommand::DeleteVm { vm } => {
                 let found = self.vms.get(vm).ok_or(CommandError::UnknownVm(*vm))?;
                 let stopped = matches!(found.observed.state, VmRunState::Stopped | VmRunState::Failed { .. });
@@ -480,10 +493,51 @@ impl ClusterState {
     }
 
     fn create_vm(&mut self, spec: &VmSpec) -> Result<CommandOutcome, CommandError> {
-        let invalid = |reason: String| Err(CommandError::InvalidVm(reason));
         if self.vm_by_name(&spec.name).is_some() {
             return Err(CommandError::VmExists(spec.name.clone()));
         }
+        if self.vms.len() >= crate::vm::VMS_MAX {
+            return Err(CommandError::InvalidVm(format!(
+                "the cluster holds {} VMs, the most it takes: delete some first",
+                self.vms.len()
+            )));
+        }
+        self.check_vm_spec(spec, None)?;
+        let candidate = Vm {
+            id: self.next_vm_id,
+            spec: spec.clone(),
+            desired: VmDesired::Stopped,
+            force_stop: false,
+            observed: VmObserved { node: None, state: VmRunState::Stopped },
+        };
+        self.next_vm_id = VmId(candidate.id.0 + 1);
+        let id = candidate.id;
+        self.vms.insert(id, candidate);
+        Ok(CommandOutcome::VmCreated(id))
+    }
+
+    fn update_vm(&mut self, id: VmId, spec: &VmSpec) -> Result<CommandOutcome, CommandError> {
+        let vm = self.vms.get(&id).ok_or(CommandError::UnknownVm(id))?;
+        if spec.name != vm.spec.name {
+            return Err(CommandError::InvalidVm("a VM keeps its name".into()));
+        }
+        let same_volumes =
+            VmSpec { cpus: vm.spec.cpus, memory_bytes: vm.spec.memory_bytes, ha: vm.spec.ha.clone(), ..spec.clone() };
+        if vm.is_active() && same_volumes != vm.spec {
+            return Err(CommandError::InvalidVm(format!(
+                "VM {} is running: its disks and boot change only while it is stopped",
+                vm.spec.name
+            )));
+        }
+        self.check_vm_spec(spec, Some(id))?;
+        self.vms.get_mut(&id).expect("checked above").spec = spec.clone();
+        Ok(CommandOutcome::Done)
+    }
+
+    /// What every VM spec must be; `vm` is the VM it is for, if it exists already (its own
+    /// volumes are not in another VM's use).
+    fn check_vm_spec(&self, spec: &VmSpec, vm: Option<VmId>) -> Result<(), CommandError> {
+        let invalid = |reason: String| Err(CommandError::InvalidVm(reason));
         if spec.cpus == 0 || spec.cpus > VM_CPUS_MAX {
             return invalid(format!("{} vCPUs is outside 1..={VM_CPUS_MAX}", spec.cpus));
         }
@@ -492,9 +546,6 @@ impl ClusterState {
         }
         if spec.memory_bytes > crate::vm::VM_MEMORY_MAX_BYTES {
             return invalid(format!("memory must be at most {} GiB", crate::vm::VM_MEMORY_MAX_BYTES >> 30));
-        }
-        if self.vms.len() >= crate::vm::VMS_MAX {
-            return invalid(format!("the cluster holds {} VMs, the most it takes: delete some first", self.vms.len()));
         }
         if let Err(reason) = spec.ha.check() {
             return invalid(reason);
@@ -513,11 +564,21 @@ impl ClusterState {
         if spec.disks.len() > VM_DISKS_MAX {
             return invalid(format!("{} disks is more than {VM_DISKS_MAX}", spec.disks.len()));
         }
-        if spec.disks.is_empty() && spec.boot == crate::vm::Boot::Disk {
+        if spec.disks.is_empty() && matches!(spec.boot, crate::vm::Boot::Disk | crate::vm::Boot::Uefi { .. }) {
             return invalid("a VM that boots from disk needs a disk".into());
         }
+        if let crate::vm::Boot::Uefi { vars } = &spec.boot {
+            // (An unknown volume is refused with the VM's other volumes, below.)
+            let size = self.volumes.get(vars).map_or(u64::MAX, |v| v.size_bytes);
+            if size < crate::vm::UEFI_VARS_BYTES {
+                return invalid(format!(
+                    "the UEFI variables need a volume of {} bytes at least, not {size}",
+                    crate::vm::UEFI_VARS_BYTES
+                ));
+            }
+        }
         let candidate = Vm {
-            id: self.next_vm_id,
+            id: vm.unwrap_or(self.next_vm_id),
             spec: spec.clone(),
             desired: VmDesired::Stopped,
             force_stop: false,
@@ -528,17 +589,14 @@ impl ClusterState {
             if !self.volumes.contains_key(volume) {
                 return Err(CommandError::UnknownVolume(*volume));
             }
-            if let Some(vm) = self.vm_using(*volume) {
-                return Err(CommandError::VolumeInUse { volume: *volume, vm: vm.spec.name.clone() });
+            if let Some(user) = self.vms.values().find(|v| Some(v.id) != vm && v.volumes().contains(volume)) {
+                return Err(CommandError::VolumeInUse { volume: *volume, vm: user.spec.name.clone() });
             }
             if volumes[..i].contains(volume) {
                 return invalid(format!("{volume} is listed twice"));
             }
         }
-        self.next_vm_id = VmId(candidate.id.0 + 1);
-        let id = candidate.id;
-        self.vms.insert(id, candidate);
-        Ok(CommandOutcome::VmCreated(id))
+        Ok(())
     }
 
     fn add_disk(&mut self, disk: &Disk) -> Result<CommandOutcome, CommandError> {
@@ -600,6 +658,28 @@ impl ClusterState {
         let pool = Pool { id, name: name.to_string(), replicas, min_size, pgs };
         self.pools.insert(id, pool);
         Ok(CommandOutcome::PoolCreated(id))
+    }
+
+    fn resize_volume(&mut self, id: VolumeId, size_bytes: u64) -> Result<CommandOutcome, CommandError> {
+        let volume = self.volumes.get(&id).ok_or(CommandError::UnknownVolume(id))?;
+        if !size_bytes.is_multiple_of(SECTOR_SIZE_BYTES) || size_bytes > crate::VOLUME_SIZE_MAX_BYTES {
+            return Err(CommandError::InvalidSize(size_bytes));
+        }
+        if size_bytes < volume.size_bytes {
+            return Err(CommandError::InvalidInput(format!(
+                "volume {} has {} bytes: a volume only grows (a file system on it may use every byte)",
+                volume.name, volume.size_bytes
+            )));
+        }
+        // A running guest would not see the new size until its next start.
+        if let Some(vm) = self.vms.values().find(|vm| vm.is_active() && vm.volumes().contains(&id)) {
+            return Err(CommandError::InvalidInput(format!(
+                "volume {} is a disk of VM {}, which is running: stop it first (it sees the new size when it starts)",
+                volume.name, vm.spec.name
+            )));
+        }
+        self.volumes.get_mut(&id).expect("checked above").size_bytes = size_bytes;
+        Ok(CommandOutcome::Done)
     }
 
     fn create_volume(&mut self, name: &str, pool: PoolId, size_bytes: u64) -> Result<CommandOutcome, CommandError> {
@@ -771,6 +851,8 @@ mod tests {
             disks: vec![volume],
             boot: crate::vm::Boot::Disk,
             ha: Default::default(),
+            seed: None,
+            cdrom: None,
         };
         let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
         vm
@@ -790,6 +872,8 @@ mod tests {
                 cmdline: String::new(),
             },
             ha: Default::default(),
+            seed: None,
+            cdrom: None,
         };
         let too_much =
             state.apply(&ClusterCommand::CreateVm { spec: spec(crate::vm::VM_MEMORY_MAX_BYTES + (1 << 20)) });
@@ -822,6 +906,8 @@ mod tests {
             disks: vec![disk],
             boot: crate::vm::Boot::Disk,
             ha: Default::default(),
+            seed: None,
+            cdrom: None,
         };
 
         let second_vm = state.apply(&ClusterCommand::CreateVm { spec });
@@ -830,6 +916,56 @@ mod tests {
         assert!(matches!(second_vm, Err(CommandError::VolumeInUse { .. })), "{second_vm:?}");
         assert!(matches!(delete, Err(CommandError::VolumeInUse { .. })), "{delete:?}");
         state.check_invariants();
+    }
+
+    #[test]
+    fn a_running_vm_changes_only_cpus_and_memory_and_a_stopped_one_its_disks_too() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let other = vm_with_disk(&mut state, "db");
+        let extra =
+            state.apply(&ClusterCommand::CreateVolume { name: "extra".into(), pool: PoolId(0), size_bytes: 1 << 20 });
+        let Ok(CommandOutcome::VolumeCreated(extra)) = extra else { panic!("{extra:?}") };
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+
+        let bigger = VmSpec { cpus: 4, memory_bytes: 1 << 30, ..state.vms[&vm].spec.clone() };
+        assert_eq!(state.apply(&ClusterCommand::UpdateVm { vm, spec: bigger }), Ok(CommandOutcome::Done));
+        assert_eq!((state.vms[&vm].spec.cpus, state.vms[&vm].spec.memory_bytes), (4, 1 << 30));
+        let mut with_disk = state.vms[&vm].spec.clone();
+        with_disk.disks.push(extra);
+        let running = state.apply(&ClusterCommand::UpdateVm { vm, spec: with_disk.clone() });
+        assert!(matches!(&running, Err(CommandError::InvalidVm(r)) if r.contains("stopped")), "{running:?}");
+
+        state.apply(&ClusterCommand::StopVm { vm, force: true }).unwrap();
+        state.apply(&ClusterCommand::ReportVm { vm, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+        assert_eq!(state.apply(&ClusterCommand::UpdateVm { vm, spec: with_disk.clone() }), Ok(CommandOutcome::Done));
+        // Another VM's disk, another name, or a spec past the bounds: refused, nothing changed.
+        let before = state.clone();
+        let mut stolen = with_disk.clone();
+        stolen.disks.push(state.vms[&other].spec.disks[0]);
+        let refusals = [
+            state.apply(&ClusterCommand::UpdateVm { vm, spec: stolen }),
+            state.apply(&ClusterCommand::UpdateVm { vm, spec: VmSpec { name: "renamed".into(), ..with_disk.clone() } }),
+            state.apply(&ClusterCommand::UpdateVm { vm, spec: VmSpec { cpus: 0, ..with_disk } }),
+        ];
+        assert!(matches!(refusals[0], Err(CommandError::VolumeInUse { .. })), "{refusals:?}");
+        assert!(refusals[1..].iter().all(|r| matches!(r, Err(CommandError::InvalidVm(_)))), "{refusals:?}");
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_volume_only_grows_and_not_under_a_running_vm() {
+        let mut state = two_node_cluster();
+        let vm = vm_with_disk(&mut state, "web");
+        let disk = state.vms[&vm].spec.disks[0];
+        let grow = |size_bytes| ClusterCommand::ResizeVolume { volume: disk, size_bytes };
+
+        assert_eq!(state.apply(&grow(2 << 30)), Ok(CommandOutcome::Done));
+        assert_eq!(state.volumes[&disk].size_bytes, 2 << 30);
+        assert!(matches!(state.apply(&grow(1 << 30)), Err(CommandError::InvalidInput(r)) if r.contains("only grows")));
+        assert!(matches!(state.apply(&grow((3 << 30) + 1)), Err(CommandError::InvalidSize(_))));
+        state.apply(&ClusterCommand::StartVm { vm, node: NODE_A, force: false }).unwrap();
+        assert!(matches!(state.apply(&grow(3 << 30)), Err(CommandError::InvalidInput(r)) if r.contains("running")));
     }
 
     #[test]

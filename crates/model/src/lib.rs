@@ -29,8 +29,8 @@ pub use units::{
     SECTOR_SIZE_BYTES, VOLUMES_MAX, VOLUME_SIZE_MAX_BYTES,
 };
 pub use vm::{
-    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VMS_MAX, VM_CPUS_MAX, VM_DISKS_MAX,
-    VM_MEMORY_MAX_BYTES, VM_MEMORY_MIN_BYTES,
+    Accel, Boot, BootFile, Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, UEFI_VARS_BYTES, VMS_MAX, VM_CPUS_MAX,
+    VM_DISKS_MAX, VM_MEMORY_MAX_BYTES, VM_MEMORY_MIN_BYTES,
 };
 
 /// An error and its causes, `outer: inner: innermost`: what a user needs when the reason

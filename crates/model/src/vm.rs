@@ -38,16 +38,37 @@ pub struct VmSpec {
     /// Restarted elsewhere when its node goes down (on unless asked otherwise).
     #[serde(default)]
     pub ha: crate::ha::HaPolicy,
+    /// A NoCloud seed for cloud-init (a small FAT volume labelled CIDATA), attached after
+    /// the disks.
+    #[serde(default)]
+    pub seed: Option<VolumeId>,
+    /// An ISO image kept in a volume, attached as a CD-ROM and booted first (an installer).
+    #[serde(default)]
+    pub cdrom: Option<BootFile>,
+}
+
+impl VmSpec {
+    /// The volumes QEMU gets as virtio disks, in order: the disks, then the seed.
+    pub fn attached(&self) -> Vec<VolumeId> {
+        self.disks.iter().copied().chain(self.seed).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Boot {
-    /// BIOS boot from the first disk.
+    /// BIOS (SeaBIOS) boot from the first disk.
     Disk,
+    /// UEFI (OVMF) boot from the first disk. The firmware's variables (boot order, boot
+    /// entries) live in volume `vars`, so the VM boots the same way on any node.
+    Uefi { vars: VolumeId },
     /// Direct kernel boot; the kernel and initrd are kept in volumes of their own, so any
     /// node can start the VM.
     Kernel { kernel: BootFile, initrd: Option<BootFile>, cmdline: String },
 }
+
+/// The size of the UEFI variable store converge keeps for a VM: that of the 4 MiB OVMF
+/// builds (`OVMF_VARS_4M.fd`), which every node's firmware must match.
+pub const UEFI_VARS_BYTES: u64 = 540_672;
 
 /// A file kept in a volume: the volume and the file's exact length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,13 +155,19 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Volumes the VM owns: its disks and its boot files.
+    /// Volumes the VM owns: its disks, its seed, its boot files, its UEFI variables and its
+    /// CD-ROM.
     pub fn volumes(&self) -> Vec<VolumeId> {
-        let mut volumes = self.spec.disks.clone();
-        if let Boot::Kernel { kernel, initrd, .. } = &self.spec.boot {
-            volumes.push(kernel.volume);
-            volumes.extend(initrd.map(|i| i.volume));
+        let mut volumes = self.spec.attached();
+        match &self.spec.boot {
+            Boot::Kernel { kernel, initrd, .. } => {
+                volumes.push(kernel.volume);
+                volumes.extend(initrd.map(|i| i.volume));
+            }
+            Boot::Uefi { vars } => volumes.push(*vars),
+            Boot::Disk => {}
         }
+        volumes.extend(self.spec.cdrom.map(|c| c.volume));
         volumes
     }
 }

@@ -227,6 +227,8 @@ mod tests {
                 disks: vec![],
                 boot: Boot::Kernel { kernel, initrd: None, cmdline: String::new() },
                 ha: ha.clone(),
+                seed: None,
+                cdrom: None,
             };
             apply(ClusterCommand::CreateVm { spec });
             apply(ClusterCommand::StartVm { vm: VmId(i as u64), node: NodeId(*node), force: false });

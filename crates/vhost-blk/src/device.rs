@@ -151,7 +151,11 @@ impl BlkDevice {
         let serial = self.target.serial.clone();
         let writes = self.writes.clone();
         self.runtime.spawn(async move {
-            let result = execute(&request.op, &mem, &writer, &engine, volume, &serial, &writes).await;
+            // A request's pieces stop when its queue does (a reset guest): none may land
+            // after the next boot's requests.
+            let live = || in_flight.current(generation);
+            let io = Io { mem: &mem, writer: &writer, engine: &engine, volume };
+            let result = execute(&request.op, &io, &serial, &writes, &live).await;
             if let Some(ticket) = ticket {
                 writes.end(ticket);
             }
@@ -171,33 +175,55 @@ impl BlkDevice {
 enum IoError {
     #[error("guest buffer outside guest memory")]
     GuestMemory,
+    #[error("the queue stopped before the request's last piece")]
+    Stopped,
     #[error(transparent)]
     Volume(#[from] volume::VolumeError),
+}
+
+/// Where a request's bytes move: the guest's memory and the volume.
+struct Io<'a> {
+    mem: &'a GuestMemory,
+    writer: &'a VolumeWriter,
+    engine: &'a Engine,
+    volume: VolumeId,
 }
 
 /// Runs one request; returns the bytes written into guest buffers (for the used length).
 async fn execute(
     op: &BlkOp,
-    mem: &GuestMemory,
-    writer: &VolumeWriter,
-    engine: &Engine,
-    volume: VolumeId,
+    io: &Io<'_>,
     serial: &str,
     writes: &WriteOrder,
+    live: &(dyn Fn() -> bool + Sync),
 ) -> Result<u32, IoError> {
+    let Io { mem, writer, engine, volume } = *io;
     match op {
         BlkOp::Read { sector, bufs } => {
-            let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
-            match guest_ranges(mem, bufs) {
-                Some(ranges) => read_direct(engine, volume, sector * SECTOR_SIZE_BYTES, bufs, ranges).await?,
-                None => read_copied(mem, engine, volume, sector * SECTOR_SIZE_BYTES, bufs).await?,
+            let mut offset = sector * SECTOR_SIZE_BYTES;
+            for bufs in crate::request::pieces(bufs, crate::request::PIECE_BYTES) {
+                if !live() {
+                    return Err(IoError::Stopped);
+                }
+                match guest_ranges(mem, &bufs) {
+                    Some(ranges) => read_direct(engine, volume, offset, &bufs, ranges).await?,
+                    None => read_copied(mem, engine, volume, offset, &bufs).await?,
+                }
+                offset += bufs.iter().map(|b| u64::from(b.len)).sum::<u64>();
             }
-            Ok(len as u32)
+            Ok((offset - sector * SECTOR_SIZE_BYTES) as u32)
         }
         BlkOp::Write { sector, bufs } => {
-            match guest_ranges(mem, bufs) {
-                Some(ranges) => write_direct(writer, sector * SECTOR_SIZE_BYTES, ranges).await?,
-                None => write_copied(mem, writer, sector * SECTOR_SIZE_BYTES, bufs).await?,
+            let mut offset = sector * SECTOR_SIZE_BYTES;
+            for bufs in crate::request::pieces(bufs, crate::request::PIECE_BYTES) {
+                if !live() {
+                    return Err(IoError::Stopped);
+                }
+                match guest_ranges(mem, &bufs) {
+                    Some(ranges) => write_direct(writer, offset, ranges).await?,
+                    None => write_copied(mem, writer, offset, &bufs).await?,
+                }
+                offset += bufs.iter().map(|b| u64::from(b.len)).sum::<u64>();
             }
             Ok(0)
         }
@@ -388,6 +414,11 @@ impl InFlight {
         if state.0 == 0 {
             self.idle.notify_all();
         }
+    }
+
+    /// Whether the queue is still in `generation` (not stopped since).
+    fn current(&self, generation: u64) -> bool {
+        self.state.lock().expect("in-flight lock").1 == generation
     }
 
     /// Waits for the requests in flight (at most `timeout`), then starts a new generation.

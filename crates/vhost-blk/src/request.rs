@@ -24,8 +24,13 @@ pub const HEADER_BYTES: u32 = 16;
 pub const ID_BYTES: u32 = 20;
 /// A discard or write-zeroes segment: sector u64, num_sectors u32, flags u32.
 pub const SEGMENT_BYTES: u32 = 16;
-/// Largest data transfer of one request; the device advertises matching limits.
-pub const REQUEST_DATA_MAX_BYTES: u64 = 4 << 20;
+/// Largest data transfer of one request: the most a virtio chain may carry that OVMF's
+/// driver sends (it puts a whole read of the firmware's, a kernel say, in one descriptor
+/// and honours no advertised limit). Executed in pieces of `PIECE_BYTES`.
+pub const REQUEST_DATA_MAX_BYTES: u64 = 1 << 30;
+/// The most of one request the device moves at once: bounds what a request holds (a copy,
+/// reads in flight) whatever its size.
+pub const PIECE_BYTES: u64 = 4 << 20;
 /// Data descriptors one request may use (advertised as `seg_max`).
 pub const SEG_MAX: u32 = 128;
 /// Segments of one discard or write-zeroes request (advertised as `max_discard_seg`).
@@ -36,6 +41,29 @@ pub const DISCARD_SECTORS_MAX: u32 = (1 << 30) / SECTOR_SIZE_BYTES as u32;
 const FLAG_UNMAP: u32 = 1;
 
 const _: () = assert!(REQUEST_DATA_MAX_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
+const _: () = assert!(PIECE_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
+
+/// `bufs` cut into runs of at most `max` bytes each, in order: a buffer that straddles a
+/// boundary is split there. With `max` a whole number of sectors, every run but the last
+/// is exactly `max` bytes.
+pub fn pieces(bufs: &[GuestBuf], max: u64) -> Vec<Vec<GuestBuf>> {
+    let mut pieces = vec![Vec::new()];
+    let mut room = max;
+    for buf in bufs {
+        let mut rest = *buf;
+        while rest.len > 0 {
+            if room == 0 {
+                pieces.push(Vec::new());
+                room = max;
+            }
+            let take = u64::from(rest.len).min(room) as u32;
+            pieces.last_mut().expect("one at least").push(GuestBuf { addr: rest.addr, len: take });
+            rest = GuestBuf { addr: rest.addr + u64::from(take), len: rest.len - take };
+            room -= u64::from(take);
+        }
+    }
+    pieces
+}
 
 /// One descriptor as the guest gave it: an address in guest memory, a length, and whether
 /// the device may write it.
@@ -158,6 +186,10 @@ impl BlkRequest {
         let bufs = |writable: bool| -> Result<Vec<GuestBuf>, RequestError> {
             if data.iter().any(|d| d.writable != writable) {
                 return Err(RequestError::WrongDirection);
+            }
+            // A buffer that wraps around the address space is in no guest's memory.
+            if data.iter().any(|d| d.addr.checked_add(u64::from(d.len)).is_none()) {
+                return Err(RequestError::BadLength(data.iter().map(|d| u64::from(d.len)).sum()));
             }
             Ok(data.iter().map(|d| GuestBuf { addr: d.addr, len: d.len }).collect())
         };
@@ -370,5 +402,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_large_request_is_cut_into_pieces_that_keep_its_order_and_bytes() {
+        let buf = |addr: u64, len: u32| GuestBuf { addr, len };
+        // One descriptor of 10 MiB (as OVMF sends a kernel's read): 4 + 4 + 2 MiB.
+        let one = pieces(&[buf(0x1000_0000, 10 << 20)], 4 << 20);
+        assert_eq!(
+            one,
+            vec![vec![buf(0x1000_0000, 4 << 20)], vec![buf(0x1040_0000, 4 << 20)], vec![buf(0x1080_0000, 2 << 20)],]
+        );
+        // Several buffers, one straddling a boundary.
+        let many = pieces(&[buf(0, 3 << 20), buf(0x100_0000, 2 << 20), buf(0x200_0000, 512)], 4 << 20);
+        assert_eq!(
+            many,
+            vec![vec![buf(0, 3 << 20), buf(0x100_0000, 1 << 20)], vec![buf(0x110_0000, 1 << 20), buf(0x200_0000, 512)]]
+        );
+        let total = |p: &[Vec<GuestBuf>]| p.iter().flatten().map(|b| u64::from(b.len)).sum::<u64>();
+        assert_eq!(total(&many), (5 << 20) + 512);
+        assert_eq!(pieces(&[buf(7, 512)], 4 << 20), vec![vec![buf(7, 512)]], "a small request is one piece");
+        // A whole gibibyte in 4 KiB descriptors: each piece holds exactly 4 MiB.
+        let small: Vec<GuestBuf> = (0..1024u64).map(|i| buf(i << 12, 4096)).collect();
+        assert!(pieces(&small, 1 << 20).iter().all(|p| p.len() == 256));
     }
 }

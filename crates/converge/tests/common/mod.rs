@@ -120,6 +120,12 @@ impl NodeProcess {
     }
 
     /// `cli`, when failing is an answer too.
+    /// Where this node keeps the runtime files of VM `vm` (`vm-0`...): under its data dir,
+    /// or where the daemon put them when QEMU's user cannot reach that.
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        hypervisor::vm_dir(&self.data_dir.join("vms")).join(vm)
+    }
+
     pub fn cli_result(&self, args: &[&str]) -> Result<String, String> {
         run(&self.addr, args)
     }
@@ -166,8 +172,18 @@ pub fn run_as(target: &[String], args: &[&str]) -> Result<String, String> {
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        // With --json the reason is on stdout.
+        let (stderr, stdout) = (String::from_utf8_lossy(&output.stderr), String::from_utf8_lossy(&output.stdout));
+        Err(format!("{stderr}{stdout}"))
     }
+}
+
+/// Runs a client command against the node at `addr`: its exit code, stdout and stderr.
+pub fn run_code(addr: &str, args: &[&str]) -> (i32, String, String) {
+    let socket = sockets().lock().unwrap().get(addr).cloned().expect("a node this test started");
+    let output = Command::new(BIN).arg("--socket").arg(socket).args(args).output().expect("converge runs");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
 }
 
 pub fn json(text: &str) -> serde_json::Value {
