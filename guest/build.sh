@@ -49,7 +49,7 @@ ir=$work/initramfs
 mkdir -p "$ir"/{etc,proc,sys,dev,tmp,newroot,lib/modules/$KVER}
 applets "$ir"
 install -m 755 "$here/initramfs-init" "$ir/init"
-want="kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko kernel/fs/efivarfs/efivarfs.ko kernel/fs/fat/vfat.ko kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko kernel/fs/isofs/isofs.ko"
+want="kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko kernel/fs/efivarfs/efivarfs.ko kernel/fs/fat/vfat.ko kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko kernel/fs/isofs/isofs.ko kernel/drivers/net/virtio_net.ko"
 declare -A seen=()
 add() {
     local module=$1 dep

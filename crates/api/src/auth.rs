@@ -35,7 +35,7 @@ pub fn required(method: &Method, path: &str) -> Access {
         // A volume's bytes and a guest's console are its data, not metadata.
         // Reading a console is as good as typing into it (a password prompt, a shell).
         ["v1", "volumes", _, "data" | "blocks", ..] | ["v1", "vms", _, "console", ..] => Access::Role(Role::Operator),
-        ["v1", "cluster" | "volumes" | "vms" | "events", ..] if read => Access::Role(Role::Viewer),
+        ["v1", "cluster" | "volumes" | "vms" | "networks" | "events", ..] if read => Access::Role(Role::Viewer),
         ["v1", "volumes" | "vms", ..] => Access::Role(Role::Operator),
         _ => Access::Role(Role::Admin),
     }
@@ -109,6 +109,9 @@ mod tests {
         assert_eq!(required(&get, "/v1/vms/web/console"), Access::Role(Role::Operator));
         assert_eq!(required(&get, "/v1/vms/web/console/session"), Access::Role(Role::Operator));
         assert_eq!(required(&post, "/v1/disks"), Access::Role(Role::Admin));
+        assert_eq!(required(&get, "/v1/networks"), Access::Role(Role::Viewer));
+        assert_eq!(required(&post, "/v1/networks"), Access::Role(Role::Admin));
+        assert_eq!(required(&delete, "/v1/networks/lan"), Access::Role(Role::Admin));
         assert_eq!(required(&post, "/v1/nodes/node-1/drain"), Access::Role(Role::Admin));
         assert_eq!(required(&delete, "/v1/nodes/node-1"), Access::Role(Role::Admin));
         assert_eq!(required(&get, "/v1/tokens"), Access::Role(Role::Admin));

@@ -372,6 +372,18 @@ impl Client {
         self.call::<(), _>(Method::GET, &format!("/v1/nodes/{}/check", segment(node)?), None).await
     }
 
+    pub async fn networks(&self) -> Result<Vec<v1::NetworkInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/networks", None).await
+    }
+
+    pub async fn create_network(&self, request: &v1::CreateNetwork) -> Result<v1::NetworkInfo, ClientError> {
+        self.call(Method::POST, "/v1/networks", Some(request)).await
+    }
+
+    pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/networks/{}", segment(name)?)))).await.map(drop)
+    }
+
     pub async fn vms(&self) -> Result<Vec<v1::VmInfo>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/vms", None).await
     }

@@ -10,6 +10,7 @@ mod cidata;
 pub mod client;
 mod error;
 mod listen;
+mod networks;
 mod node_host;
 mod routes;
 mod services;

@@ -56,6 +56,8 @@ fn routes() -> Router<NodeServices> {
         .route("/v1/volumes/{name}/clone", post(clone_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/blocks/{offset}", get(read_blocks).put(write_blocks))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/{name}", axum::routing::delete(delete_network))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm).patch(update_vm))
         .route("/v1/vms/{name}/disks", post(add_vm_disk))
@@ -259,6 +261,22 @@ async fn snapshot(State(node): State<NodeServices>, body: axum::body::Bytes) -> 
     Json(node.cluster().handle_snapshot(Vec::from(body)).await)
 }
 
+async fn list_networks(State(node): State<NodeServices>) -> Json<Vec<v1::NetworkInfo>> {
+    Json(node.networks())
+}
+
+async fn create_network(
+    State(node): State<NodeServices>,
+    Json(request): Json<v1::CreateNetwork>,
+) -> Result<(StatusCode, Json<v1::NetworkInfo>), ApiError> {
+    Ok((StatusCode::CREATED, Json(node.create_network(request).await?)))
+}
+
+async fn delete_network(State(node): State<NodeServices>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    node.delete_network(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn list_vms(State(node): State<NodeServices>) -> Json<Vec<v1::VmInfo>> {
     Json(node.vms())
 }
@@ -368,6 +386,8 @@ async fn vm_console_session(
 
 /// A session's heartbeat: a client that answers no ping within two of these is gone.
 const SESSION_PING: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a session's end waits on the client's close and the last keys.
+const SESSION_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn console_session(
     node: NodeServices,
@@ -382,7 +402,7 @@ async fn console_session(
     // guest slow to take them never holds up its output or the session's end.
     let (keys, mut queued) = tokio::sync::mpsc::channel::<Bytes>(8);
     let (refusals, mut refused) = tokio::sync::mpsc::channel::<String>(1);
-    let typist = {
+    let mut typist = {
         let (node, name) = (node.clone(), name.clone());
         tokio::spawn(async move {
             while let Some(input) = queued.recv().await {
@@ -429,7 +449,12 @@ async fn console_session(
                         continue;
                     }
                     Some(Ok(Message::Ping(_))) => continue,
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    // The client left: its close is answered, so it sees a clean end.
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = tokio::time::timeout(SESSION_CLOSE_TIMEOUT, to_client.close()).await;
+                        break;
+                    }
+                    Some(Err(_)) | None => break,
                 };
                 if keys.try_send(input).is_err() {
                     let said = "\r\n[converge: keys dropped: the guest is not taking them]\r\n";
@@ -440,7 +465,11 @@ async fn console_session(
             }
         }
     }
-    typist.abort();
+    // Keys typed before the client left still reach the guest, if it takes them soon.
+    drop(keys);
+    if tokio::time::timeout(SESSION_CLOSE_TIMEOUT, &mut typist).await.is_err() {
+        typist.abort();
+    }
 }
 
 /// Keys relayed by another node, for a VM that runs here.

@@ -189,6 +189,48 @@ pub struct CreateVm {
     /// An ISO image (uploaded into a volume) attached as a CD-ROM, booted first.
     #[serde(default)]
     pub cdrom: Option<BootFileRef>,
+    /// Network cards, in order.
+    #[serde(default)]
+    pub nics: Vec<NicRequest>,
+}
+
+/// A network card for a new VM: the network's name, and its MAC address if the user chose
+/// one (else the server picks a free one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NicRequest {
+    pub network: String,
+    #[serde(default)]
+    pub mac: Option<model::Mac>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NicInfo {
+    pub network: String,
+    pub mac: model::Mac,
+}
+
+/// `POST /v1/networks`. Untagged on `interface` by default; `vlan` tags it (on `interface`,
+/// or on the interface of each node's own address); `overlay` makes a VXLAN between the
+/// nodes instead.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CreateNetwork {
+    pub name: String,
+    #[serde(default)]
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    #[serde(default)]
+    pub overlay: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub id: model::NetworkId,
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: model::NetworkKind,
+    /// The VMs with a NIC on it.
+    pub vms: Vec<String>,
 }
 
 /// What cloud-init is told at the VM's first boot.
@@ -247,6 +289,8 @@ pub struct VmInfo {
     /// The volume of the ISO image attached as its CD-ROM.
     #[serde(default)]
     pub cdrom: Option<String>,
+    #[serde(default)]
+    pub nics: Vec<NicInfo>,
 }
 
 /// `GET /v1/events?after=SEQ`: the events after `after`, oldest first.

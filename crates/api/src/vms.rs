@@ -89,6 +89,7 @@ impl NodeServices {
         if let Some(cloud_init) = &request.cloud_init {
             crate::cidata::check(cloud_init).map_err(ApiError::bad_request)?;
         }
+        let nics = self.nics(&request.nics)?;
         let mut created = Vec::new();
         let result = async {
             for (index, disk) in request.disks.iter().enumerate() {
@@ -125,6 +126,7 @@ impl NodeServices {
                 ha: request.ha.clone(),
                 seed,
                 cdrom,
+                nics,
             };
             Ok::<_, ApiError>(self.cluster().create_vm(spec).await?)
         }
@@ -476,6 +478,15 @@ fn vm_info(state: &ClusterState, vm: &Vm) -> v1::VmInfo {
         },
         seed: vm.spec.seed.map(name),
         cdrom: vm.spec.cdrom.map(|c| name(c.volume)),
+        nics: vm
+            .spec
+            .nics
+            .iter()
+            .map(|nic| v1::NicInfo {
+                network: state.networks.get(&nic.network).map_or_else(|| nic.network.to_string(), |n| n.name.clone()),
+                mac: nic.mac,
+            })
+            .collect(),
     }
 }
 

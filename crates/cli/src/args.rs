@@ -56,6 +56,9 @@ pub enum Command {
     /// Virtual machines whose disks are replicated volumes.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Networks VMs attach to: each node provides every network as a bridge.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Maintenance of one node: drain it, let VMs back on, ask whether it can go down.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -184,6 +187,10 @@ pub enum VmCommand {
         /// one made from --user and --hostname.
         #[arg(long = "cloud-init")]
         cloud_init: Option<PathBuf>,
+        /// A network card on NETWORK, with MAC address mac= or one converge picks (kept
+        /// with the VM, so it keeps it on every node); repeat for more cards.
+        #[arg(long = "nic", value_name = "NETWORK[,mac=MAC]")]
+        nics: Vec<String>,
         /// Start the VM once it is made (on the least loaded node, or --node).
         #[arg(long)]
         start: bool,
@@ -433,6 +440,37 @@ pub enum VolumeCommand {
         name: String,
         /// The raw file to write (made or overwritten).
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Make a network every node provides as a Linux bridge: untagged on a host interface
+    /// (--interface), a VLAN (--vlan, on --interface or on each node's own interface), or
+    /// a VXLAN overlay between the nodes (--overlay).
+    Create {
+        /// The network's name: letters, digits, '-', '_' and '.'.
+        name: String,
+        /// The host interface the network is on, the same name on every node: a bridge of
+        /// your own (br0) is used as it is; another interface becomes the port of a bridge
+        /// converge makes, so it must hold no address.
+        #[arg(long, conflicts_with = "overlay")]
+        interface: Option<String>,
+        /// An 802.1Q VLAN id (1-4094), tagged on --interface, or on the interface that
+        /// holds each node's own address.
+        #[arg(long, conflicts_with = "overlay")]
+        vlan: Option<u16>,
+        /// A VXLAN overlay between the nodes' own addresses: a network of its own that needs
+        /// nothing from the switches.
+        #[arg(long)]
+        overlay: bool,
+    },
+    /// Every network and the VMs on it.
+    List,
+    /// Delete a network no VM has a card on.
+    Delete {
+        /// The network's name.
+        name: String,
     },
 }
 

@@ -41,6 +41,10 @@ pub async fn interactive(api: &Client, name: &str) -> Result<()> {
     eprintln!("Connected to the serial console of VM {name}; Ctrl-] leaves.");
     let raw = RawTerminal::enter();
     let input = session.input;
+    // Set before the session is closed on Ctrl-]: whatever the connection does after that
+    // (a server may drop it without a closing handshake) is the end the user asked for.
+    let leaving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let left = leaving.clone();
     let keys = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 1024];
@@ -56,6 +60,7 @@ pub async fn interactive(api: &Client, name: &str) -> Result<()> {
                 return false;
             }
             if leave.is_some() {
+                left.store(true, std::sync::atomic::Ordering::SeqCst);
                 return true;
             }
         }
@@ -66,18 +71,20 @@ pub async fn interactive(api: &Client, name: &str) -> Result<()> {
     let mut keyboard_open = true;
     let ended: Result<&str> = loop {
         tokio::select! {
+            biased;
+            left = &mut keys, if keyboard_open => match left {
+                Ok(true) => break Ok("left"),
+                // Input ended (a pipe ran dry): keep showing the output until the VM stops.
+                _ => keyboard_open = false,
+            },
             chunk = output.next() => match chunk {
                 Some(Ok(bytes)) => {
                     stdout.write_all(&bytes).context("writing to the terminal")?;
                     stdout.flush().context("writing to the terminal")?;
                 }
+                Some(Err(_)) if leaving.load(std::sync::atomic::Ordering::SeqCst) => break Ok("left"),
                 Some(Err(e)) => break Err(e.into()),
                 None => break Ok("the VM stopped"),
-            },
-            left = &mut keys, if keyboard_open => match left {
-                Ok(true) => break Ok("left"),
-                // Input ended (a pipe ran dry): keep showing the output until the VM stops.
-                _ => keyboard_open = false,
             },
         }
     };

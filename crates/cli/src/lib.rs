@@ -192,6 +192,7 @@ pub async fn run(command: Command, client: ClientArgs) -> Result<()> {
         }
         Command::Volume(command) => volume(&api, &out, command).await,
         Command::Vm(command) => vm::run(&api, &out, command).await,
+        Command::Network(command) => network(&api, &out, command).await,
         Command::Node(command) => node::run(&api, &out, command).await,
         Command::Events { follow } => node::events(&api, &out, follow).await,
         Command::Token(command) => token(&api, &out, command).await,
@@ -308,6 +309,26 @@ fn parse_duration(text: &str) -> Result<u64> {
         _ => bail!("{text:?} is not a duration like 30m, 2h or 1d"),
     };
     n.checked_mul(seconds).filter(|s| *s > 0).with_context(|| format!("{text:?} is not a usable duration"))
+}
+
+async fn network(api: &Client, out: &Output, command: crate::args::NetworkCommand) -> Result<()> {
+    use crate::args::NetworkCommand;
+    match command {
+        NetworkCommand::Create { name, interface, vlan, overlay } => {
+            let network = api.create_network(&v1::CreateNetwork { name, interface, vlan, overlay }).await?;
+            out.print(&network, || {
+                format!("Created network {} ({}); every node provides it as a bridge.", network.name, network.kind)
+            })
+        }
+        NetworkCommand::List => {
+            let networks = api.networks().await?;
+            out.print(&networks, || output::network_table(&networks))
+        }
+        NetworkCommand::Delete { name } => {
+            api.delete_network(&name).await?;
+            out.print(&serde_json::json!({ "deleted": name }), || format!("Deleted network {name}."))
+        }
+    }
 }
 
 async fn volume(api: &Client, out: &Output, command: VolumeCommand) -> Result<()> {

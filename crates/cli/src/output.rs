@@ -86,6 +86,15 @@ pub fn volume_table(volumes: &[v1::VolumeInfo]) -> String {
     out
 }
 
+pub fn network_table(networks: &[v1::NetworkInfo]) -> String {
+    let mut out = format!("{:<24} {:<40} VMS", "NAME", "KIND");
+    for n in networks {
+        let vms = if n.vms.is_empty() { "-".to_string() } else { n.vms.join(",") };
+        let _ = write!(out, "\n{:<24} {:<40} {vms}", n.name, n.kind.to_string());
+    }
+    out
+}
+
 pub fn volume_details(v: &v1::VolumeInfo) -> String {
     let owner = v.owner.map(|o| o.to_string()).unwrap_or_else(|| "none".into());
     let mut text = format!(

@@ -34,6 +34,7 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
             user,
             hostname,
             cloud_init,
+            nics,
             start,
             node,
             ha,
@@ -43,6 +44,7 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
             let cloud_init = cloud_init_request(&ssh_keys, user, hostname, cloud_init.as_deref())?;
             let ha = model::HaPolicy { enabled: ha == crate::args::OnOff::On, priority, anti_affinity };
             let memory_bytes = parse_size(&memory)?;
+            let nics = nics.iter().map(|n| nic_request(n)).collect::<Result<Vec<_>>>()?;
             let mut disks = disks.iter().map(|d| disk_request(d)).collect::<Result<Vec<_>>>()?;
             if let Some(template) = &template {
                 let size_bytes = api.volume(template).await?.size_bytes;
@@ -116,6 +118,7 @@ pub async fn run(api: &Client, out: &Output, command: VmCommand) -> Result<()> {
                     ha: ha.clone(),
                     cloud_init,
                     cdrom,
+                    nics,
                 };
                 Ok::<_, anyhow::Error>(api.create_vm(&request).await?)
             }
@@ -259,6 +262,23 @@ fn disk_request(text: &str) -> Result<v1::DiskRequest> {
         }
     }
     Ok(v1::DiskRequest { size_bytes, replicas })
+}
+
+/// Parses `NETWORK[,mac=MAC]`.
+fn nic_request(text: &str) -> Result<v1::NicRequest> {
+    let mut parts = text.split(',');
+    let network = parts.next().unwrap_or_default().to_string();
+    if network.is_empty() {
+        bail!("--nic {text:?} names no network: use NETWORK[,mac=MAC]");
+    }
+    let mut mac = None;
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", m)) => mac = Some(m.parse::<model::Mac>().map_err(anyhow::Error::msg)?),
+            _ => bail!("unknown NIC option {option:?} in --nic {text}: use NETWORK[,mac=MAC]"),
+        }
+    }
+    Ok(v1::NicRequest { network, mac })
 }
 
 /// What cloud-init is to be told, if the user asked anything of it: the key lines of the
@@ -433,6 +453,9 @@ fn details(vm: &v1::VmInfo) -> String {
     }
     if let Some(cdrom) = &vm.cdrom {
         attached.push_str(&format!("\ncdrom:   {cdrom} (booted first)"));
+    }
+    for (i, nic) in vm.nics.iter().enumerate() {
+        attached.push_str(&format!("\nnic{i}:    {} on network {}", nic.mac, nic.network));
     }
     format!(
         "name:    {}\nid:      {}\ncpus:    {}\nmemory:  {}\ndisks:   {}{attached}\nboot:    {boot}\nha:      {ha}\ndesired: {desired}\nnode:    {node}\nstate:   {}",

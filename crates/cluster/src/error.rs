@@ -71,6 +71,7 @@ impl ClusterError {
                 | CommandError::UnknownDisk(_)
                 | CommandError::UnknownNode(_)
                 | CommandError::UnknownVm(_)
+                | CommandError::UnknownNetwork(_)
                 | CommandError::UnknownToken(_)
                 | CommandError::UnknownPg { .. }
                 | CommandError::NotAReplica { .. } => NotFound,
@@ -80,6 +81,8 @@ impl ClusterError {
                 | CommandError::PoolExists(_)
                 | CommandError::VolumeExists(_)
                 | CommandError::VmExists(_)
+                | CommandError::NetworkExists(_)
+                | CommandError::NetworkInUse { .. }
                 | CommandError::VolumeInUse { .. }
                 | CommandError::VmRunningElsewhere { .. }
                 | CommandError::VmNotStopped(_)

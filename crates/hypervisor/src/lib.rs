@@ -7,6 +7,7 @@ mod accel;
 mod confine;
 mod firmware;
 mod host;
+mod net;
 mod plan;
 mod process;
 mod qemu_args;
@@ -17,8 +18,9 @@ pub use accel::detect_accel;
 pub use confine::{create_fresh, vm_dir, QemuUser, QEMU_USER};
 pub use firmware::{OVMF_CODE, OVMF_VARS, VARS_SYNC};
 pub use host::{AttachedDisk, AttachedVars, Host, HostError, VarsVolume};
+pub use net::{HostNetworks, NetError};
 pub use plan::{plan, Action, LocalPhase};
-pub use qemu_args::{qemu_args, UefiPaths, VmPaths, DISK_QUEUES_MAX};
+pub use qemu_args::{qemu_args, NicFds, UefiPaths, VmPaths, DISK_QUEUES_MAX};
 pub use runtime::{Hypervisor, POWERDOWN_TIMEOUT};
 
 /// The serial console log of `vm` under the node's VM directory.

@@ -78,6 +78,7 @@ mod tests {
             ha: Default::default(),
             seed: None,
             cdrom: None,
+            nics: vec![],
         };
         let commands = [
             ClusterCommand::InitCluster { id: ClusterId(1) },

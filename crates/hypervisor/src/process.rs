@@ -13,8 +13,9 @@ pub struct RunAs {
     pub groups: Vec<u32>,
 }
 
-/// Spawns `program` with `args`, output to `log`, as `run_as` if given, killed if the
-/// spawning thread's process dies: a QEMU whose vhost-user backend is gone can do no IO,
+/// Spawns `program` with `args`, output to `log`, as `run_as` if given, with the file
+/// descriptors `inherit` open in it under the same numbers (taps for its NICs), killed if
+/// the spawning thread's process dies: a QEMU whose vhost-user backend is gone can do no IO,
 /// and an orphan would keep the guest's memory and the old owner epoch alive.
 ///
 /// The user is switched here, not by QEMU's `-runas`: the kernel clears the parent-death
@@ -24,16 +25,22 @@ pub fn spawn(
     args: &[std::ffi::OsString],
     log: std::fs::File,
     run_as: Option<RunAs>,
+    inherit: Vec<std::os::fd::RawFd>,
 ) -> std::io::Result<Child> {
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the child between fork and exec and only calls
-    // async-signal-safe functions (setgroups, setgid, setuid, prctl, getppid) on memory
-    // prepared before the fork (`run_as`, moved in) and shared with nothing.
+    // async-signal-safe functions (fcntl, setgroups, setgid, setuid, prctl, getppid) on
+    // memory prepared before the fork (`run_as` and `inherit`, moved in) and shared with
+    // nothing. The descriptors in `inherit` are the caller's, open until `spawn` returns.
     unsafe {
         command.pre_exec(move || {
             let check = |result: libc::c_int| if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+            // Opened close-on-exec (so no other child gets them); kept open in this one.
+            for &fd in &inherit {
+                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
+            }
             if let Some(user) = &run_as {
                 check(libc::setgroups(user.groups.len(), user.groups.as_ptr()))?;
                 check(libc::setgid(user.gid))?;

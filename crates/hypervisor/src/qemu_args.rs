@@ -17,6 +17,19 @@ pub struct VmPaths {
     pub uefi: Option<UefiPaths>,
     /// The ISO image attached as a CD-ROM.
     pub cdrom: Option<PathBuf>,
+    /// One tap per NIC, in the spec's order.
+    pub nics: Vec<NicFds>,
+}
+
+/// A NIC's tap as QEMU inherits it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicFds {
+    pub tap: i32,
+    /// `/dev/vhost-net`, where the host has it.
+    pub vhost: Option<i32>,
+    /// Told to the guest when its network carries less than an Ethernet frame (an
+    /// overlay): a guest that sent 1500 bytes would see them dropped without a word.
+    pub mtu: Option<u32>,
 }
 
 /// The two flash chips of a UEFI VM: the firmware (read-only) and its variable store.
@@ -35,7 +48,18 @@ pub fn qemu_args(spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<OsString> 
     let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
     let memory_mib = spec.memory_bytes >> 20;
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none"]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"]);
+    assert_eq!(paths.nics.len(), spec.nics.len(), "one tap per NIC");
+    if spec.nics.is_empty() {
+        push(&["-nic", "none"]);
+    }
+    for (index, (nic, fds)) in spec.nics.iter().zip(&paths.nics).enumerate() {
+        let vhost = fds.vhost.map(|fd| format!(",vhost=on,vhostfd={fd}")).unwrap_or_default();
+        push(&["-netdev", &format!("tap,id=nic{index},fd={}{vhost}", fds.tap)]);
+        let mtu = fds.mtu.map(|mtu| format!(",host_mtu={mtu}")).unwrap_or_default();
+        // No option ROM: the firmware has its own virtio-net driver.
+        push(&["-device", &format!("virtio-net-pci,netdev=nic{index},mac={}{mtu},romfile=", nic.mac)]);
+    }
     // Guest RAM is a shared memfd: the vhost-user backend maps it and serves the
     // virtqueues straight from it.
     push(&["-object", &format!("memory-backend-memfd,id=ram,size={memory_mib}M,share=on")]);
@@ -91,6 +115,7 @@ mod tests {
             ha: Default::default(),
             seed: None,
             cdrom: None,
+            nics: vec![],
         }
     }
 
@@ -104,6 +129,7 @@ mod tests {
             initrd: kernel.then(|| "/run/vm/initrd".into()),
             uefi: None,
             cdrom: None,
+            nics: vec![],
         }
     }
 
@@ -147,6 +173,31 @@ mod tests {
         assert!(line.contains("-drive if=pflash,format=raw,unit=1,file=/run/vm/uefi-vars.fd"), "{line}");
         let bios = joined(&qemu_args(&spec(1, 1, Boot::Disk), &super::tests::paths(1, false), Accel::Tcg));
         assert!(!bios.contains("pflash"), "{bios}");
+    }
+
+    #[test]
+    fn each_nic_is_a_virtio_net_on_its_inherited_tap_with_its_own_mac() {
+        let mut spec = spec(1, 1, Boot::Disk);
+        let network = model::NetworkId(0);
+        spec.nics = vec![
+            model::Nic { network, mac: "52:54:00:00:00:01".parse().unwrap() },
+            model::Nic { network, mac: "52:54:00:00:00:02".parse().unwrap() },
+        ];
+        let mut paths = paths(1, false);
+        paths.nics =
+            vec![NicFds { tap: 30, vhost: Some(31), mtu: None }, NicFds { tap: 32, vhost: None, mtu: Some(1450) }];
+        let line = joined(&qemu_args(&spec, &paths, Accel::Tcg));
+        assert!(line.contains("-netdev tap,id=nic0,fd=30,vhost=on,vhostfd=31 "), "{line}");
+        assert!(line.contains("-device virtio-net-pci,netdev=nic0,mac=52:54:00:00:00:01,romfile= "), "{line}");
+        assert!(line.contains("-netdev tap,id=nic1,fd=32 "), "{line}");
+        assert!(
+            line.contains("-device virtio-net-pci,netdev=nic1,mac=52:54:00:00:00:02,host_mtu=1450,romfile= "),
+            "{line}"
+        );
+        assert!(!line.contains("-nic none"), "{line}");
+        let without =
+            joined(&qemu_args(&super::tests::spec(1, 1, Boot::Disk), &super::tests::paths(1, false), Accel::Tcg));
+        assert!(without.contains("-nic none"), "{without}");
     }
 
     #[test]

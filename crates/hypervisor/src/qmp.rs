@@ -73,6 +73,16 @@ impl Qmp {
             .map_err(|e| QmpError::Command { command: "system_powerdown", source: std::io::Error::other(e) })
     }
 
+    /// Has QEMU send a few broadcast frames from each NIC's address (as after a migration),
+    /// so the network's bridges and overlays learn at once where the VM runs now.
+    pub async fn announce(&self) -> Result<(), QmpError> {
+        // QEMU's own defaults: 5 rounds, 50 ms apart and growing by 100 ms.
+        let parameters =
+            qmp::AnnounceParameters { id: None, interfaces: None, initial: 50, max: 550, rounds: 5, step: 100 };
+        let result = self.service.execute(qmp::announce_self(parameters)).await;
+        result.map(drop).map_err(|e| QmpError::Command { command: "announce-self", source: std::io::Error::other(e) })
+    }
+
     /// Ends QEMU at once. It may close the socket before it answers; that is success too.
     pub async fn quit(&self) {
         let _ = self.service.execute(qmp::quit {}).await;

@@ -7,6 +7,7 @@ use crate::qemu_args::{qemu_args, VmPaths};
 use crate::qmp::Qmp;
 use model::{Accel, Boot, Vm, VmId, VmRunState};
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub struct Hypervisor {
     changed: Notify,
     /// The user QEMU runs as, when the daemon can switch to one.
     qemu_user: Option<crate::confine::QemuUser>,
+    /// The cluster's networks as this node provides them.
+    networks: crate::net::HostNetworks,
 }
 
 struct LocalVm {
@@ -64,6 +67,8 @@ enum StartError {
     Qmp(#[from] crate::qmp::QmpError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("A network card")]
+    Network(#[from] crate::net::NetError),
 }
 
 /// A start that restarts a VM whose node went down.
@@ -114,6 +119,7 @@ impl Hypervisor {
                 crate::confine::QEMU_USER
             ),
         }
+        let host_node = host.this_node();
         Arc::new(Hypervisor {
             host,
             vm_dir,
@@ -124,6 +130,7 @@ impl Hypervisor {
             telling: Mutex::default(),
             changed: Notify::new(),
             qemu_user,
+            networks: crate::net::HostNetworks::new(host_node),
         })
     }
 
@@ -135,6 +142,7 @@ impl Hypervisor {
     pub async fn run(self: Arc<Self>) {
         let mut state = self.host.watch();
         let mut isolated = self.host.isolated();
+        tokio::spawn(self.clone().provide_networks());
         self.report_died_with_node().await;
         loop {
             self.reconcile(*isolated.borrow_and_update());
@@ -144,6 +152,18 @@ impl Hypervisor {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
             }
+        }
+    }
+
+    /// Keeps the node's bridges in line with the cluster's networks: at each change of the
+    /// state, and now and then to mend what was changed behind converge's back.
+    async fn provide_networks(self: Arc<Self>) {
+        const MEND_INTERVAL: Duration = Duration::from_secs(30);
+        let mut state = self.host.watch();
+        loop {
+            let now = state.borrow_and_update().clone();
+            self.networks.reconcile(&now).await;
+            let _ = tokio::time::timeout(MEND_INTERVAL, state.changed()).await;
         }
     }
 
@@ -319,6 +339,7 @@ impl Hypervisor {
             initrd: None,
             uefi: None,
             cdrom: None,
+            nics: Vec::new(),
         };
         for stale in [&paths.qmp_socket, &paths.console_socket, &paths.console_log] {
             let _ = std::fs::remove_file(stale);
@@ -341,6 +362,23 @@ impl Hypervisor {
             self.host.fetch_boot_file(iso, iso_path.clone()).await?;
             paths.cdrom = Some(iso_path);
         }
+        // A tap per NIC, in its network's bridge; QEMU inherits them.
+        let mut taps = Vec::with_capacity(vm.spec.nics.len());
+        if !vm.spec.nics.is_empty() {
+            let state = self.host.state();
+            for (index, nic) in vm.spec.nics.iter().enumerate() {
+                taps.push(self.networks.tap(&state, vm.id, index, nic).await?);
+            }
+        }
+        paths.nics = taps
+            .iter()
+            .map(|tap| crate::qemu_args::NicFds {
+                tap: tap.file.as_raw_fd(),
+                vhost: tap.vhost.as_ref().map(|v| v.as_raw_fd()),
+                mtu: (tap.mtu < crate::net::GUEST_MTU_DEFAULT).then_some(tap.mtu),
+            })
+            .collect();
+        let inherit = paths.nics.iter().flat_map(|n| std::iter::once(n.tap).chain(n.vhost)).collect();
         // Volumes last before QEMU: attaching fences any earlier owner.
         let fencing = std::time::Instant::now();
         let mut vars = None;
@@ -374,8 +412,10 @@ impl Hypervisor {
         let mut args = qemu_args(&vm.spec, &paths, self.accel);
         args.extend(crate::confine::qemu_args().into_iter().map(Into::into));
         let run_as = self.qemu_user.as_ref().map(|user| user.run_as());
-        let mut child = crate::process::spawn(&self.qemu, &args, log, run_as)
+        let mut child = crate::process::spawn(&self.qemu, &args, log, run_as, inherit)
             .map_err(|source| StartError::Spawn { qemu: self.qemu.clone(), source })?;
+        // QEMU holds the taps now: they go when it ends.
+        drop(taps);
         let pid = child.id().unwrap_or_default();
         // Its memory and CPU bounds, for as long as this QEMU runs.
         let _cgroup = match crate::confine::Cgroup::place(&vm.id.to_string(), pid, vm.spec.memory_bytes, vm.spec.cpus) {
@@ -395,6 +435,11 @@ impl Hypervisor {
         };
         let stop_syncing = Arc::new(tokio::sync::Notify::new());
         let syncing = vars.clone().map(|vars| tokio::spawn(vars.run(stop_syncing.clone(), vm.spec.name.clone())));
+        if !vm.spec.nics.is_empty() {
+            if let Err(e) = qmp.announce().await {
+                tracing::warn!(vm = %vm.spec.name, error = %chain(&e), "announcing the VM's NICs failed");
+            }
+        }
         tracing::info!(vm = %vm.spec.name, pid, accel = ?self.accel, "VM running");
         self.set_phase(vm.id, LocalPhase::Running);
         self.report(vm.id, VmRunState::Running { accel: self.accel, pid }).await;

@@ -55,6 +55,15 @@ pub enum ClusterCommand {
     CreateVm {
         spec: VmSpec,
     },
+    /// A network every node provides as a bridge.
+    CreateNetwork {
+        name: String,
+        kind: crate::network::NetworkKind,
+    },
+    /// Deletes a network no VM has a NIC on.
+    DeleteNetwork {
+        network: crate::network::NetworkId,
+    },
     /// Gives VM `vm` a new spec, from its next start. Its name stays; while it is active
     /// only its vCPUs, memory and HA policy may change (its volumes are in use).
     UpdateVm {
@@ -194,6 +203,7 @@ pub enum CommandOutcome {
     VolumeCreated(VolumeId),
     VolumeAcquired(OwnerEpoch),
     VmCreated(VmId),
+    NetworkCreated(crate::network::NetworkId),
     /// The PG's epoch after a replica was taken out or brought in.
     PgChanged(PgEpoch),
 }
@@ -229,6 +239,12 @@ pub enum CommandError {
     VmExists(String),
     #[error("VM {0} does not exist")]
     UnknownVm(VmId),
+    #[error("Network {0} does not exist")]
+    UnknownNetwork(crate::network::NetworkId),
+    #[error("A network named {0:?} exists already: pick another name or delete it first")]
+    NetworkExists(String),
+    #[error("Network {network:?} has a NIC of VM {vm:?} on it: delete the VM or its NIC first")]
+    NetworkInUse { network: String, vm: String },
     #[error("No token {0}: see `converge token list`")]
     UnknownToken(String),
     #[error("VM spec is invalid: {0}")]
@@ -311,6 +327,15 @@ impl ClusterState {
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::CreateVm { spec } => self.create_vm(spec),
+            ClusterCommand::CreateNetwork { name, kind } => self.create_network(name, kind),
+            ClusterCommand::DeleteNetwork { network } => {
+                let found = self.networks.get(network).ok_or(CommandError::UnknownNetwork(*network))?;
+                if let Some(vm) = self.vms.values().find(|vm| vm.spec.nics.iter().any(|nic| nic.network == *network)) {
+                    return Err(CommandError::NetworkInUse { network: found.name.clone(), vm: vm.spec.name.clone() });
+                }
+                self.networks.remove(network);
+                Ok(CommandOutcome::Done)
+            }
             ClusterCommand::UpdateVm { vm, spec } => self.update_vm(*vm, spec),
             ClusterCommand::DeleteVm { vm } => {
                 let found = self.vms.get(vm).ok_or(CommandError::UnknownVm(*vm))?;
@@ -516,6 +541,39 @@ impl ClusterState {
         Ok(CommandOutcome::VmCreated(id))
     }
 
+    fn create_network(
+        &mut self,
+        name: &str,
+        kind: &crate::network::NetworkKind,
+    ) -> Result<CommandOutcome, CommandError> {
+        crate::names::check_name("network", name, NAME_MAX_BYTES).map_err(CommandError::InvalidInput)?;
+        kind.check().map_err(CommandError::InvalidInput)?;
+        if self.network_by_name(name).is_some() {
+            return Err(CommandError::NetworkExists(name.into()));
+        }
+        if self.networks.len() >= crate::network::NETWORKS_MAX {
+            return Err(CommandError::InvalidInput(format!(
+                "the cluster holds {} networks, the most it takes",
+                self.networks.len()
+            )));
+        }
+        use crate::network::NetworkKind::{Overlay, Vlan};
+        // Two networks on one wire would be one network under two names.
+        let same_wire = self.networks.values().find(|n| match (&n.kind, kind) {
+            (Overlay { vni: a }, Overlay { vni: b }) => a == b,
+            (Vlan { vlan: a, interface: i }, Vlan { vlan: b, interface: j }) => a == b && i == j,
+            (a, b) => a == b,
+        });
+        if let Some(other) = same_wire {
+            return Err(CommandError::InvalidInput(format!("network {} is {kind} already", other.name)));
+        }
+        let network = crate::network::Network { id: self.next_network_id, name: name.into(), kind: kind.clone() };
+        self.next_network_id = crate::network::NetworkId(network.id.0 + 1);
+        let id = network.id;
+        self.networks.insert(id, network);
+        Ok(CommandOutcome::NetworkCreated(id))
+    }
+
     fn update_vm(&mut self, id: VmId, spec: &VmSpec) -> Result<CommandOutcome, CommandError> {
         let vm = self.vms.get(&id).ok_or(CommandError::UnknownVm(id))?;
         if spec.name != vm.spec.name {
@@ -575,6 +633,25 @@ impl ClusterState {
                     "the UEFI variables need a volume of {} bytes at least, not {size}",
                     crate::vm::UEFI_VARS_BYTES
                 ));
+            }
+        }
+        if spec.nics.len() > crate::network::VM_NICS_MAX {
+            return invalid(format!("{} NICs is more than {}", spec.nics.len(), crate::network::VM_NICS_MAX));
+        }
+        for (i, nic) in spec.nics.iter().enumerate() {
+            if !self.networks.contains_key(&nic.network) {
+                return Err(CommandError::UnknownNetwork(nic.network));
+            }
+            nic.mac.check().map_err(CommandError::InvalidVm)?;
+            // Two cards of one address on a network would take each other's traffic.
+            let twice = spec.nics[..i].iter().any(|other| other.mac == nic.mac);
+            let elsewhere =
+                self.vms.values().find(|v| Some(v.id) != vm && v.spec.nics.iter().any(|o| o.mac == nic.mac));
+            if twice {
+                return invalid(format!("MAC {} is given to two NICs", nic.mac));
+            }
+            if let Some(other) = elsewhere {
+                return invalid(format!("MAC {} is VM {}'s already", nic.mac, other.spec.name));
             }
         }
         let candidate = Vm {
@@ -853,9 +930,60 @@ mod tests {
             ha: Default::default(),
             seed: None,
             cdrom: None,
+            nics: vec![],
         };
         let Ok(CommandOutcome::VmCreated(vm)) = state.apply(&ClusterCommand::CreateVm { spec }) else { panic!() };
         vm
+    }
+
+    #[test]
+    fn networks_have_one_name_and_one_wire_and_go_only_when_no_nic_is_on_them() {
+        use crate::network::{Mac, NetworkId, NetworkKind, Nic};
+        let mut state = two_node_cluster();
+        let overlay =
+            |vni| ClusterCommand::CreateNetwork { name: format!("net{vni}"), kind: NetworkKind::Overlay { vni } };
+        assert_eq!(state.apply(&overlay(7)), Ok(CommandOutcome::NetworkCreated(NetworkId(0))));
+        let again = ClusterCommand::CreateNetwork { name: "net7".into(), kind: NetworkKind::Overlay { vni: 8 } };
+        assert_eq!(state.apply(&again), Err(CommandError::NetworkExists("net7".into())));
+        let same_vni = ClusterCommand::CreateNetwork { name: "other".into(), kind: NetworkKind::Overlay { vni: 7 } };
+        assert!(matches!(state.apply(&same_vni), Err(CommandError::InvalidInput(_))), "one VXLAN, two names");
+        let bad = ClusterCommand::CreateNetwork { name: "../x".into(), kind: NetworkKind::Overlay { vni: 9 } };
+        assert!(matches!(state.apply(&bad), Err(CommandError::InvalidInput(_))));
+        let vlan =
+            ClusterCommand::CreateNetwork { name: "v".into(), kind: NetworkKind::Vlan { vlan: 5000, interface: None } };
+        assert!(matches!(state.apply(&vlan), Err(CommandError::InvalidInput(_))));
+
+        let web = vm_with_disk(&mut state, "web");
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        let with_nic = |state: &ClusterState, vm: VmId, nics: Vec<Nic>| {
+            let spec = VmSpec { nics, ..state.vms[&vm].spec.clone() };
+            ClusterCommand::UpdateVm { vm, spec }
+        };
+        let nic = Nic { network: NetworkId(0), mac };
+        assert_eq!(state.apply(&with_nic(&state, web, vec![nic])), Ok(CommandOutcome::Done));
+        let db = vm_with_disk(&mut state, "db");
+        assert!(
+            matches!(state.apply(&with_nic(&state, db, vec![nic])), Err(CommandError::InvalidVm(e)) if e.contains("web")),
+            "a MAC is one NIC's"
+        );
+        let unknown = Nic { network: NetworkId(5), mac: "52:54:00:00:00:02".parse().unwrap() };
+        assert_eq!(state.apply(&with_nic(&state, db, vec![unknown])), Err(CommandError::UnknownNetwork(NetworkId(5))));
+        let multicast = Nic { network: NetworkId(0), mac: "01:54:00:00:00:02".parse().unwrap() };
+        assert!(matches!(state.apply(&with_nic(&state, db, vec![multicast])), Err(CommandError::InvalidVm(_))));
+
+        let delete = ClusterCommand::DeleteNetwork { network: NetworkId(0) };
+        assert_eq!(state.apply(&delete), Err(CommandError::NetworkInUse { network: "net7".into(), vm: "web".into() }));
+        state.apply(&ClusterCommand::StartVm { vm: web, node: NODE_A, force: false }).unwrap();
+        assert!(
+            matches!(state.apply(&with_nic(&state, web, vec![])), Err(CommandError::InvalidVm(_))),
+            "a running VM keeps its NICs"
+        );
+        state.apply(&ClusterCommand::StopVm { vm: web, force: false }).unwrap();
+        state.apply(&ClusterCommand::ReportVm { vm: web, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+        assert_eq!(state.apply(&with_nic(&state, web, vec![])), Ok(CommandOutcome::Done));
+        assert_eq!(state.apply(&delete), Ok(CommandOutcome::Done));
+        assert_eq!(state.apply(&overlay(9)), Ok(CommandOutcome::NetworkCreated(NetworkId(1))), "ids are not reused");
+        state.check_invariants();
     }
 
     #[test]
@@ -874,6 +1002,7 @@ mod tests {
             ha: Default::default(),
             seed: None,
             cdrom: None,
+            nics: vec![],
         };
         let too_much =
             state.apply(&ClusterCommand::CreateVm { spec: spec(crate::vm::VM_MEMORY_MAX_BYTES + (1 << 20)) });
@@ -908,6 +1037,7 @@ mod tests {
             ha: Default::default(),
             seed: None,
             cdrom: None,
+            nics: vec![],
         };
 
         let second_vm = state.apply(&ClusterCommand::CreateVm { spec });

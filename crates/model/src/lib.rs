@@ -8,6 +8,7 @@ mod command;
 mod ha;
 mod ids;
 mod names;
+mod network;
 mod report;
 mod state;
 mod tokens;
@@ -21,6 +22,9 @@ pub use ha::{
 };
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 pub use names::{check_name, NAME_MAX_BYTES};
+pub use network::{
+    Mac, Network, NetworkId, NetworkKind, Nic, INTERFACE_NAME_MAX_BYTES, NETWORKS_MAX, VM_NICS_MAX, VNI_MAX,
+};
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};
 pub use tokens::{Role, Token, TokenKind, TOKENS_MAX, TOKEN_NAME_MAX_BYTES};

@@ -2,6 +2,7 @@
 
 use crate::ha::{Capacity, Event, NodeDown};
 use crate::ids::{ClusterId, DiskId, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
+use crate::network::{Network, NetworkId};
 use crate::units::{pg_of, EXTENT_SIZE_BYTES};
 use crate::vm::{Vm, VmId};
 use crate::ExtentIndex;
@@ -49,6 +50,11 @@ pub struct ClusterState {
     /// holds: it never leaves the cluster's nodes (docs/threat-model.md).
     #[serde(default)]
     pub ca: Option<ClusterCa>,
+    /// The networks VMs attach to; every node provides each as a bridge.
+    #[serde(default)]
+    pub networks: BTreeMap<NetworkId, Network>,
+    #[serde(default)]
+    pub next_network_id: NetworkId,
 }
 
 /// The cluster's certificate authority, PEM.
@@ -237,6 +243,15 @@ impl ClusterState {
         self.vms.values().find(|vm| vm.volumes().contains(&volume))
     }
 
+    pub fn network_by_name(&self, name: &str) -> Option<&Network> {
+        self.networks.values().find(|n| n.name == name)
+    }
+
+    /// The VM with a NIC of address `mac`, if any.
+    pub fn vm_with_mac(&self, mac: crate::network::Mac) -> Option<&Vm> {
+        self.vms.values().find(|vm| vm.spec.nics.iter().any(|nic| nic.mac == mac))
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<&Pool> {
         self.pools.values().find(|p| p.name == name)
     }
@@ -278,6 +293,14 @@ impl ClusterState {
                 assert!(self.volumes.contains_key(&volume), "{} uses missing {volume}", vm.id);
                 assert_eq!(self.vm_using(volume).map(|v| v.id), Some(vm.id), "{volume} shared by two VMs");
             }
+            for nic in &vm.spec.nics {
+                assert!(self.networks.contains_key(&nic.network), "{} on missing {}", vm.id, nic.network);
+                let holders = self.vms.values().flat_map(|v| &v.spec.nics).filter(|n| n.mac == nic.mac).count();
+                assert_eq!(holders, 1, "MAC {} on {holders} NICs", nic.mac);
+            }
+        }
+        for network in self.networks.values() {
+            assert!(network.id < self.next_network_id);
         }
     }
 }

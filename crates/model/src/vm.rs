@@ -45,6 +45,9 @@ pub struct VmSpec {
     /// An ISO image kept in a volume, attached as a CD-ROM and booted first (an installer).
     #[serde(default)]
     pub cdrom: Option<BootFile>,
+    /// Its network cards, in order: the first is `eth0` in a Linux guest.
+    #[serde(default)]
+    pub nics: Vec<crate::network::Nic>,
 }
 
 impl VmSpec {

@@ -229,6 +229,7 @@ mod tests {
                 ha: ha.clone(),
                 seed: None,
                 cdrom: None,
+                nics: vec![],
             };
             apply(ClusterCommand::CreateVm { spec });
             apply(ClusterCommand::StartVm { vm: VmId(i as u64), node: NodeId(*node), force: false });

@@ -20,6 +20,8 @@ pub struct NodeProcess {
     pub log: PathBuf,
     /// `converge serve` arguments besides --data-dir.
     serve_args: Vec<String>,
+    /// The network namespace the node runs in, if not the test's own.
+    netns: Option<String>,
 }
 
 impl NodeProcess {
@@ -34,7 +36,20 @@ impl NodeProcess {
         let log = dir.join(format!("{name}.log"));
         let serve_args = serve_args.iter().map(|a| a.to_string()).collect();
         sockets().lock().unwrap().insert(addr.to_string(), data_dir.join("api.sock"));
-        let mut node = NodeProcess { child: None, addr: addr.to_string(), data_dir, log, serve_args };
+        let mut node = NodeProcess { child: None, addr: addr.to_string(), data_dir, log, serve_args, netns: None };
+        node.restart();
+        node
+    }
+
+    /// A node named `name` under `dir`, run in network namespace `netns` and listening on
+    /// `addr` there; the CLI reaches it through its local socket.
+    pub fn start_in_netns(dir: &Path, name: &str, netns: &str, addr: &str) -> Self {
+        let data_dir = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        sockets().lock().unwrap().insert(addr.to_string(), data_dir.join("api.sock"));
+        let serve_args = vec!["--listen".to_string(), addr.to_string()];
+        let netns = Some(netns.to_string());
+        let mut node = NodeProcess { child: None, addr: addr.to_string(), data_dir, log, serve_args, netns };
         node.restart();
         node
     }
@@ -42,7 +57,16 @@ impl NodeProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.addr);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(BIN)
+        // `ip netns exec` enters the namespace and execs the daemon: the pid is the daemon's.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, BIN]);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["serve", "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.serve_args)
@@ -256,6 +280,18 @@ pub fn pattern_of(blocks: usize) -> Vec<u8> {
 /// Creates a VM of the test guest: root filesystem imported onto its first disk, direct
 /// kernel boot with `cmdline`, and `disks` as `--disk` values.
 pub fn create_guest_vm(node: &NodeProcess, guest: &Path, name: &str, disks: &[&str], cmdline: &str) {
+    create_guest_vm_with(node, guest, name, disks, cmdline, &[]);
+}
+
+/// `create_guest_vm`, with more `vm create` arguments.
+pub fn create_guest_vm_with(
+    node: &NodeProcess,
+    guest: &Path,
+    name: &str,
+    disks: &[&str],
+    cmdline: &str,
+    more: &[&str],
+) {
     let path = |file: &str| guest.join(file).display().to_string();
     let mut args = vec!["vm".to_string(), "create".into(), name.into(), "--memory".into(), "256M".into()];
     for disk in disks {
@@ -265,5 +301,6 @@ pub fn create_guest_vm(node: &NodeProcess, guest: &Path, name: &str, disks: &[&s
         args.extend([flag.to_string(), path(file)]);
     }
     args.extend(["--cmdline".to_string(), cmdline.to_string()]);
+    args.extend(more.iter().map(|a| a.to_string()));
     node.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }

@@ -1,0 +1,223 @@
+//! Networks: guests on different nodes reach each other over converge networks, and still
+//! do after one of them moves, with the same MAC.
+//!
+//! Each node runs in a network namespace of its own, made here, so it has its own bridges,
+//! taps and VXLAN devices, as a separate server would. A further namespace stands for the
+//! switch between the servers: a bridge for the nodes' own network (their addresses, Raft,
+//! replication, and the VXLAN overlay), and one for a "physical" VM network on a second
+//! interface of each node (`lan0`, bridged untagged). Nothing of this touches the test
+//! machine's own network namespace; all of it goes when the test ends.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Namespaces and links this test makes, taken away (with every process in them gone
+/// first) when it is dropped.
+struct Topology {
+    switch: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("ip runs (iproute2)");
+    assert!(output.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+}
+
+impl Topology {
+    /// `count` node namespaces, each with `eth0` (10.211.0.N/24) on the nodes' switch and
+    /// `lan0` (no address) on the VM network's switch.
+    fn new(count: usize) -> Self {
+        let tag = std::process::id();
+        let topology =
+            Topology { switch: format!("cvt{tag}sw"), nodes: (0..count).map(|i| format!("cvt{tag}n{i}")).collect() };
+        ip(&["netns", "add", &topology.switch]);
+        let sw = ["-n", topology.switch.as_str()];
+        for bridge in ["nodes", "lan"] {
+            ip(&[&sw[..], &["link", "add", bridge, "type", "bridge"]].concat());
+            ip(&[&sw[..], &["link", "set", bridge, "up"]].concat());
+        }
+        for (i, ns) in topology.nodes.iter().enumerate() {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            for (port, bridge) in [("eth0", "nodes"), ("lan0", "lan")] {
+                let outside = format!("{bridge}{i}");
+                ip(&[
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &outside,
+                    "netns",
+                    &topology.switch,
+                ]);
+                ip(&["-n", &topology.switch, "link", "set", &outside, "master", bridge, "up"]);
+                ip(&["-n", ns, "link", "set", port, "up"]);
+            }
+            ip(&["-n", ns, "addr", "add", &format!("10.211.0.{}/24", i + 1), "dev", "eth0"]);
+        }
+        topology
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain([&self.switch]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn console(node: &NodeProcess, name: &str) -> String {
+    node.cli(&["vm", "console", name, "--no-follow"])
+}
+
+/// The console of `name` once `done` holds for it.
+fn console_until(node: &NodeProcess, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let text = console(node, name);
+        if done(&text) {
+            return text;
+        }
+        if Instant::now() > deadline {
+            let state = node.cli(&["--json", "vm", "show", name]);
+            panic!("timed out waiting until {what}\nstate: {state}\nconsole:\n{text}\nnode log:\n{}", node.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The guest's `GUEST: nic NAME mac=... mtu=...` line for `nic`.
+fn nic_line(console: &str, nic: &str) -> String {
+    let prefix = format!("GUEST: nic {nic} ");
+    console.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {nic} in:\n{console}")).into()
+}
+
+fn pings(console: &str, peer: &str) -> usize {
+    console.lines().filter(|l| *l == format!("GUEST: ping {peer} ok")).count()
+}
+
+#[test]
+fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_network_and_after_a_move() {
+    let guest = guest();
+    let topology = Topology::new(3);
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let addr = |i: usize| format!("10.211.0.{}:7000", i + 1);
+    let nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| NodeProcess::start_in_netns(dir.path(), &format!("node-{i}"), &topology.nodes[i], &addr(i)))
+        .collect();
+    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
+    for node in &nodes[1..] {
+        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
+    }
+    for node in &nodes {
+        let disk = node.data_dir.with_extension("disk");
+        node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
+    }
+
+    // Bad requests are refused before anything is made.
+    let refused = nodes[0].cli_result(&["network", "create", "nowhere"]).unwrap_err();
+    assert!(refused.contains("--interface") && refused.contains("--overlay"), "{refused}");
+    let refused = nodes[0].cli_result(&["network", "create", "-x", "--overlay"]).unwrap_err();
+    assert!(!refused.is_empty());
+    let overlay = json(&nodes[0].cli(&["--json", "network", "create", "over", "--overlay"]));
+    assert_eq!(overlay["kind"], "overlay", "{overlay}");
+    nodes[0].cli(&["network", "create", "lan", "--interface", "lan0"]);
+    let again = nodes[0].cli_result(&["network", "create", "lan", "--overlay"]).unwrap_err();
+    assert!(again.contains("exists already"), "{again}");
+    let bad_nic = nodes[0].cli_result(&["vm", "create", "x", "--disk", "64M", "--nic", "nowhere"]).unwrap_err();
+    assert!(bad_nic.contains("nowhere"), "{bad_nic}");
+
+    let cmdline = |me: u8, peer: u8| {
+        format!("console=ttyS0 panic=-1 quiet gip=10.99.1.{me}/24,10.99.2.{me}/24 gping=10.99.1.{peer},10.99.2.{peer}")
+    };
+    let mac_a = "52:54:00:0a:00:01";
+    create_guest_vm_with(
+        &nodes[0],
+        &guest,
+        "a",
+        &["64M,replicas=2"],
+        &cmdline(1, 2),
+        &["--nic", &format!("over,mac={mac_a}"), "--nic", "lan"],
+    );
+    create_guest_vm_with(
+        &nodes[0],
+        &guest,
+        "b",
+        &["64M,replicas=2"],
+        &cmdline(2, 1),
+        &["--nic", "over", "--nic", "lan"],
+    );
+    let b = json(&nodes[0].cli(&["--json", "vm", "show", "b"]));
+    let mac_b = b["nics"][0]["mac"].as_str().expect("b has a MAC of converge's").to_string();
+    assert!(mac_b.starts_with("52:54:00:"), "{b}");
+    assert_ne!(b["nics"][1]["mac"], b["nics"][0]["mac"], "{b}");
+    let taken = nodes[0].cli_result(&["vm", "create", "c", "--disk", "64M", "--nic", &format!("lan,mac={mac_a}")]);
+    assert!(taken.unwrap_err().contains("VM a"), "a MAC is one NIC's");
+    let in_use = nodes[0].cli_result(&["network", "delete", "lan"]).unwrap_err();
+    assert!(in_use.contains("VM \"a\"") || in_use.contains("VM \"b\""), "{in_use}");
+
+    nodes[0].cli(&["vm", "start", "a", "--node", &addr(0)]);
+    nodes[0].cli(&["vm", "start", "b", "--node", &addr(1)]);
+    let both = |text: &str, peer: u8| {
+        pings(text, &format!("10.99.1.{peer}")) >= 3 && pings(text, &format!("10.99.2.{peer}")) >= 3
+    };
+    let a = console_until(&nodes[0], "a", "a reaches b on both networks", |text| both(text, 2));
+    let before = console_until(&nodes[0], "b", "b reaches a on both networks", |text| both(text, 1));
+    // The overlay's MTU is the underlay's less VXLAN's 50 bytes, and the guest is told so.
+    assert_eq!(nic_line(&a, "eth0"), format!("mac={mac_a} mtu=1450"), "{a}");
+    assert_eq!(
+        nic_line(&a, "eth1"),
+        format!(
+            "mac={} mtu=1500",
+            json(&nodes[0].cli(&["--json", "vm", "show", "a"]))["nics"][1]["mac"].as_str().unwrap()
+        )
+    );
+    assert_eq!(nic_line(&before, "eth0"), format!("mac={mac_b} mtu=1450"), "{before}");
+
+    // b moves to the third node: a new tap in that node's bridges, the same MACs.
+    nodes[0].cli(&["vm", "move", "b", "--node", &addr(2)]);
+    wait_until("b runs on the third node", GUEST_TIMEOUT, || {
+        let b = json(&nodes[0].cli(&["--json", "vm", "show", "b"]));
+        b["state"]["state"] == "running"
+            && b["node"] == json(&nodes[2].cli(&["--json", "cluster", "status"]))["this_node"]
+    });
+    let pinged_before = pings(&console(&nodes[0], "a"), "10.99.1.2");
+    let after = console_until(&nodes[0], "b", "b reaches a from the third node", |text| {
+        text.contains("boot number 2") && both(text.split("boot number 2").nth(1).unwrap_or_default(), 1)
+    });
+    let boot = after.split("boot number 2").nth(1).unwrap();
+    assert_eq!(nic_line(boot, "eth0"), nic_line(&before, "eth0"), "b keeps its MAC on the overlay");
+    assert_eq!(nic_line(boot, "eth1"), nic_line(&before, "eth1"), "b keeps its MAC on the bridged network");
+    console_until(&nodes[0], "a", "a reaches b on the third node", |text| {
+        pings(text, "10.99.1.2") >= pinged_before + 3
+    });
+
+    // Each node made its own bridges: the third holds b's taps now, the second none.
+    let links = |i: usize| {
+        let out = Command::new("ip").args(["-n", &topology.nodes[i], "-br", "link"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(links(2).contains("cvvx0") && links(2).contains("cvbr0") && links(2).contains("cvt1n0"), "{}", links(2));
+    assert!(!links(1).contains("cvt1n0"), "b's tap went with its QEMU:\n{}", links(1));
+
+    // A network is deleted once no VM has a card on it; every node takes its links away.
+    nodes[0].cli(&["vm", "stop", "a", "--force"]);
+    nodes[0].cli(&["vm", "stop", "b", "--force"]);
+    nodes[0].cli(&["vm", "delete", "a"]);
+    nodes[0].cli(&["vm", "delete", "b"]);
+    nodes[0].cli(&["network", "delete", "over"]);
+    wait_until("every node took the overlay's links away", Duration::from_secs(30), || {
+        (0..3).all(|i| !links(i).contains("cvvx0") && !links(i).contains("cvbr0"))
+    });
+    assert!(links(0).contains("cvbr1"), "the other network stays:\n{}", links(0));
+    drop(nodes);
+}
