@@ -92,6 +92,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> WsIo for T 
 pub struct ConsoleSession {
     pub output: futures_util::stream::BoxStream<'static, Result<Bytes, ClientError>>,
     pub input: tokio::sync::mpsc::Sender<Bytes>,
+    /// Ends once every key given to `input` (dropped) was sent and the session closed.
+    pub sent: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -177,7 +179,7 @@ impl Client {
         })?;
         let (mut to_server, from_server) = socket.split();
         let (input, mut keys) = tokio::sync::mpsc::channel::<Bytes>(64);
-        tokio::spawn(async move {
+        let sent = tokio::spawn(async move {
             while let Some(bytes) = keys.recv().await {
                 if to_server.send(Message::Binary(bytes)).await.is_err() {
                     return;
@@ -199,7 +201,7 @@ impl Client {
                 }
             })
             .boxed();
-        Ok(ConsoleSession { output, input })
+        Ok(ConsoleSession { output, input, sent })
     }
 
     pub fn server(&self) -> &str {

@@ -13,19 +13,18 @@ impl NodeServices {
 
     pub async fn create_network(&self, request: v1::CreateNetwork) -> Result<v1::NetworkInfo, ApiError> {
         crate::services::check_name("network", &request.name)?;
-        let kind = match (&request, self.cluster().state()) {
-            (v1::CreateNetwork { overlay: true, vlan: None, interface: None, .. }, state) => {
-                NetworkKind::Overlay { vni: free_vni(&state) }
-            }
-            (v1::CreateNetwork { overlay: true, .. }, _) => {
+        let kind = match &request {
+            // The cluster picks the VXLAN id as it applies the command.
+            v1::CreateNetwork { overlay: true, vlan: None, interface: None, .. } => NetworkKind::Overlay { vni: 0 },
+            v1::CreateNetwork { overlay: true, .. } => {
                 return Err(ApiError::bad_request(
                     "an overlay runs between the nodes' own addresses: it takes no VLAN or interface",
                 ))
             }
-            (v1::CreateNetwork { vlan: Some(vlan), interface, .. }, _) => {
+            v1::CreateNetwork { vlan: Some(vlan), interface, .. } => {
                 NetworkKind::Vlan { vlan: *vlan, interface: interface.clone() }
             }
-            (v1::CreateNetwork { interface: Some(interface), .. }, _) => {
+            v1::CreateNetwork { interface: Some(interface), .. } => {
                 NetworkKind::Bridged { interface: interface.clone() }
             }
             _ => {
@@ -35,7 +34,9 @@ impl NodeServices {
                 ))
             }
         };
-        kind.check().map_err(ApiError::bad_request)?;
+        if !matches!(kind, NetworkKind::Overlay { vni: 0 }) {
+            kind.check().map_err(ApiError::bad_request)?;
+        }
         let command = ClusterCommand::CreateNetwork { name: request.name.clone(), kind };
         let CommandOutcome::NetworkCreated(id) = self.cluster().propose(command).await? else {
             return Err(ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no network was made"));
@@ -86,19 +87,6 @@ fn network_info(state: &ClusterState, network: &Network) -> v1::NetworkInfo {
         kind: network.kind.clone(),
         vms: vms.map(|vm| vm.spec.name.clone()).collect(),
     }
-}
-
-/// The lowest VXLAN id no network of the cluster has.
-fn free_vni(state: &ClusterState) -> u32 {
-    let taken: std::collections::BTreeSet<u32> = state
-        .networks
-        .values()
-        .filter_map(|n| match n.kind {
-            NetworkKind::Overlay { vni } => Some(vni),
-            _ => None,
-        })
-        .collect();
-    (1..).find(|vni| !taken.contains(vni)).expect("fewer networks than VXLAN ids")
 }
 
 /// A random MAC under converge's prefix that no NIC of the cluster (nor `also`) has. The

@@ -89,6 +89,10 @@ pub async fn interactive(api: &Client, name: &str) -> Result<()> {
         }
     };
     drop(raw);
+    if matches!(ended, Ok("left")) {
+        // Keys typed with Ctrl-] (a pasted line) go before the session closes.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), session.sent).await;
+    }
     let ended = ended?;
     eprintln!("\r\n[{name}: {ended}]");
     Ok(())

@@ -183,8 +183,30 @@ fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_netw
     );
     assert_eq!(nic_line(&before, "eth0"), format!("mac={mac_b} mtu=1450"), "{before}");
 
-    // b moves to the third node: a new tap in that node's bridges, the same MACs.
+    // b moves to the third node: a new tap in that node's bridges, the same MACs. Its QEMU
+    // announces it, so the first node's overlay knows where b is before b's guest has
+    // said a word (its kernel takes seconds to boot).
+    let learned = |i: usize| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &topology.nodes[i], "bridge", "fdb", "show", "dev", "cvvx0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&mac_b))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert!(learned(0).iter().any(|l| l.contains("dst 10.211.0.2")), "{:?}", learned(0));
     nodes[0].cli(&["vm", "move", "b", "--node", &addr(2)]);
+    wait_until("the first node learned b's new node from its QEMU's announcement", Duration::from_secs(60), || {
+        learned(0).iter().any(|l| l.contains("dst 10.211.0.3"))
+    });
+    let spoke = console(&nodes[0], "b");
+    assert!(
+        !spoke.split("boot number 2").nth(1).is_some_and(|boot| boot.contains("GUEST: eth0 has")),
+        "b's guest had configured its card already, so its own frames may have taught the overlay:\n{spoke}"
+    );
     wait_until("b runs on the third node", GUEST_TIMEOUT, || {
         let b = json(&nodes[0].cli(&["--json", "vm", "show", "b"]));
         b["state"]["state"] == "running"
@@ -208,6 +230,32 @@ fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_netw
     };
     assert!(links(2).contains("cvvx0") && links(2).contains("cvbr0") && links(2).contains("cvt1n0"), "{}", links(2));
     assert!(!links(1).contains("cvt1n0"), "b's tap went with its QEMU:\n{}", links(1));
+    // The host has no address on a network's links: a guest cannot reach it through them.
+    for link in ["cvbr0", "cvbr1", "cvvx0", "cvt0n0"] {
+        let out = Command::new("ip").args(["-n", &topology.nodes[0], "addr", "show", "dev", link]).output().unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && !shown.contains("inet"), "{link} has an address:\n{shown}");
+    }
+
+    // A network on the interface that carries a node's own address is never provided:
+    // as a bridge's port it would cut the node off. A VM on it fails to start, saying why.
+    nodes[0].cli(&["network", "create", "bad", "--interface", "eth0"]);
+    nodes[0].cli(&[
+        "vm",
+        "create",
+        "c",
+        "--kernel",
+        guest.join("vmlinuz").to_str().unwrap(),
+        "--nic",
+        "bad",
+        "--ha",
+        "off",
+    ]);
+    let refused = nodes[0].cli_result(&["vm", "start", "c", "--node", &addr(0)]).unwrap_err();
+    assert!(refused.contains("holds the address 10.211.0.1"), "{refused}");
+    assert!(links(0).contains("eth0") && !links(0).contains("cvbr2"), "{}", links(0));
+    nodes[0].cli(&["vm", "delete", "c"]);
+    nodes[0].cli(&["network", "delete", "bad"]);
 
     // A network is deleted once no VM has a card on it; every node takes its links away.
     nodes[0].cli(&["vm", "stop", "a", "--force"]);

@@ -20,6 +20,8 @@ const VXLAN_PORT: u16 = 4789;
 /// What VXLAN adds to a frame over IPv4 and IPv6 (outer IP, UDP, VXLAN, inner Ethernet).
 const VXLAN_OVERHEAD_V4: u32 = 50;
 const VXLAN_OVERHEAD_V6: u32 = 70;
+/// How long an `ip` or `bridge` command may take.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A guest's MTU when nothing tells it otherwise.
 pub const GUEST_MTU_DEFAULT: u32 = 1500;
 
@@ -82,36 +84,58 @@ pub struct HostNetworks {
     provided: Mutex<BTreeMap<NetworkId, Provided>>,
     /// The last failure told for each network, so a failing network is logged once.
     told: std::sync::Mutex<BTreeMap<NetworkId, String>>,
-    /// Whether links of networks no longer in the state were looked for since start.
-    swept: std::sync::atomic::AtomicBool,
 }
 
 impl HostNetworks {
     pub fn new(this: NodeId) -> Self {
-        HostNetworks { this, provided: Mutex::default(), told: Default::default(), swept: Default::default() }
+        HostNetworks { this, provided: Mutex::default(), told: Default::default() }
     }
 
     /// Brings the node's bridges in line with the state's networks: makes the missing, fixes
-    /// the changed (an overlay's peers), takes away those of deleted networks. Failures are
-    /// logged (once each) and come back when a VM's NIC needs the network.
+    /// the changed (an overlay's peers) and what was changed behind converge's back (a
+    /// bridge deleted, a port or a running VM's tap taken out of it), takes away this
+    /// cluster's links of networks that are gone (also those deleted while the node was
+    /// down, or made half-way by a failed attempt). Failures are logged (once each) and come
+    /// back when a VM's NIC needs the network.
     pub async fn reconcile(&self, state: &ClusterState) {
         let Some(cluster) = state.cluster.as_ref().map(|c| c.id.0) else { return };
         let mut provided = self.provided.lock().await;
+        // One look at the node's links per pass.
+        let present: BTreeMap<String, Link> = match links().await {
+            Ok(links) => links.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %model::error_chain(&e), "looking at the node's links");
+                return;
+            }
+        };
         for network in state.networks.values() {
+            if provided.get(&network.id).is_some_and(|p| !intact(p, network, &present)) {
+                provided.remove(&network.id);
+            }
             let result = self.provide(&mut provided, state, network).await;
+            if let Ok(bridge) = &result {
+                // Taps of running VMs put back in a bridge that was made anew.
+                let alias = alias(cluster, network.id);
+                for (name, link) in &present {
+                    let astray = link.kind.as_deref() == Some("tun") && link.master.as_deref() != Some(bridge);
+                    if link.alias.as_deref() == Some(alias.as_str()) && astray {
+                        if let Err(e) = ip(&["link", "set", "dev", name, "master", bridge]).await {
+                            tracing::warn!(tap = %name, error = %model::error_chain(&e), "putting a tap back in its bridge");
+                        }
+                    }
+                }
+            }
             self.tell(network, result.err());
         }
-        let gone: Vec<NetworkId> = provided.keys().filter(|id| !state.networks.contains_key(id)).copied().collect();
-        for id in gone {
-            provided.remove(&id);
-            if let Err(e) = remove_links_of(cluster, Some(id)).await {
-                tracing::warn!(network = %id, error = %model::error_chain(&e), "taking a deleted network's links away");
-            }
-        }
-        if !self.swept.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            // Links of networks deleted while this node was down.
-            if let Err(e) = remove_stale_links(cluster, state).await {
-                tracing::warn!(error = %model::error_chain(&e), "looking for links of deleted networks");
+        provided.retain(|id, _| state.networks.contains_key(id));
+        let known: BTreeSet<String> = state.networks.keys().map(|id| id.to_string()).collect();
+        for (name, link) in &present {
+            let Some(of) = link.alias.as_deref().and_then(|a| owner(a, cluster)) else { continue };
+            if !known.contains(&of) && link_exists(name).await.unwrap_or(false) {
+                tracing::info!(link = %name, network = %of, "taking away a link of a deleted network");
+                if let Err(e) = ip(&["link", "del", "dev", name]).await {
+                    tracing::warn!(link = %name, error = %model::error_chain(&e), "taking a deleted network's link away");
+                }
             }
         }
     }
@@ -159,8 +183,16 @@ impl HostNetworks {
             result?
         };
         let name = tap_name(vm, index);
+        // One left by this VM's last QEMU (a persistent one it may have made of it): gone
+        // first, so no other process holds the network's port.
+        if link_exists(&name).await? {
+            ip(&["link", "del", "dev", &name]).await?;
+        }
         let file = open_tap(&name)?;
         let mtu = link(&bridge).await?.mtu;
+        let cluster = state.cluster.as_ref().map_or(0, |c| c.id.0);
+        ip(&["link", "set", "dev", &name, "alias", &alias(cluster, network.id)]).await?;
+        quiet_ipv6(&name).await;
         ip(&["link", "set", "dev", &name, "mtu", &mtu.to_string(), "master", &bridge, "up"]).await?;
         let vhost = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-net") {
             Ok(file) => Some(file),
@@ -168,6 +200,19 @@ impl HostNetworks {
             Err(source) => return Err(NetError::Tap { path: "/dev/vhost-net", source }),
         };
         Ok(Tap { name, file, vhost, mtu, mac: nic.mac })
+    }
+
+    /// Takes away the taps of `vm`'s NICs once its QEMU has ended (a tap its QEMU made
+    /// persistent would outlive it).
+    pub async fn release(&self, vm: VmId, nics: usize) {
+        for index in 0..nics {
+            let name = tap_name(vm, index);
+            if link_exists(&name).await.unwrap_or(false) {
+                if let Err(e) = ip(&["link", "del", "dev", &name]).await {
+                    tracing::warn!(tap = %name, error = %model::error_chain(&e), "taking a VM's tap away");
+                }
+            }
+        }
     }
 
     /// Sets up `network` unless it is as wanted already; returns its bridge.
@@ -185,7 +230,7 @@ impl HostNetworks {
             }
         }
         let unusable = |reason: String| NetError::Unusable { network: network.name.clone(), reason };
-        let alias = format!("converge {cluster} {}", network.id);
+        let alias = alias(cluster, network.id);
         let bridge = match &network.kind {
             NetworkKind::Bridged { interface } => {
                 let port = link(interface).await.map_err(|e| unusable(model::error_chain(&e)))?;
@@ -200,6 +245,14 @@ impl HostNetworks {
                         )));
                     }
                     let bridge = bridge_name(network.id);
+                    // A port of the admin's bridge or bond (the one the node's own address
+                    // is on, say) is never taken from it.
+                    if let Some(master) = port.master.as_deref().filter(|m| *m != bridge) {
+                        return Err(unusable(format!(
+                            "host interface {interface} is a port of {master} already: name {master} itself (a \
+                             bridge is used as it is), or a spare interface"
+                        )));
+                    }
                     ensure_bridge(&bridge, &alias).await?;
                     if port.master.as_deref() != Some(bridge.as_str()) {
                         ip(&["link", "set", "dev", interface, "master", &bridge]).await?;
@@ -222,7 +275,19 @@ impl HostNetworks {
                 let bridge = bridge_name(network.id);
                 ensure_bridge(&bridge, &alias).await?;
                 let port = format!("cvvl{}", network.id.0);
-                if !link_exists(&port).await? {
+                ip(&["link", "set", "dev", &parent, "up"]).await?;
+                let existing = match link(&port).await {
+                    Ok(existing) => Some(existing),
+                    Err(NetError::Command { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                let stale = existing
+                    .as_ref()
+                    .is_some_and(|l| l.vlan_id != Some(u32::from(*vlan)) || l.parent.as_deref() != Some(&parent));
+                if stale {
+                    ip(&["link", "del", "dev", &port]).await?;
+                }
+                if existing.is_none() || stale {
                     let vlan = vlan.to_string();
                     ip(&["link", "add", "link", &parent, "name", &port, "type", "vlan", "id", &vlan]).await.map_err(
                         |e| match e {
@@ -232,8 +297,9 @@ impl HostNetworks {
                             e => e,
                         },
                     )?;
-                    ip(&["link", "set", "dev", &port, "alias", &alias]).await?;
                 }
+                ip(&["link", "set", "dev", &port, "alias", &alias]).await?;
+                quiet_ipv6(&port).await;
                 ip(&["link", "set", "dev", &port, "master", &bridge, "up"]).await?;
                 bridge
             }
@@ -283,6 +349,7 @@ impl HostNetworks {
                     .await?;
                 }
                 ip(&["link", "set", "dev", &port, "alias", &alias]).await?;
+                quiet_ipv6(&port).await;
                 ip(&["link", "set", "dev", &port, "master", &bridge, "up"]).await?;
                 sync_flood_list(&port, &want.peers).await?;
                 bridge
@@ -300,7 +367,7 @@ impl HostNetworks {
             .values()
             .filter(|n| n.id != self.this)
             .filter_map(address)
-            .filter(|ip| Some(ip.is_ipv4()) == local.map(|l| l.is_ipv4()))
+            .filter(|ip| !ip.is_unspecified() && Some(ip.is_ipv4()) == local.map(|l| l.is_ipv4()))
             .collect();
         Want { kind: network.kind.clone(), name: network.name.clone(), local, peers }
     }
@@ -317,12 +384,60 @@ fn tap_name(vm: VmId, index: usize) -> String {
     format!("cvt{:x}n{index}", vm.0)
 }
 
+/// The alias marking the links converge makes for `network` of `cluster`.
+fn alias(cluster: u128, network: NetworkId) -> String {
+    format!("converge {cluster} {network}")
+}
+
+/// Makes `bridge` (or takes the one there, unless another cluster's or network's), with no
+/// address of the host's on it: guests on the network must not reach the host through it.
 async fn ensure_bridge(bridge: &str, alias: &str) -> Result<(), NetError> {
-    if !link_exists(bridge).await? {
-        ip(&["link", "add", "name", bridge, "type", "bridge"]).await?;
-        ip(&["link", "set", "dev", bridge, "alias", alias]).await?;
+    match link(bridge).await {
+        Ok(existing) => {
+            if let Some(other) = existing.alias.as_deref().filter(|a| *a != alias) {
+                return Err(NetError::Output {
+                    command: format!("ip link show dev {bridge}"),
+                    reason: format!("{bridge} is there already as {other:?}: another cluster's, in this namespace?"),
+                });
+            }
+        }
+        Err(NetError::Command { .. }) => {
+            ip(&["link", "add", "name", bridge, "type", "bridge"]).await?;
+        }
+        Err(e) => return Err(e),
     }
+    ip(&["link", "set", "dev", bridge, "alias", alias]).await?;
+    quiet_ipv6(bridge).await;
     ip(&["link", "set", "dev", bridge, "up"]).await.map(drop)
+}
+
+/// Keeps IPv6 off a link converge makes: no link-local address, no router advertisements
+/// taken from a guest. Best effort: a host without IPv6 has nothing to keep off.
+async fn quiet_ipv6(link: &str) {
+    let _ = ip(&["link", "set", "dev", link, "addrgenmode", "none"]).await;
+    for (setting, value) in [("accept_ra", "0"), ("disable_ipv6", "1")] {
+        let path = format!("/proc/sys/net/ipv6/conf/{link}/{setting}");
+        if std::path::Path::new(&path).exists() {
+            if let Err(e) = std::fs::write(&path, value) {
+                tracing::warn!(%path, error = %e, "keeping IPv6 off a network's link");
+            }
+        }
+    }
+}
+
+/// Whether what converge made for `network` is still there as made: its bridge, and the
+/// port joining it to the other nodes in it.
+fn intact(provided: &Provided, network: &Network, present: &BTreeMap<String, Link>) -> bool {
+    if !present.contains_key(&provided.bridge) {
+        return false;
+    }
+    let port = match &network.kind {
+        NetworkKind::Bridged { interface } if *interface == provided.bridge => return true,
+        NetworkKind::Bridged { interface } => interface.clone(),
+        NetworkKind::Vlan { .. } => format!("cvvl{}", network.id.0),
+        NetworkKind::Overlay { .. } => format!("cvvx{}", network.id.0),
+    };
+    present.get(&port).is_some_and(|l| l.master.as_deref() == Some(provided.bridge.as_str()))
 }
 
 /// What `ip -d link show` tells of a link.
@@ -333,8 +448,12 @@ struct Link {
     kind: Option<String>,
     master: Option<String>,
     alias: Option<String>,
+    /// A VXLAN's or a VLAN's id.
     vxlan_id: Option<u32>,
     vxlan_local: Option<IpAddr>,
+    vlan_id: Option<u32>,
+    /// The device a VLAN is on.
+    parent: Option<String>,
 }
 
 impl Link {
@@ -348,7 +467,12 @@ impl Link {
             master: text(&value["master"]),
             alias: text(&value["ifalias"]),
             vxlan_id: info["info_data"]["id"].as_u64().map(|id| id as u32),
-            vxlan_local: info["info_data"]["local"].as_str().and_then(|l| l.parse().ok()),
+            // iproute2 names an IPv6 local address `local6`.
+            vxlan_local: [&info["info_data"]["local"], &info["info_data"]["local6"]]
+                .into_iter()
+                .find_map(|l| l.as_str().and_then(|l| l.parse().ok())),
+            vlan_id: info["info_data"]["id"].as_u64().map(|id| id as u32),
+            parent: text(&value["link"]),
         };
         (name, link)
     }
@@ -434,31 +558,6 @@ fn owner(alias: &str, cluster: u128) -> Option<String> {
     words.next().filter(|network| ours && !network.is_empty()).map(String::from)
 }
 
-/// Takes away the links converge made for `network` of `cluster` (all of the cluster's
-/// with `None`). Deleting a bridge releases its ports.
-async fn remove_links_of(cluster: u128, network: Option<NetworkId>) -> Result<(), NetError> {
-    for (name, link) in links().await? {
-        let Some(of) = link.alias.as_deref().and_then(|a| owner(a, cluster)) else { continue };
-        if network.is_none_or(|n| n.to_string() == of) {
-            ip(&["link", "del", "dev", &name]).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Takes away the links of `cluster`'s networks that the state no longer has.
-async fn remove_stale_links(cluster: u128, state: &ClusterState) -> Result<(), NetError> {
-    let known: BTreeSet<String> = state.networks.keys().map(|id| id.to_string()).collect();
-    for (name, link) in links().await? {
-        let Some(of) = link.alias.as_deref().and_then(|a| owner(a, cluster)) else { continue };
-        if !known.contains(&of) {
-            tracing::info!(link = %name, network = %of, "taking away a link of a deleted network");
-            ip(&["link", "del", "dev", &name]).await?;
-        }
-    }
-    Ok(())
-}
-
 /// The request `TUNSETIFF` takes (`struct ifreq`, with the flags of its union).
 #[repr(C)]
 struct IfReq {
@@ -466,9 +565,6 @@ struct IfReq {
     flags: libc::c_short,
     _rest: [u8; 22],
 }
-
-/// `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// Opens a new tap `name` (not persistent: it goes when QEMU, its last holder, ends), with
 /// virtio-net headers so the guest's checksum and segmentation offloads reach the host.
@@ -481,7 +577,7 @@ fn open_tap(name: &str) -> Result<File, NetError> {
     request.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out (40 bytes,
     // the name then the flags), on a file descriptor this function owns.
-    let result = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut request as *mut IfReq) };
+    let result = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request as *mut IfReq) };
     if result != 0 {
         return Err(tap_error(std::io::Error::last_os_error()));
     }
@@ -494,11 +590,11 @@ async fn ip(args: &[&str]) -> Result<String, NetError> {
 
 async fn run(program: &str, args: &[&str]) -> Result<String, NetError> {
     let command = format!("{program} {}", args.join(" "));
-    let output = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
+    let output =
+        tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).kill_on_drop(true).output();
+    let output = tokio::time::timeout(COMMAND_TIMEOUT, output)
         .await
+        .map_err(|_| NetError::Command { command: command.clone(), stderr: "no answer within 10 s".into() })?
         .map_err(|source| NetError::Spawn { command: command.clone(), source })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();

@@ -508,8 +508,9 @@ impl Hypervisor {
                 tracing::warn!(vm = %vm.spec.name, error = %chain(&e), "saving the UEFI variables at the end failed");
             }
         }
-        // The disks can stop serving.
+        // The disks can stop serving; the taps go.
         drop(disks);
+        self.networks.release(vm.id, vm.spec.nics.len()).await;
         Ok(ended)
     }
 }

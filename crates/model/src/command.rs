@@ -547,6 +547,22 @@ impl ClusterState {
         kind: &crate::network::NetworkKind,
     ) -> Result<CommandOutcome, CommandError> {
         crate::names::check_name("network", name, NAME_MAX_BYTES).map_err(CommandError::InvalidInput)?;
+        use crate::network::NetworkKind::{Overlay, Vlan};
+        let kind = match kind {
+            Overlay { vni: 0 } => {
+                let taken: std::collections::BTreeSet<u32> = self
+                    .networks
+                    .values()
+                    .filter_map(|n| match n.kind {
+                        Overlay { vni } => Some(vni),
+                        _ => None,
+                    })
+                    .collect();
+                Overlay { vni: (1..).find(|vni| !taken.contains(vni)).expect("fewer networks than VXLAN ids") }
+            }
+            kind => kind.clone(),
+        };
+        let kind = &kind;
         kind.check().map_err(CommandError::InvalidInput)?;
         if self.network_by_name(name).is_some() {
             return Err(CommandError::NetworkExists(name.into()));
@@ -557,11 +573,13 @@ impl ClusterState {
                 self.networks.len()
             )));
         }
-        use crate::network::NetworkKind::{Overlay, Vlan};
-        // Two networks on one wire would be one network under two names.
+        // Two networks on one wire would be one network under two names (a VLAN on "the
+        // node's own interface" may well be on the one another names).
         let same_wire = self.networks.values().find(|n| match (&n.kind, kind) {
             (Overlay { vni: a }, Overlay { vni: b }) => a == b,
-            (Vlan { vlan: a, interface: i }, Vlan { vlan: b, interface: j }) => a == b && i == j,
+            (Vlan { vlan: a, interface: i }, Vlan { vlan: b, interface: j }) => {
+                a == b && (i == j || i.is_none() || j.is_none())
+            }
             (a, b) => a == b,
         });
         if let Some(other) = same_wire {
@@ -983,6 +1001,17 @@ mod tests {
         assert_eq!(state.apply(&with_nic(&state, web, vec![])), Ok(CommandOutcome::Done));
         assert_eq!(state.apply(&delete), Ok(CommandOutcome::Done));
         assert_eq!(state.apply(&overlay(9)), Ok(CommandOutcome::NetworkCreated(NetworkId(1))), "ids are not reused");
+        let picked = ClusterCommand::CreateNetwork { name: "auto".into(), kind: NetworkKind::Overlay { vni: 0 } };
+        assert_eq!(state.apply(&picked), Ok(CommandOutcome::NetworkCreated(NetworkId(2))));
+        assert_eq!(state.networks[&NetworkId(2)].kind, NetworkKind::Overlay { vni: 1 }, "the lowest free VXLAN id");
+        let on_eth0 = ClusterCommand::CreateNetwork {
+            name: "v1".into(),
+            kind: NetworkKind::Vlan { vlan: 5, interface: Some("eth0".into()) },
+        };
+        assert!(state.apply(&on_eth0).is_ok());
+        let on_own =
+            ClusterCommand::CreateNetwork { name: "v2".into(), kind: NetworkKind::Vlan { vlan: 5, interface: None } };
+        assert!(matches!(state.apply(&on_own), Err(CommandError::InvalidInput(_))), "maybe the same wire");
         state.check_invariants();
     }
 

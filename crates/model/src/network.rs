@@ -48,7 +48,8 @@ pub enum NetworkKind {
         interface: Option<String>,
     },
     /// VXLAN `vni` between the nodes' own addresses (those of their node ports): a layer-2
-    /// network of its own over whatever IP network joins the nodes.
+    /// network of its own over whatever IP network joins the nodes. In `CreateNetwork`, 0
+    /// has the cluster pick the lowest id no network has.
     Overlay { vni: u32 },
 }
 
@@ -84,9 +85,14 @@ impl fmt::Display for NetworkKind {
     }
 }
 
-/// A host interface name as Linux takes it, and as nothing reads as a flag or a path.
+/// A host interface name as Linux takes it, as nothing reads as a flag or a path, and none
+/// of the links converge makes itself (a VM's tap, another network's bridge).
 fn check_interface(name: &str) -> Result<(), String> {
-    crate::names::check_name("host interface", name, INTERFACE_NAME_MAX_BYTES)
+    crate::names::check_name("host interface", name, INTERFACE_NAME_MAX_BYTES)?;
+    if ["cvbr", "cvvx", "cvvl", "cvt"].iter().any(|prefix| name.starts_with(prefix)) {
+        return Err(format!("{name} is a name converge gives its own links (a bridge, a VXLAN, a VLAN or a tap)"));
+    }
+    Ok(())
 }
 
 /// A VM's network card: the network it is on and its MAC address, kept in the spec so the
@@ -187,6 +193,8 @@ mod tests {
         assert!(NetworkKind::Bridged { interface: "a-very-long-interface".into() }.check().is_err());
         assert!(NetworkKind::Bridged { interface: "-x".into() }.check().is_err());
         assert!(NetworkKind::Bridged { interface: "br0".into() }.check().is_ok());
+        assert!(NetworkKind::Bridged { interface: "cvt5n0".into() }.check().is_err(), "a VM's tap");
+        assert!(NetworkKind::Bridged { interface: "cvbr3".into() }.check().is_err(), "another network's bridge");
         assert!(NetworkKind::Overlay { vni: 1 << 24 }.check().is_err());
         assert!(NetworkKind::Overlay { vni: 0 }.check().is_err());
     }
