@@ -295,7 +295,7 @@ impl NodeServices {
     pub async fn import<S, E>(&self, name: &str, mut body: S) -> Result<v1::ImportResult, ApiError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error,
     {
         let volume = self.inner.cluster.volume(name)?;
         let owner_epoch = self.inner.cluster.acquire_idle_volume(volume.id).await?;
@@ -309,7 +309,8 @@ impl NodeServices {
             let bytes = match body.next().await {
                 Some(Ok(bytes)) => bytes,
                 Some(Err(e)) => {
-                    return Err(ApiError::bad_request(format!("the upload broke off after {offset} bytes: {e}")))
+                    let e = model::error_chain(&e);
+                    return Err(ApiError::bad_request(format!("the upload broke off after {offset} bytes: {e}")));
                 }
                 None => break,
             };
