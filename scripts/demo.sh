@@ -31,7 +31,9 @@ stop_cluster() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$pidfile"
   done
-  # The namespaces go with their links (the veth to this machine too).
+  # The namespaces go with their links; the veth to this machine at once (a namespace's
+  # links go when the kernel gets to it).
+  ip link del cvdemo0 2>/dev/null || true
   for ns in cvdemo-1 cvdemo-2 cvdemo-3 cvdemo-sw; do
     ip netns del "$ns" 2>/dev/null || true
   done
