@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cluster, json, random_file, run, sha256, wait_until, NodeProcess};
+use common::{cluster, form_cluster, json, random_file, run, sha256, wait_until, NodeProcess};
 use std::process::Command;
 use std::time::Duration;
 
@@ -394,14 +394,7 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
         )
     };
     let nodes = [start(64), start(65), start(66)];
-    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
-    for node in &nodes[1..] {
-        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
-    }
-    for node in &nodes {
-        let disk = node.data_dir.with_extension("disk");
-        node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
-    }
+    let token = form_cluster(&nodes);
     // Far more entries than are kept behind a snapshot.
     for i in 0..60 {
         nodes[i % 3].cli(&["volume", "create", &format!("v{i}"), "--size", "4M", "--replicas", "2"]);

@@ -114,14 +114,7 @@ fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_netw
     let nodes: Vec<NodeProcess> = (0..3)
         .map(|i| NodeProcess::start_in_netns(dir.path(), &format!("node-{i}"), &topology.nodes[i], &addr(i)))
         .collect();
-    let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().unwrap().to_string();
-    for node in &nodes[1..] {
-        node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
-    }
-    for node in &nodes {
-        let disk = node.data_dir.with_extension("disk");
-        node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
-    }
+    form_cluster(&nodes);
 
     // Bad requests are refused before anything is made.
     let refused = nodes[0].cli_result(&["network", "create", "nowhere"]).unwrap_err();

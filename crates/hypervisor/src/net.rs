@@ -84,11 +84,14 @@ pub struct HostNetworks {
     provided: Mutex<BTreeMap<NetworkId, Provided>>,
     /// The last failure told for each network, so a failing network is logged once.
     told: std::sync::Mutex<BTreeMap<NetworkId, String>>,
+    /// Set after a pass over a cluster without networks: the next such pass has nothing to
+    /// do. Cleared while there are networks, so their deletion is swept up after.
+    swept: std::sync::atomic::AtomicBool,
 }
 
 impl HostNetworks {
     pub fn new(this: NodeId) -> Self {
-        HostNetworks { this, provided: Mutex::default(), told: Default::default() }
+        HostNetworks { this, provided: Mutex::default(), told: Default::default(), swept: Default::default() }
     }
 
     /// Brings the node's bridges in line with the state's networks: makes the missing, fixes
@@ -100,6 +103,14 @@ impl HostNetworks {
     pub async fn reconcile(&self, state: &ClusterState) {
         let Some(cluster) = state.cluster.as_ref().map(|c| c.id.0) else { return };
         let mut provided = self.provided.lock().await;
+        // A cluster without networks costs nothing once the first pass found no leftovers.
+        let idle = state.networks.is_empty() && provided.is_empty();
+        if idle && self.swept.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if !idle {
+            self.swept.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         // One look at the node's links per pass.
         let present: BTreeMap<String, Link> = match links().await {
             Ok(links) => links.into_iter().collect(),

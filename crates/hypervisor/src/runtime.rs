@@ -159,11 +159,15 @@ impl Hypervisor {
     /// state, and now and then to mend what was changed behind converge's back.
     async fn provide_networks(self: Arc<Self>) {
         const MEND_INTERVAL: Duration = Duration::from_secs(30);
+        // Changes in a burst (a failover is a dozen) make one pass; a VM's start provides
+        // its networks itself, so it never waits for this.
+        const COALESCE: Duration = Duration::from_secs(1);
         let mut state = self.host.watch();
         loop {
             let now = state.borrow_and_update().clone();
             self.networks.reconcile(&now).await;
             let _ = tokio::time::timeout(MEND_INTERVAL, state.changed()).await;
+            tokio::time::sleep(COALESCE).await;
         }
     }
 

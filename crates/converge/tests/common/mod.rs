@@ -222,15 +222,22 @@ pub fn cluster<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> Vec<NodeP
 /// `cluster`, and the join token for more nodes.
 pub fn cluster_and_token<const N: usize>(dir: &Path, ips: [u8; N], port: u16) -> (Vec<NodeProcess>, String) {
     let nodes: Vec<NodeProcess> = ips.iter().map(|&ip| NodeProcess::start(dir, ip, port)).collect();
+    let token = form_cluster(&nodes);
+    (nodes, token)
+}
+
+/// Makes a cluster of started `nodes` (init on the first, the others join) and gives each
+/// a 1 GiB file disk; returns the join token.
+pub fn form_cluster(nodes: &[NodeProcess]) -> String {
     let token = json(&nodes[0].cli(&["--json", "cluster", "init"]))["join_token"].as_str().expect("token").to_string();
     for node in &nodes[1..] {
         node.cli(&["cluster", "join", "--peer", &nodes[0].addr, "--join-token", &token]);
     }
-    for node in &nodes {
+    for node in nodes {
         let disk = node.data_dir.with_extension("disk");
         node.cli(&["disk", "add", disk.to_str().unwrap(), "--size", "1G"]);
     }
-    (nodes, token)
+    token
 }
 
 /// Deterministic incompressible bytes (xorshift), so a failure reproduces.
