@@ -41,6 +41,9 @@ stop_cluster() {
 
 # The node of address $1 runs in namespace cvdemo-N.
 netns_of() { echo "cvdemo-${1##*.}"; }
+# Runs a command in namespace $1. nsenter leaves mounts alone (`ip netns exec` and `ip -n`
+# remount / and /sys, which fails in a chroot) and execs the command.
+in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" "$@"; }
 
 make_network() {
   if ip -br addr | grep -q " $SUBNET\."; then
@@ -48,27 +51,28 @@ make_network() {
     exit 1
   fi
   ip netns add cvdemo-sw
-  ip -n cvdemo-sw link add switch type bridge
-  ip -n cvdemo-sw link set switch up
+  in_ns cvdemo-sw ip link add switch type bridge
+  in_ns cvdemo-sw ip link set switch up
   for ip in "${IPS[@]}"; do
     local ns; ns=$(netns_of "$ip")
     ip netns add "$ns"
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link add eth0 type veth peer name "port${ip##*.}" netns cvdemo-sw
-    ip -n cvdemo-sw link set "port${ip##*.}" master switch up
-    ip -n "$ns" addr add "$ip/24" dev eth0
-    ip -n "$ns" link set eth0 up
+    in_ns "$ns" ip link set lo up
+    in_ns "$ns" ip link add eth0 type veth peer name "port${ip##*.}" netns cvdemo-sw
+    in_ns cvdemo-sw ip link set "port${ip##*.}" master switch up
+    in_ns "$ns" ip addr add "$ip/24" dev eth0
+    in_ns "$ns" ip link set eth0 up
   done
   ip link add cvdemo0 type veth peer name uplink netns cvdemo-sw
-  ip -n cvdemo-sw link set uplink master switch up
+  in_ns cvdemo-sw ip link set uplink master switch up
   ip addr add "$SUBNET.254/24" dev cvdemo0
   ip link set cvdemo0 up
 }
 
 start_node() {
   local ip=$1
-  # `ip netns exec` execs the daemon: the pid is the daemon's.
-  ip netns exec "$(netns_of "$ip")" "$BIN" serve --data-dir "$DEMO/node-$ip" --listen "$ip:$PORT" \
+  # nsenter execs the daemon: the pid is the daemon's (not through in_ns, a function run in
+  # a subshell of its own).
+  nsenter --net="/run/netns/$(netns_of "$ip")" "$BIN" serve --data-dir "$DEMO/node-$ip" --listen "$ip:$PORT" \
     >>"$DEMO/node-$ip.log" 2>&1 &
   echo $! >"$DEMO/node-$ip.pid"
   disown

@@ -22,6 +22,9 @@ tools=(
   depmod:kmod
   g++:g++
   ip:iproute2
+  bridge:iproute2
+  # Tests and the demo run nodes in network namespaces of their own.
+  nsenter:util-linux
   dpkg-deb:dpkg
   # The UEFI test image: a GPT, a FAT EFI system partition, without loop devices.
   sfdisk:fdisk

@@ -21,9 +21,20 @@ struct Topology {
     nodes: Vec<String>,
 }
 
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("ip runs (iproute2)");
+/// Runs `ip args`, in namespace `ns` if given.
+fn ip(ns: Option<&str>, args: &[&str]) {
+    let mut command = match ns {
+        Some(ns) => in_netns(ns, "ip"),
+        None => Command::new("ip"),
+    };
+    let output = command.args(args).output().expect("ip runs (iproute2)");
     assert!(output.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+}
+
+/// What `program args` prints in namespace `ns`.
+fn shown_in(ns: &str, program: &str, args: &[&str]) -> String {
+    let output = in_netns(ns, program).args(args).output().expect("nsenter runs (util-linux)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Topology {
@@ -33,35 +44,23 @@ impl Topology {
         let tag = std::process::id();
         let topology =
             Topology { switch: format!("cvt{tag}sw"), nodes: (0..count).map(|i| format!("cvt{tag}n{i}")).collect() };
-        ip(&["netns", "add", &topology.switch]);
-        let sw = ["-n", topology.switch.as_str()];
+        let switch = Some(topology.switch.as_str());
+        ip(None, &["netns", "add", &topology.switch]);
         for bridge in ["nodes", "lan"] {
-            ip(&[&sw[..], &["link", "add", bridge, "type", "bridge"]].concat());
-            ip(&[&sw[..], &["link", "set", bridge, "up"]].concat());
+            ip(switch, &["link", "add", bridge, "type", "bridge"]);
+            ip(switch, &["link", "set", bridge, "up"]);
         }
         for (i, ns) in topology.nodes.iter().enumerate() {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(None, &["netns", "add", ns]);
+            let node = Some(ns.as_str());
+            ip(node, &["link", "set", "lo", "up"]);
             for (port, bridge) in [("eth0", "nodes"), ("lan0", "lan")] {
                 let outside = format!("{bridge}{i}");
-                ip(&[
-                    "-n",
-                    ns,
-                    "link",
-                    "add",
-                    port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &outside,
-                    "netns",
-                    &topology.switch,
-                ]);
-                ip(&["-n", &topology.switch, "link", "set", &outside, "master", bridge, "up"]);
-                ip(&["-n", ns, "link", "set", port, "up"]);
+                ip(node, &["link", "add", port, "type", "veth", "peer", "name", &outside, "netns", &topology.switch]);
+                ip(switch, &["link", "set", &outside, "master", bridge, "up"]);
+                ip(node, &["link", "set", port, "up"]);
             }
-            ip(&["-n", ns, "addr", "add", &format!("10.211.0.{}/24", i + 1), "dev", "eth0"]);
+            ip(node, &["addr", "add", &format!("10.211.0.{}/24", i + 1), "dev", "eth0"]);
         }
         topology
     }
@@ -180,15 +179,8 @@ fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_netw
     // announces it, so the first node's overlay knows where b is before b's guest has
     // said a word (its kernel takes seconds to boot).
     let learned = |i: usize| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &topology.nodes[i], "bridge", "fdb", "show", "dev", "cvvx0"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with(&mac_b))
-            .map(String::from)
-            .collect::<Vec<_>>()
+        let fdb = shown_in(&topology.nodes[i], "bridge", &["fdb", "show", "dev", "cvvx0"]);
+        fdb.lines().filter(|l| l.starts_with(&mac_b)).map(String::from).collect::<Vec<_>>()
     };
     assert!(learned(0).iter().any(|l| l.contains("dst 10.211.0.2")), "{:?}", learned(0));
     nodes[0].cli(&["vm", "move", "b", "--node", &addr(2)]);
@@ -217,17 +209,13 @@ fn guests_on_different_nodes_reach_each_other_over_an_overlay_and_a_bridged_netw
     });
 
     // Each node made its own bridges: the third holds b's taps now, the second none.
-    let links = |i: usize| {
-        let out = Command::new("ip").args(["-n", &topology.nodes[i], "-br", "link"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let links = |i: usize| shown_in(&topology.nodes[i], "ip", &["-br", "link"]);
     assert!(links(2).contains("cvvx0") && links(2).contains("cvbr0") && links(2).contains("cvt1n0"), "{}", links(2));
     assert!(!links(1).contains("cvt1n0"), "b's tap went with its QEMU:\n{}", links(1));
     // The host has no address on a network's links: a guest cannot reach it through them.
     for link in ["cvbr0", "cvbr1", "cvvx0", "cvt0n0"] {
-        let out = Command::new("ip").args(["-n", &topology.nodes[0], "addr", "show", "dev", link]).output().unwrap();
-        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success() && !shown.contains("inet"), "{link} has an address:\n{shown}");
+        let shown = shown_in(&topology.nodes[0], "ip", &["addr", "show", "dev", link]);
+        assert!(shown.contains(link) && !shown.contains("inet"), "{link} has an address:\n{shown}");
     }
 
     // A network on the interface that carries a node's own address is never provided:

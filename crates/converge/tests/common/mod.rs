@@ -57,13 +57,8 @@ impl NodeProcess {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.addr);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        // `ip netns exec` enters the namespace and execs the daemon: the pid is the daemon's.
         let mut command = match &self.netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns, BIN]);
-                command
-            }
+            Some(netns) => in_netns(netns, BIN),
             None => Command::new(BIN),
         };
         let child = command
@@ -168,6 +163,16 @@ impl Drop for NodeProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// `program`, run in the network namespace `netns` (made by `ip netns add`). nsenter enters
+/// it and execs the program (its pid is the program's), and leaves mounts alone: `ip netns
+/// exec` and `ip -n` remount `/` and `/sys`, which fails in a chroot, where `/` is no mount
+/// point.
+pub fn in_netns(netns: &str, program: &str) -> Command {
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net=/run/netns/{netns}")).arg(program);
+    command
 }
 
 /// The local socket of each node these tests started, by its address: tests are root on
