@@ -79,7 +79,14 @@ fn every_crate_directory_is_known_to_the_tidy_check() {
 
 #[test]
 fn unsafe_code_lives_only_in_the_named_modules() {
-    let permitted = ["store/src/ring.rs", "store/src/buf.rs", "hypervisor/src/process.rs", "vhost-blk/src/guest_io.rs"];
+    let permitted = [
+        "store/src/ring.rs",
+        "store/src/buf.rs",
+        "hypervisor/src/process.rs",
+        // One ioctl: TUNSETIFF, opening a VM NIC's tap.
+        "hypervisor/src/net.rs",
+        "vhost-blk/src/guest_io.rs",
+    ];
     let mut offenders = Vec::new();
     for krate in WORKSPACE_CRATES {
         visit(&crates_dir().join(krate).join("src"), &mut |path, text| {
