@@ -52,13 +52,22 @@ pub async fn network_gate(State(node): State<NodeServices>, request: Request, ne
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let state = node.cluster().state();
     // The caller's role, if the token is one that works.
-    let role = presented.and_then(|p| cluster::tokens::verify(&state, p)).and_then(|t| match t.kind {
-        TokenKind::Api { role } => Some(role),
-        TokenKind::Join { .. } => None,
-    });
-    drop(state);
+    let role_now = || {
+        let state = node.cluster().state();
+        presented.and_then(|p| cluster::tokens::verify(&state, p)).and_then(|t| match t.kind {
+            TokenKind::Api { role } => Some(role),
+            TokenKind::Join { .. } => None,
+        })
+    };
+    let needed = required(request.method(), request.uri().path());
+    let mut role = role_now();
+    if role.is_none() && presented.is_some() && matches!(needed, Access::Role(_)) {
+        // A token just made through another node may not have reached this one yet.
+        if node.cluster().catch_up().await.is_ok() {
+            role = role_now();
+        }
+    }
     let unknown = || match presented {
         None => refuse(
             StatusCode::UNAUTHORIZED,
@@ -66,7 +75,7 @@ pub async fn network_gate(State(node): State<NodeServices>, request: Request, ne
         ),
         Some(_) => refuse(StatusCode::UNAUTHORIZED, "the token was not accepted: it is unknown, revoked or mistyped"),
     };
-    match (required(request.method(), request.uri().path()), role) {
+    match (needed, role) {
         (Access::Public, _) => next.run(request).await,
         (Access::LocalOnly, Some(_)) => refuse(
             StatusCode::FORBIDDEN,

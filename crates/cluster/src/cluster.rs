@@ -10,7 +10,7 @@ use model::{
     ClusterCommand, ClusterId, ClusterState, CommandOutcome, Disk, DiskHealth, Node, NodeId, NodeReport, OwnerEpoch,
     TokenKind, Volume, VolumeId, EXTENT_SIZE_BYTES, PG_COUNT_DEFAULT,
 };
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, Raft};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
@@ -46,6 +46,8 @@ const JOIN_WAIT: Duration = Duration::from_secs(80);
 const JOIN_FORWARD_WAIT: Duration = Duration::from_secs(70);
 /// How long the leader waits for a membership change of its own to commit.
 const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a catch-up waits for this node to apply what the leader has committed.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
@@ -88,6 +90,9 @@ pub(crate) struct Inner {
     local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     pub(crate) liveness: Liveness,
     joining: tokio::sync::Mutex<()>,
+    /// When the last catch-up began (`Cluster::catch_up`): one at a time, and one that
+    /// began after a caller asked serves that caller too.
+    caught_up: tokio::sync::Mutex<Option<Instant>>,
     snapshot_installs: tokio::sync::Semaphore,
     /// Set while this node joins and has no state yet: the members' certificates its node
     /// port takes meanwhile (`Certified::members`), the leader's first messages among them.
@@ -141,6 +146,7 @@ impl Cluster {
             local_report,
             liveness,
             joining: tokio::sync::Mutex::new(()),
+            caught_up: tokio::sync::Mutex::new(None),
             snapshot_installs: tokio::sync::Semaphore::new(1),
             // A join that was under way when this node stopped goes on where it was.
             join_pending: Mutex::new(config.tls.joining().map(|members| members.into_iter().collect())),
@@ -424,12 +430,56 @@ impl Cluster {
                 }))
             }
             PeerRpc::Certify { token, node, public_key } => {
-                PeerReply::Certify(self.certify(&token, &node, &public_key).map_err(|e| match e {
+                PeerReply::Certify(self.certify(&token, &node, &public_key).await.map_err(|e| match e {
                     ClusterError::Command(c) => RemoteRefusal::Command(c),
                     other => RemoteRefusal::Other(other.to_string()),
                 }))
             }
             PeerRpc::Ping => PeerReply::Ping(self.local_report()),
+            PeerRpc::ReadIndex => PeerReply::ReadIndex(match raft.ensure_linearizable().await {
+                Ok(read) => Ok(read.map_or(0, |log_id| log_id.index)),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(RemoteRefusal::NotLeader),
+                Err(e) => Err(RemoteRefusal::Other(e.to_string())),
+            }),
+        }
+    }
+
+    /// Brings this node's state up to every write the cluster committed before the call
+    /// (a read index from the leader, applied here). A follower lags the leader by a
+    /// heartbeat or so: what a caller made through one node (a token, say) and shows to
+    /// another right away is there after this. One catch-up runs at a time, and callers
+    /// that asked before it began share it, so a burst of misses costs one round trip.
+    pub async fn catch_up(&self) -> Result<(), ClusterError> {
+        let asked = Instant::now();
+        let mut last = self.inner.caught_up.lock().await;
+        if last.is_some_and(|began| began >= asked) {
+            return Ok(());
+        }
+        let began = Instant::now();
+        *last = Some(began);
+        let index = self.read_index().await?;
+        let wait = self.inner.raft.wait(Some(CATCH_UP_WAIT));
+        wait.applied_index_at_least(Some(index), "catch up")
+            .await
+            .map_err(|_| ClusterError::NoLeader { waited_ms: began.elapsed().as_millis() as u64 })?;
+        Ok(())
+    }
+
+    /// The leader's commit index, confirmed by a quorum, asked of the leader wherever it is.
+    async fn read_index(&self) -> Result<u64, ClusterError> {
+        let leader = match self.inner.raft.ensure_linearizable().await {
+            Ok(read) => return Ok(read.map_or(0, |log_id| log_id.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_node {
+                Some(leader) if forward.leader_id != Some(self.node_id().0) => leader,
+                _ => return Err(ClusterError::NoLeader { waited_ms: 0 }),
+            },
+            Err(e) => return Err(raft_error(e)),
+        };
+        match self.call(&leader.addr, PeerRpc::ReadIndex, FORWARD_TIMEOUT).await? {
+            PeerReply::ReadIndex(Ok(index)) => Ok(index),
+            PeerReply::ReadIndex(Err(RemoteRefusal::NotLeader)) => Err(ClusterError::NoLeader { waited_ms: 0 }),
+            PeerReply::ReadIndex(Err(e)) => Err(refusal(e)),
+            other => Err(ClusterError::Refused(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -446,18 +496,24 @@ impl Cluster {
         PeerReply::Snapshot(installed.await)
     }
 
-    /// Whether `token` is a join token that works now.
+    /// Whether `token` is a join token that works now, as this node's state says.
     fn join_token_valid(&self, token: &str) -> bool {
         let now_ms = crate::liveness::now_ms();
         crate::tokens::verify(&self.state(), token)
             .is_some_and(|t| matches!(t.kind, TokenKind::Join { expires_ms } if expires_ms > now_ms))
     }
 
+    /// Whether `token` is a join token that works now. One this node has not seen may have
+    /// just been made on another member: it catches up once before saying no.
+    async fn join_token_valid_caught_up(&self, token: &str) -> bool {
+        self.join_token_valid(token) || (self.catch_up().await.is_ok() && self.join_token_valid(token))
+    }
+
     /// Signs a certificate for a node that presented `token`: the CA's and the node's, PEM.
     /// The certificate alone opens nothing: node ports take a node whose certificate the
     /// state records, which only a completed join does.
-    fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<Certified, ClusterError> {
-        if !self.join_token_valid(token) {
+    async fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<Certified, ClusterError> {
+        if !self.join_token_valid_caught_up(token).await {
             return Err(ClusterError::BadToken);
         }
         let state = self.state();
@@ -486,11 +542,11 @@ impl Cluster {
     /// Adds a node that presented `token`: its addresses go into the state, then it becomes
     /// a learner, catches up, and is promoted to voter.
     async fn admit(&self, token: String, node: Node) -> Result<ClusterId, ClusterError> {
-        let state = self.state();
-        let info = state.cluster.as_ref().ok_or(ClusterError::NotInitialized)?;
-        if !self.join_token_valid(&token) {
+        let cluster = self.state().cluster.as_ref().map(|info| info.id).ok_or(ClusterError::NotInitialized)?;
+        if !self.join_token_valid_caught_up(&token).await {
             return Err(ClusterError::BadToken);
         }
+        let state = self.state();
         if node.cert_sha256.len() != 64 {
             return Err(ClusterError::Refused("a joining node names its certificate (`Certify` first)".into()));
         }
@@ -545,7 +601,7 @@ impl Cluster {
             return Err(e);
         }
         tracing::info!(node = %node.id, addr = %node.api_addr, "node joined");
-        Ok(info.id)
+        Ok(cluster)
     }
 
     /// Removes a node that is gone for good, and waits until it is out of the Raft voters

@@ -55,6 +55,10 @@ pub enum PeerRpc {
         node: Node,
     },
     Ping,
+    /// A follower asks the leader for a read index: the leader's commit index, confirmed by
+    /// a quorum to be still the leader's. Applied up to it, the follower has seen every
+    /// write committed before it asked.
+    ReadIndex,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +72,7 @@ pub enum PeerReply {
     Ping(NodeReport),
     /// The answer to a `SnapshotTransfer`.
     Snapshot(Result<SnapshotResponse<u64>, RemoteRefusal>),
+    ReadIndex(Result<u64, RemoteRefusal>),
 }
 
 /// What a joining node gets for its public key.

@@ -173,6 +173,47 @@ fn a_join_token_that_expired_or_was_revoked_lets_no_node_in() {
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
 }
 
+/// A token made through one node works at once on every other: a follower that has not
+/// seen it yet catches up with the leader before it says no. Join tokens too.
+#[test]
+fn a_token_made_through_one_node_works_at_once_on_every_other() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (nodes, _) = common::cluster_and_token(dir.path(), [16, 17, 18], 18770);
+    let admin = nodes[0].token("admin");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tls = pki::api_client(&std::fs::read_to_string(nodes[0].ca()).unwrap()).unwrap();
+    let https = reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap();
+    // Made and used over HTTP, in one process: nothing between the two to hide the lag.
+    // Every pair of nodes, each way, several times over.
+    runtime.block_on(async {
+        for round in 0..8 {
+            for (maker, user) in [(0, 1), (1, 2), (2, 0), (1, 0), (2, 1), (0, 2)] {
+                let made = https
+                    .post(format!("https://{}/v1/tokens", nodes[maker].addr))
+                    .bearer_auth(&admin)
+                    .json(&serde_json::json!({"role": "viewer", "name": format!("r{round}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(made.status(), 201, "{:?}", made.text().await);
+                let token = made.json::<serde_json::Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+                let used =
+                    https.get(format!("https://{}/v1/vms", nodes[user].addr)).bearer_auth(&token).send().await.unwrap();
+                let status = used.status();
+                assert_eq!(status, 200, "round {round}: made on {maker}, used on {user}: {:?}", used.text().await);
+            }
+        }
+    });
+
+    // A join token made on one member lets a node in through another at once.
+    let newcomer = NodeProcess::start(dir.path(), 19, 18770);
+    let join = json(&nodes[1].cli(&["--json", "token", "create", "--join"]));
+    let join = join["token"].as_str().unwrap();
+    newcomer.cli(&["cluster", "join", "--peer", &nodes[2].addr, "--join-token", join]);
+    let status = json(&nodes[0].cli(&["--json", "cluster", "status"]));
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 4, "{status}");
+}
+
 /// What the node port at `addr` answers to a ping from a client with `tls`: its HTTP status,
 /// or why there was none.
 fn ping_node_port(runtime: &tokio::runtime::Runtime, tls: rustls::ClientConfig, addr: &str) -> Result<u16, String> {
