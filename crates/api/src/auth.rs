@@ -62,11 +62,16 @@ pub async fn network_gate(State(node): State<NodeServices>, request: Request, ne
     };
     let needed = required(request.method(), request.uri().path());
     let mut role = role_now();
-    if role.is_none() && presented.is_some() && matches!(needed, Access::Role(_)) {
+    let unseen = presented.is_some_and(|p| cluster::tokens::unseen(&node.cluster().state(), p));
+    if role.is_none() && unseen && matches!(needed, Access::Role(_)) {
         // A token just made through another node may not have reached this one yet.
-        if node.cluster().catch_up().await.is_ok() {
-            role = role_now();
+        if let Err(e) = node.cluster().catch_up().await {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("this node does not know the token and cannot check with the cluster now ({e}): try again"),
+            );
         }
+        role = role_now();
     }
     let unknown = || match presented {
         None => refuse(

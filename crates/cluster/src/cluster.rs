@@ -46,8 +46,11 @@ const JOIN_WAIT: Duration = Duration::from_secs(80);
 const JOIN_FORWARD_WAIT: Duration = Duration::from_secs(70);
 /// How long the leader waits for a membership change of its own to commit.
 const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a catch-up waits for this node to apply what the leader has committed.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+/// How long a catch-up with the leader may take, all told.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least time between two catch-ups of one node: what a flood of unknown tokens can
+/// make it ask of the leader.
+const CATCH_UP_SPACING: Duration = Duration::from_millis(50);
 
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
@@ -90,14 +93,21 @@ pub(crate) struct Inner {
     local_report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     pub(crate) liveness: Liveness,
     joining: tokio::sync::Mutex<()>,
-    /// When the last catch-up began (`Cluster::catch_up`): one at a time, and one that
-    /// began after a caller asked serves that caller too.
-    caught_up: tokio::sync::Mutex<Option<Instant>>,
+    /// The last catch-ups (`Cluster::catch_up`); held while one runs.
+    catch_up: Arc<tokio::sync::Mutex<CatchUps>>,
     snapshot_installs: tokio::sync::Semaphore,
     /// Set while this node joins and has no state yet: the members' certificates its node
     /// port takes meanwhile (`Certified::members`), the leader's first messages among them.
     join_pending: Mutex<Option<BTreeSet<String>>>,
     tls: Arc<pki::NodeTls>,
+}
+
+#[derive(Default)]
+struct CatchUps {
+    /// When the last catch-up that succeeded began: it served every caller who asked before.
+    succeeded: Option<Instant>,
+    /// When the last one ended, however it did.
+    ended: Option<Instant>,
 }
 
 impl Cluster {
@@ -146,7 +156,7 @@ impl Cluster {
             local_report,
             liveness,
             joining: tokio::sync::Mutex::new(()),
-            caught_up: tokio::sync::Mutex::new(None),
+            catch_up: Default::default(),
             snapshot_installs: tokio::sync::Semaphore::new(1),
             // A join that was under way when this node stopped goes on where it was.
             join_pending: Mutex::new(config.tls.joining().map(|members| members.into_iter().collect())),
@@ -436,8 +446,9 @@ impl Cluster {
                 }))
             }
             PeerRpc::Ping => PeerReply::Ping(self.local_report()),
-            PeerRpc::ReadIndex => PeerReply::ReadIndex(match raft.ensure_linearizable().await {
-                Ok(read) => Ok(read.map_or(0, |log_id| log_id.index)),
+            // The leader's own apply is not waited for: the asker waits for its own.
+            PeerRpc::ReadIndex => PeerReply::ReadIndex(match raft.get_read_log_id().await {
+                Ok((read, _applied)) => Ok(read.map_or(0, |log_id| log_id.index)),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(RemoteRefusal::NotLeader),
                 Err(e) => Err(RemoteRefusal::Other(e.to_string())),
             }),
@@ -445,37 +456,59 @@ impl Cluster {
     }
 
     /// Brings this node's state up to every write the cluster committed before the call
-    /// (a read index from the leader, applied here). A follower lags the leader by a
-    /// heartbeat or so: what a caller made through one node (a token, say) and shows to
-    /// another right away is there after this. One catch-up runs at a time, and callers
-    /// that asked before it began share it, so a burst of misses costs one round trip.
+    /// (a read index from the leader, applied here), within `CATCH_UP_TIMEOUT`. A follower
+    /// lags the leader by a round trip: what a caller made through one node (a token, say)
+    /// and shows to another at once is there after this.
+    ///
+    /// One catch-up runs at a time, in a task of its own (a caller that gives up does not
+    /// cut it short), at most one per `CATCH_UP_SPACING`; a caller that asked before a
+    /// successful one began takes its result. So a burst of misses costs one round trip.
     pub async fn catch_up(&self) -> Result<(), ClusterError> {
         let asked = Instant::now();
-        let mut last = self.inner.caught_up.lock().await;
-        if last.is_some_and(|began| began >= asked) {
+        let mut last = self.inner.catch_up.clone().lock_owned().await;
+        if last.succeeded.is_some_and(|began| began >= asked) {
             return Ok(());
         }
-        let began = Instant::now();
-        *last = Some(began);
+        let cluster = self.clone();
+        let run = tokio::spawn(async move {
+            if let Some(ended) = last.ended {
+                tokio::time::sleep_until((ended + CATCH_UP_SPACING).into()).await;
+            }
+            let began = Instant::now();
+            let caught_up = match tokio::time::timeout(CATCH_UP_TIMEOUT, cluster.read_index_applied()).await {
+                Ok(result) => result,
+                Err(_) => Err(ClusterError::NoLeader { waited_ms: CATCH_UP_TIMEOUT.as_millis() as u64 }),
+            };
+            last.ended = Some(Instant::now());
+            if caught_up.is_ok() {
+                last.succeeded = Some(began);
+            }
+            caught_up
+        });
+        run.await.unwrap_or_else(|e| Err(ClusterError::Refused(format!("catching up with the leader: {e}"))))
+    }
+
+    /// Waits until this node has applied the leader's read index.
+    async fn read_index_applied(&self) -> Result<(), ClusterError> {
         let index = self.read_index().await?;
-        let wait = self.inner.raft.wait(Some(CATCH_UP_WAIT));
+        let wait = self.inner.raft.wait(Some(CATCH_UP_TIMEOUT));
         wait.applied_index_at_least(Some(index), "catch up")
             .await
-            .map_err(|_| ClusterError::NoLeader { waited_ms: began.elapsed().as_millis() as u64 })?;
+            .map_err(|_| ClusterError::NoLeader { waited_ms: CATCH_UP_TIMEOUT.as_millis() as u64 })?;
         Ok(())
     }
 
     /// The leader's commit index, confirmed by a quorum, asked of the leader wherever it is.
     async fn read_index(&self) -> Result<u64, ClusterError> {
-        let leader = match self.inner.raft.ensure_linearizable().await {
-            Ok(read) => return Ok(read.map_or(0, |log_id| log_id.index)),
+        let leader = match self.inner.raft.get_read_log_id().await {
+            Ok((read, _applied)) => return Ok(read.map_or(0, |log_id| log_id.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_node {
                 Some(leader) if forward.leader_id != Some(self.node_id().0) => leader,
                 _ => return Err(ClusterError::NoLeader { waited_ms: 0 }),
             },
             Err(e) => return Err(raft_error(e)),
         };
-        match self.call(&leader.addr, PeerRpc::ReadIndex, FORWARD_TIMEOUT).await? {
+        match self.call(&leader.addr, PeerRpc::ReadIndex, CATCH_UP_TIMEOUT).await? {
             PeerReply::ReadIndex(Ok(index)) => Ok(index),
             PeerReply::ReadIndex(Err(RemoteRefusal::NotLeader)) => Err(ClusterError::NoLeader { waited_ms: 0 }),
             PeerReply::ReadIndex(Err(e)) => Err(refusal(e)),
@@ -505,15 +538,19 @@ impl Cluster {
 
     /// Whether `token` is a join token that works now. One this node has not seen may have
     /// just been made on another member: it catches up once before saying no.
-    async fn join_token_valid_caught_up(&self, token: &str) -> bool {
-        self.join_token_valid(token) || (self.catch_up().await.is_ok() && self.join_token_valid(token))
+    async fn join_token_valid_caught_up(&self, token: &str) -> Result<bool, ClusterError> {
+        if self.join_token_valid(token) || !crate::tokens::unseen(&self.state(), token) {
+            return Ok(self.join_token_valid(token));
+        }
+        self.catch_up().await?;
+        Ok(self.join_token_valid(token))
     }
 
     /// Signs a certificate for a node that presented `token`: the CA's and the node's, PEM.
     /// The certificate alone opens nothing: node ports take a node whose certificate the
     /// state records, which only a completed join does.
     async fn certify(&self, token: &str, node: &Node, public_key: &[u8]) -> Result<Certified, ClusterError> {
-        if !self.join_token_valid_caught_up(token).await {
+        if !self.join_token_valid_caught_up(token).await? {
             return Err(ClusterError::BadToken);
         }
         let state = self.state();
@@ -543,7 +580,7 @@ impl Cluster {
     /// a learner, catches up, and is promoted to voter.
     async fn admit(&self, token: String, node: Node) -> Result<ClusterId, ClusterError> {
         let cluster = self.state().cluster.as_ref().map(|info| info.id).ok_or(ClusterError::NotInitialized)?;
-        if !self.join_token_valid_caught_up(&token).await {
+        if !self.join_token_valid_caught_up(&token).await? {
             return Err(ClusterError::BadToken);
         }
         let state = self.state();

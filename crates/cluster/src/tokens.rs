@@ -41,6 +41,20 @@ pub fn verify<'a>(state: &'a ClusterState, text: &str) -> Option<&'a Token> {
     (prefix_fits && constant_time_eq(sha256_hex(secret).as_bytes(), token.secret_sha256.as_bytes())).then_some(token)
 }
 
+/// Whether `text` is shaped like a token and names an id `state` does not hold: one made
+/// a moment ago through another node, perhaps, which catching up would show. (Ids are
+/// never reused; a revoked token's is gone as well.)
+pub fn unseen(state: &ClusterState, text: &str) -> bool {
+    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit());
+    let parts: Vec<&str> = text.trim().split('_').collect();
+    let shaped = match parts[..] {
+        [API_PREFIX, id, secret] => hex(id, 16) && hex(secret, 32),
+        [JOIN_PREFIX, id, secret, ca] => hex(id, 16) && hex(secret, 32) && hex(ca, 64),
+        _ => false,
+    };
+    shaped && !state.tokens.contains_key(parts[1])
+}
+
 /// The CA fingerprint a join token carries, if `text` is one.
 pub fn join_token_ca(text: &str) -> Option<String> {
     let mut parts = text.trim().split('_');
@@ -90,6 +104,21 @@ mod tests {
         assert!(verify(&state, &format!("{text}_{}", "a".repeat(64))).is_none(), "nothing follows an API token");
         assert!(verify(&state, prefix).is_none() && verify(&state, "").is_none());
         assert!(!token.secret_sha256.contains(&text[text.len() - 32..]), "the state keeps no secret");
+    }
+
+    #[test]
+    fn only_a_well_formed_token_of_an_id_not_held_is_unseen() {
+        let (token, text) = mint(TokenKind::Api { role: Role::Viewer }, "", 1, "").unwrap();
+        let state = state_with(&token);
+        let (other, other_text) = mint(TokenKind::Api { role: Role::Viewer }, "", 1, "").unwrap();
+        let (_, join_text) = mint(TokenKind::Join { expires_ms: 10 }, "", 1, &"c".repeat(64)).unwrap();
+        assert!(unseen(&state, &other_text) && unseen(&state, &join_text), "made elsewhere, not seen yet");
+        assert!(!unseen(&state, &text), "held");
+        let wrong_secret = format!("cvt1_{}_{}", token.id, "0".repeat(32));
+        assert!(!unseen(&state, &wrong_secret), "a held id with a wrong secret is known to be wrong");
+        for junk in ["", "x", "Bearer", "cvt1_1234_5678", &format!("cvt1_{}_{}", other.id, "g".repeat(32))] {
+            assert!(!unseen(&state, junk), "{junk:?} is no token at all");
+        }
     }
 
     #[test]
