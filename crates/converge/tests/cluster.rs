@@ -409,7 +409,10 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
         let list = json(&node.cli(&["--json", "volume", "list"]));
         list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect::<Vec<_>>()
     };
-    wait_until("the late node has every volume", Duration::from_secs(30), || names(&late).len() == 60 + big_vms);
+    let vm_count = |node: &NodeProcess| json(&node.cli(&["--json", "vm", "list"])).as_array().unwrap().len();
+    wait_until("the late node has every volume and VM", Duration::from_secs(30), || {
+        names(&late).len() == 60 + big_vms && vm_count(&late) == big_vms
+    });
     let installed = late.log_text();
     let bytes: u64 = installed
         .lines()
@@ -418,8 +421,6 @@ fn a_node_joining_after_the_log_was_compacted_gets_the_state_from_a_snapshot() {
         .max()
         .unwrap_or_else(|| panic!("no snapshot installed: {installed}"));
     assert!(bytes > 1 << 20, "a snapshot of {bytes} bytes: the test meant one of megabytes");
-    let vms = json(&late.cli(&["--json", "vm", "list"]));
-    assert_eq!(vms.as_array().unwrap().len(), big_vms);
 
     // What it got survives its restart, and it goes on with the log.
     late.sigkill();
