@@ -14,7 +14,7 @@ use cluster::{PeerReply, PeerRpc};
 
 /// The API as the node's local socket serves it: root on the node, no token.
 pub fn local_router(services: NodeServices) -> Router {
-    routes().with_state(services)
+    routes().layer(axum::middleware::from_fn_with_state(services.clone(), fresh_names)).with_state(services)
 }
 
 /// The API as the network sees it: every call through `auth::network_gate`, and the door a
@@ -22,6 +22,7 @@ pub fn local_router(services: NodeServices) -> Router {
 pub fn router(services: NodeServices) -> Router {
     routes()
         .route("/internal/join", post(join_request).layer(DefaultBodyLimit::max(64 << 10)))
+        .layer(axum::middleware::from_fn_with_state(services.clone(), fresh_names))
         .layer(axum::middleware::from_fn_with_state(services.clone(), crate::auth::network_gate))
         .with_state(services)
 }
@@ -38,6 +39,42 @@ pub fn peer_router(services: NodeServices) -> Router {
             post(vm_console_input).layer(DefaultBodyLimit::max(crate::vms::CONSOLE_INPUT_MAX_BYTES)),
         )
         .with_state(services)
+}
+
+/// A VM, volume or network named in the path that this node does not know may be one just
+/// made through another node (a follower applies a write a round trip after the leader):
+/// the node catches up with the leader before the call goes on, so what one node made is
+/// there on every other at once. A name that is truly unknown gets its 404 after that.
+async fn fresh_names(
+    State(node): State<NodeServices>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let unknown = {
+        let state = node.cluster().state();
+        let segments: Vec<&str> = request.uri().path().trim_start_matches('/').split('/').collect();
+        let names: Vec<(&str, bool)> = match segments.as_slice() {
+            ["v1", "vms", vm, "disks", volume] => {
+                vec![(vm, state.vm_by_name(vm).is_some()), (volume, state.volume_by_name(volume).is_some())]
+            }
+            ["v1", "vms", vm, ..] => vec![(vm, state.vm_by_name(vm).is_some())],
+            ["v1", "volumes", volume, ..] => vec![(volume, state.volume_by_name(volume).is_some())],
+            ["v1", "networks", network] => vec![(network, state.network_by_name(network).is_some())],
+            _ => vec![],
+        };
+        state.cluster.is_some()
+            && names
+                .iter()
+                .any(|(name, known)| !known && model::check_name("name", name, model::NAME_MAX_BYTES).is_ok())
+    };
+    if unknown {
+        if let Err(e) = node.cluster().catch_up().await {
+            let message =
+                format!("this node does not know that name and cannot check with the cluster now ({e}): try again");
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(v1::ErrorBody { error: message })).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 fn routes() -> Router<NodeServices> {

@@ -104,9 +104,10 @@ pub(crate) struct Inner {
 
 #[derive(Default)]
 struct CatchUps {
-    /// When the last catch-up that succeeded began: it served every caller who asked before.
-    succeeded: Option<Instant>,
-    /// When the last one ended, however it did.
+    /// When the last catch-up began, and how it ended: it answers every caller who asked
+    /// before it began.
+    attempt: Option<(Instant, Result<(), String>)>,
+    /// When the last one ended.
     ended: Option<Instant>,
 }
 
@@ -461,13 +462,17 @@ impl Cluster {
     /// and shows to another at once is there after this.
     ///
     /// One catch-up runs at a time, in a task of its own (a caller that gives up does not
-    /// cut it short), at most one per `CATCH_UP_SPACING`; a caller that asked before a
-    /// successful one began takes its result. So a burst of misses costs one round trip.
+    /// cut it short), at most one per `CATCH_UP_SPACING`; a caller that asked before one
+    /// began takes its outcome. So a burst of misses costs one round trip.
     pub async fn catch_up(&self) -> Result<(), ClusterError> {
         let asked = Instant::now();
         let mut last = self.inner.catch_up.clone().lock_owned().await;
-        if last.succeeded.is_some_and(|began| began >= asked) {
-            return Ok(());
+        // One that began after this caller asked serves it, whatever its outcome: callers
+        // queued behind a leader that does not answer fail together, not 2 s each.
+        if let Some((began, outcome)) = &last.attempt {
+            if *began >= asked {
+                return outcome.clone().map_err(ClusterError::Refused);
+            }
         }
         let cluster = self.clone();
         let run = tokio::spawn(async move {
@@ -480,9 +485,7 @@ impl Cluster {
                 Err(_) => Err(ClusterError::NoLeader { waited_ms: CATCH_UP_TIMEOUT.as_millis() as u64 }),
             };
             last.ended = Some(Instant::now());
-            if caught_up.is_ok() {
-                last.succeeded = Some(began);
-            }
+            last.attempt = Some((began, caught_up.as_ref().map(drop).map_err(|e| e.to_string())));
             caught_up
         });
         run.await.unwrap_or_else(|e| Err(ClusterError::Refused(format!("catching up with the leader: {e}"))))

@@ -174,9 +174,10 @@ fn a_join_token_that_expired_or_was_revoked_lets_no_node_in() {
 }
 
 /// A token made through one node works at once on every other: a follower that has not
-/// seen it yet catches up with the leader before it says no. Join tokens too.
+/// seen it yet catches up with the leader before it says no. Join tokens too, and a volume
+/// named in a path.
 #[test]
-fn a_token_made_through_one_node_works_at_once_on_every_other() {
+fn a_token_or_a_volume_made_through_one_node_is_there_at_once_on_every_other() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (nodes, _) = common::cluster_and_token(dir.path(), [16, 17, 18], 18770);
     let admin = nodes[0].token("admin");
@@ -201,8 +202,29 @@ fn a_token_made_through_one_node_works_at_once_on_every_other() {
                     https.get(format!("https://{}/v1/vms", nodes[user].addr)).bearer_auth(&token).send().await.unwrap();
                 let status = used.status();
                 assert_eq!(status, 200, "round {round}: made on {maker}, used on {user}: {:?}", used.text().await);
+
+                let name = format!("v{round}-{maker}{user}");
+                let made = https
+                    .post(format!("https://{}/v1/volumes", nodes[maker].addr))
+                    .bearer_auth(&admin)
+                    .json(&serde_json::json!({"name": name, "size_bytes": 4096, "replicas": 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(made.status(), 201, "{:?}", made.text().await);
+                let shown = https
+                    .get(format!("https://{}/v1/volumes/{name}", nodes[user].addr))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = shown.status();
+                assert_eq!(status, 200, "{name} made on {maker}, shown on {user}: {:?}", shown.text().await);
             }
         }
+        let missing =
+            https.get(format!("https://{}/v1/volumes/none", nodes[1].addr)).bearer_auth(&admin).send().await.unwrap();
+        assert_eq!(missing.status(), 404, "a name nobody made is still unknown");
     });
 
     // A join token made on one member lets a node in through another at once.
