@@ -86,6 +86,11 @@ fn network_info(state: &ClusterState, network: &Network) -> v1::NetworkInfo {
         name: network.name.clone(),
         kind: network.kind.clone(),
         vms: vms.map(|vm| vm.spec.name.clone()).collect(),
+        unavailable: state
+            .network_gaps
+            .iter()
+            .filter_map(|(&node, gaps)| Some(v1::NetworkGap { node, reason: gaps.get(&network.id)?.clone() }))
+            .collect(),
     }
 }
 

@@ -105,6 +105,17 @@ impl Host for NodeHost {
         })
     }
 
+    fn report_network_gaps(
+        &self,
+        gaps: std::collections::BTreeMap<model::NetworkId, String>,
+    ) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            let cluster = self.services.cluster();
+            let command = model::ClusterCommand::ReportNetworkGaps { node: cluster.node_id(), gaps };
+            cluster.propose(command).await.map(drop).map_err(|e| HostError::new("reporting the networks", e))
+        })
+    }
+
     fn isolated(&self) -> watch::Receiver<bool> {
         self.services.cluster().watch_isolated()
     }

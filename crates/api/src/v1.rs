@@ -231,6 +231,15 @@ pub struct NetworkInfo {
     pub kind: model::NetworkKind,
     /// The VMs with a NIC on it.
     pub vms: Vec<String>,
+    /// The nodes that cannot provide it now, and why: VMs on it are not placed there.
+    #[serde(default)]
+    pub unavailable: Vec<NetworkGap>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkGap {
+    pub node: NodeId,
+    pub reason: String,
 }
 
 /// What cloud-init is told at the VM's first boot.

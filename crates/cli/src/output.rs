@@ -91,6 +91,9 @@ pub fn network_table(networks: &[v1::NetworkInfo]) -> String {
     for n in networks {
         let vms = if n.vms.is_empty() { "-".to_string() } else { n.vms.join(",") };
         let _ = write!(out, "\n{:<24} {:<40} {vms}", n.name, n.kind.to_string());
+        for gap in &n.unavailable {
+            let _ = write!(out, "\n  not on {}: {}", gap.node, gap.reason);
+        }
     }
     out
 }

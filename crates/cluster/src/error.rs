@@ -91,6 +91,7 @@ impl ClusterError {
                 | CommandError::LastReplica { .. }
                 | CommandError::ReplicaNotOut { .. }
                 | CommandError::NodeDown(_)
+                | CommandError::NetworkUnavailable { .. }
                 | CommandError::NodeNotDown(_)
                 | CommandError::NodeNotDrained(_)
                 | CommandError::NodeInUse { .. }

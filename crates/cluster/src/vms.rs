@@ -36,8 +36,22 @@ impl Cluster {
                 }
                 node
             }
-            None => policy::choose_vm_node(&state, |n| self.is_up(n))
-                .ok_or_else(|| ClusterError::Refused("no node is up to run the VM".into()))?,
+            None => policy::choose_vm_node(&state, &vm.spec, |n| self.is_up(n)).ok_or_else(|| {
+                // Among the nodes that would take it but for a network, the first gap.
+                let takes_vms = |n: NodeId| self.is_up(n) && !state.is_down(n) && !state.drained.contains(&n);
+                let gap = state
+                    .nodes
+                    .keys()
+                    .filter(|&&n| takes_vms(n))
+                    .find_map(|&n| state.network_gap(&vm.spec, n).map(|gap| (n, gap)));
+                match gap {
+                    Some((node, (network, why))) => ClusterError::Refused(format!(
+                        "no node that is up can provide the VM's networks ({node} cannot provide network \
+                         {network:?}: {why})"
+                    )),
+                    None => ClusterError::Refused("no node is up to run the VM".into()),
+                }
+            })?,
         };
         self.propose(ClusterCommand::StartVm { vm: vm.id, node, force }).await?;
         Ok(node)

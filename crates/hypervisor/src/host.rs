@@ -45,6 +45,11 @@ pub trait Host: Send + Sync + 'static {
     fn watch(&self) -> watch::Receiver<Arc<ClusterState>>;
     /// Records what this node observes of a VM.
     fn report(&self, vm: VmId, state: VmRunState) -> BoxFuture<'_, Result<(), HostError>>;
+    /// Records which networks this node cannot provide now, with why (none: every one).
+    fn report_network_gaps(
+        &self,
+        gaps: std::collections::BTreeMap<model::NetworkId, String>,
+    ) -> BoxFuture<'_, Result<(), HostError>>;
     /// True while this node is cut off from the majority: it then runs no VM.
     fn isolated(&self) -> watch::Receiver<bool>;
     /// The guest shut itself down (or QEMU ended): the VM's desired state follows, so it is

@@ -22,6 +22,9 @@ const VXLAN_OVERHEAD_V4: u32 = 50;
 const VXLAN_OVERHEAD_V6: u32 = 70;
 /// How long an `ip` or `bridge` command may take.
 const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// What the reasons of one report of gaps add up to at most.
+const GAPS_REPORT_BYTES: usize = 24 << 10;
+
 /// A guest's MTU when nothing tells it otherwise.
 pub const GUEST_MTU_DEFAULT: u32 = 1500;
 
@@ -136,7 +139,7 @@ impl HostNetworks {
                     }
                 }
             }
-            self.tell(network, result.err());
+            self.tell(network, result.as_ref().err());
         }
         provided.retain(|id, _| state.networks.contains_key(id));
         let known: BTreeSet<String> = state.networks.keys().map(|id| id.to_string()).collect();
@@ -151,7 +154,25 @@ impl HostNetworks {
         }
     }
 
-    fn tell(&self, network: &Network, error: Option<NetError>) {
+    /// The networks of `state` this node could not provide at its last try, with why, cut
+    /// as the state keeps reasons (so an unchanged list compares equal to the state's).
+    pub fn gaps(&self, state: &ClusterState) -> BTreeMap<NetworkId, String> {
+        let mut told = self.told.lock().expect("told lock");
+        told.retain(|network, _| state.networks.contains_key(network));
+        // A report is one log entry: with many gaps (no iproute2 at all, say) each reason
+        // is shorter, so the whole stays well under the entry bound.
+        let max = model::GAP_REASON_MAX_BYTES.min(GAPS_REPORT_BYTES / told.len().max(1));
+        told.iter()
+            .map(|(network, why)| {
+                // The network is named where the gap is shown.
+                let name = state.networks[network].name.as_str();
+                let why = why.strip_prefix(&format!("network {name}: ")).unwrap_or(why);
+                (*network, model::bounded(why, max))
+            })
+            .collect()
+    }
+
+    fn tell(&self, network: &Network, error: Option<&NetError>) {
         let mut told = self.told.lock().expect("told lock");
         match error {
             None => {
@@ -160,7 +181,7 @@ impl HostNetworks {
                 }
             }
             Some(e) => {
-                let text = model::error_chain(&e);
+                let text = model::error_chain(e);
                 if told.get(&network.id) != Some(&text) {
                     tracing::warn!(network = %network.name, error = %text, "this node cannot provide the network");
                     told.insert(network.id, text);
@@ -184,13 +205,7 @@ impl HostNetworks {
                 }
             }
             let result = self.provide(&mut provided, state, network).await;
-            self.tell(
-                network,
-                result
-                    .as_ref()
-                    .err()
-                    .map(|e| NetError::Unusable { network: network.name.clone(), reason: model::error_chain(e) }),
-            );
+            self.tell(network, result.as_ref().err());
             result?
         };
         let name = tap_name(vm, index);

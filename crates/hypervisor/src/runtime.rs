@@ -163,9 +163,30 @@ impl Hypervisor {
         // its networks itself, so it never waits for this.
         const COALESCE: Duration = Duration::from_secs(1);
         let mut state = self.host.watch();
+        let this = self.host.this_node();
+        let mut reporting: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let now = state.borrow_and_update().clone();
             self.networks.reconcile(&now).await;
+            // What it cannot provide goes into the state, so VMs are placed elsewhere: in a
+            // task of its own, one at a time, so that a cluster without a leader does not
+            // hold up the links. A failed report is made again at a later pass, which finds
+            // the state unchanged.
+            let gaps = self.networks.gaps(&now);
+            let changed = now.network_gaps.get(&this).unwrap_or(&BTreeMap::new()) != &gaps;
+            let cut_off = *self.host.isolated().borrow();
+            if changed
+                && now.nodes.contains_key(&this)
+                && !cut_off
+                && reporting.as_ref().is_none_or(|r| r.is_finished())
+            {
+                let host = self.host.clone();
+                reporting = Some(tokio::spawn(async move {
+                    if let Err(e) = host.report_network_gaps(gaps).await {
+                        tracing::warn!(error = %model::error_chain(&e), "reporting the networks this node cannot provide");
+                    }
+                }));
+            }
             let _ = tokio::time::timeout(MEND_INTERVAL, state.changed()).await;
             tokio::time::sleep(COALESCE).await;
         }

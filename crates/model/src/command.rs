@@ -5,6 +5,7 @@ use crate::state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, 
 use crate::units::{REPLICAS_MAX, SECTOR_SIZE_BYTES};
 use crate::vm::{Vm, VmDesired, VmId, VmObserved, VmRunState, VmSpec, VM_CPUS_MAX, VM_DISKS_MAX, VM_MEMORY_MIN_BYTES};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A change to the cluster state, proposed through Raft.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +125,12 @@ pub enum ClusterCommand {
     ReportCapacity {
         node: NodeId,
         capacity: crate::ha::Capacity,
+    },
+    /// The networks `node` cannot provide now, with why: it reports each change. VMs with
+    /// a NIC on one of them are not placed there.
+    ReportNetworkGaps {
+        node: NodeId,
+        gaps: BTreeMap<crate::network::NetworkId, String>,
     },
     /// The leader heard nothing from `node` for `silent_ms`: it is down. The VMs it ran are
     /// no longer running; HA VMs among them are then moved by `FailoverVm`.
@@ -245,6 +252,10 @@ pub enum CommandError {
     NetworkExists(String),
     #[error("Network {network:?} has a NIC of VM {vm:?} on it: delete the VM or its NIC first")]
     NetworkInUse { network: String, vm: String },
+    #[error(
+        "{node} cannot provide network {network:?}: {reason} (start the VM on another node, or fix the network there)"
+    )]
+    NetworkUnavailable { network: String, node: NodeId, reason: String },
     #[error("No token {0}: see `converge token list`")]
     UnknownToken(String),
     #[error("VM spec is invalid: {0}")]
@@ -334,6 +345,10 @@ impl ClusterState {
                     return Err(CommandError::NetworkInUse { network: found.name.clone(), vm: vm.spec.name.clone() });
                 }
                 self.networks.remove(network);
+                for gaps in self.network_gaps.values_mut() {
+                    gaps.remove(network);
+                }
+                self.network_gaps.retain(|_, gaps| !gaps.is_empty());
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::UpdateVm { vm, spec } => self.update_vm(*vm, spec),
@@ -352,6 +367,11 @@ impl ClusterState {
                 }
                 if self.is_down(*node) {
                     return Err(CommandError::NodeDown(*node));
+                }
+                let found = self.vms.get(vm).ok_or(CommandError::UnknownVm(*vm))?;
+                let gap = self.network_gap(&found.spec, *node).filter(|_| found.desired.node() != Some(*node));
+                if let Some((network, reason)) = gap {
+                    return Err(CommandError::NetworkUnavailable { network, node: *node, reason });
                 }
                 let found = self.vms.get_mut(vm).ok_or(CommandError::UnknownVm(*vm))?;
                 if let Some(current) = found.desired.node() {
@@ -417,6 +437,7 @@ impl ClusterState {
                 if unused {
                     self.nodes.remove(node);
                     self.capacity.remove(node);
+                    self.network_gaps.remove(node);
                 }
                 Ok(CommandOutcome::Done)
             }
@@ -425,6 +446,23 @@ impl ClusterState {
                     return Err(CommandError::UnknownNode(*node));
                 }
                 self.capacity.insert(*node, *capacity);
+                Ok(CommandOutcome::Done)
+            }
+            ClusterCommand::ReportNetworkGaps { node, gaps } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(CommandError::UnknownNode(*node));
+                }
+                // Only networks that still exist (one may have gone since the node looked).
+                let gaps: BTreeMap<_, _> = gaps
+                    .iter()
+                    .filter(|(network, _)| self.networks.contains_key(network))
+                    .map(|(network, why)| (*network, crate::ha::bounded(why, crate::network::GAP_REASON_MAX_BYTES)))
+                    .collect();
+                if gaps.is_empty() {
+                    self.network_gaps.remove(node);
+                } else {
+                    self.network_gaps.insert(*node, gaps);
+                }
                 Ok(CommandOutcome::Done)
             }
             ClusterCommand::MarkNodeDown { node, at_ms, silent_ms } => {
@@ -1012,6 +1050,61 @@ mod tests {
         let on_own =
             ClusterCommand::CreateNetwork { name: "v2".into(), kind: NetworkKind::Vlan { vlan: 5, interface: None } };
         assert!(matches!(state.apply(&on_own), Err(CommandError::InvalidInput(_))), "maybe the same wire");
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_vm_starts_only_where_its_networks_are_provided_and_gaps_go_with_their_network() {
+        use crate::network::{NetworkId, NetworkKind, Nic};
+        let mut state = two_node_cluster();
+        let lan = ClusterCommand::CreateNetwork {
+            name: "lan".into(),
+            kind: NetworkKind::Bridged { interface: "eth1".into() },
+        };
+        state.apply(&lan).unwrap();
+        let web = vm_with_disk(&mut state, "web");
+        let nic = Nic { network: NetworkId(0), mac: "52:54:00:00:00:01".parse().unwrap() };
+        let spec = VmSpec { nics: vec![nic], ..state.vms[&web].spec.clone() };
+        state.apply(&ClusterCommand::UpdateVm { vm: web, spec }).unwrap();
+
+        let gaps = |node, list: &[(u32, &str)]| ClusterCommand::ReportNetworkGaps {
+            node,
+            gaps: list.iter().map(|(id, why)| (NetworkId(*id), why.to_string())).collect(),
+        };
+        // A gap of a network that is gone (or never was) is dropped; a long reason is cut.
+        let long = "x".repeat(5000);
+        state.apply(&gaps(NODE_B, &[(0, "eth1 does not exist"), (7, "gone")])).unwrap();
+        assert_eq!(state.network_gaps[&NODE_B].keys().copied().collect::<Vec<_>>(), vec![NetworkId(0)]);
+        let refused = state.apply(&ClusterCommand::StartVm { vm: web, node: NODE_B, force: false });
+        assert!(
+            matches!(&refused, Err(CommandError::NetworkUnavailable { network, node: NODE_B, reason })
+                if network == "lan" && reason.contains("eth1 does not exist")),
+            "{refused:?}"
+        );
+        state.apply(&ClusterCommand::StartVm { vm: web, node: NODE_A, force: false }).unwrap();
+        state.apply(&gaps(NODE_A, &[(0, &long)])).unwrap();
+        assert_eq!(state.network_gaps[&NODE_A][&NetworkId(0)].len(), crate::network::GAP_REASON_MAX_BYTES);
+        assert_eq!(
+            state.apply(&ClusterCommand::StartVm { vm: web, node: NODE_A, force: false }),
+            Ok(CommandOutcome::Done),
+            "starting it again where it is meant to run is no placement"
+        );
+        // A failover planned before the gap was known is refused; the leader plans again.
+        state.apply(&ClusterCommand::MarkNodeDown { node: NODE_A, at_ms: 0, silent_ms: 0 }).unwrap();
+        let failover = ClusterCommand::FailoverVm { vm: web, from: NODE_A, to: NODE_B, at_ms: 0 };
+        assert!(matches!(state.apply(&failover), Err(CommandError::NetworkUnavailable { .. })));
+        state.apply(&ClusterCommand::MarkNodeUp { node: NODE_A, at_ms: 0 }).unwrap();
+        assert!(state.apply(&gaps(NodeId(77), &[])).is_err(), "only members report");
+        state.check_invariants();
+
+        // Mended: the node says so, and its entry goes.
+        state.apply(&gaps(NODE_B, &[])).unwrap();
+        assert!(!state.network_gaps.contains_key(&NODE_B));
+        state.apply(&ClusterCommand::StopVm { vm: web, force: false }).unwrap();
+        state.apply(&ClusterCommand::ReportVm { vm: web, node: NODE_A, state: VmRunState::Stopped }).unwrap();
+        state.apply(&ClusterCommand::DeleteVm { vm: web }).unwrap();
+        state.apply(&ClusterCommand::DeleteNetwork { network: NetworkId(0) }).unwrap();
+        assert!(state.network_gaps.is_empty(), "a deleted network's gaps go with it");
         state.check_invariants();
     }
 

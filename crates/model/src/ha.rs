@@ -217,7 +217,7 @@ impl ClusterState {
         if !self.drained.contains(&from) {
             return Err(CommandError::NodeNotDrained(from));
         }
-        self.check_target(to)?;
+        self.check_target(vm, to)?;
         let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
         if found.desired != (VmDesired::Running { node: from }) {
             return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
@@ -234,7 +234,7 @@ impl ClusterState {
     /// Ends a move: the VM stopped on the node it leaves (or that node is down), and runs on
     /// `to` from now on.
     pub(crate) fn finish_move(&mut self, vm: VmId, to: NodeId, at_ms: u64) -> Result<(), CommandError> {
-        self.check_target(to)?;
+        self.check_target(vm, to)?;
         let down = self.down.clone();
         let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
         let VmDesired::Moving { from, .. } = found.desired else {
@@ -257,7 +257,7 @@ impl ClusterState {
 
     /// Points a VM still meant to run on `from` at `to`, a member that is not down; its name.
     fn move_vm(&mut self, vm: VmId, from: NodeId, to: NodeId) -> Result<String, CommandError> {
-        self.check_target(to)?;
+        self.check_target(vm, to)?;
         let found = self.vms.get_mut(&vm).ok_or(CommandError::UnknownVm(vm))?;
         if found.desired != (VmDesired::Running { node: from }) {
             return Err(CommandError::VmMovedOn { vm: found.spec.name.clone() });
@@ -268,12 +268,16 @@ impl ClusterState {
     }
 
     /// A node a VM can be moved to: a member that is not down.
-    fn check_target(&self, to: NodeId) -> Result<(), CommandError> {
+    fn check_target(&self, vm: VmId, to: NodeId) -> Result<(), CommandError> {
         if !self.nodes.contains_key(&to) {
             return Err(CommandError::UnknownNode(to));
         }
         if self.down.contains_key(&to) {
             return Err(CommandError::NodeDown(to));
+        }
+        // A plan made before `to` said it cannot provide the VM's network: made again.
+        if let Some((network, reason)) = self.vms.get(&vm).and_then(|found| self.network_gap(&found.spec, to)) {
+            return Err(CommandError::NetworkUnavailable { network, node: to, reason });
         }
         Ok(())
     }
@@ -367,6 +371,7 @@ impl ClusterState {
         self.down.remove(&node);
         self.drained.remove(&node);
         self.capacity.remove(&node);
+        self.network_gaps.remove(&node);
         let reason = format!("its node {node} was removed");
         let mut pgs = 0;
         for pool in self.pools.values_mut() {

@@ -17,13 +17,14 @@ mod vm;
 
 pub use command::{ClusterCommand, CommandError, CommandOutcome};
 pub use ha::{
-    Capacity, Event, EventKind, HaPolicy, NodeDown, EVENTS_KEPT, EVENT_MESSAGE_MAX_BYTES, GROUP_NAME_MAX_BYTES,
-    VM_PRIORITY_MAX,
+    bounded, Capacity, Event, EventKind, HaPolicy, NodeDown, EVENTS_KEPT, EVENT_MESSAGE_MAX_BYTES,
+    GROUP_NAME_MAX_BYTES, VM_PRIORITY_MAX,
 };
 pub use ids::{ClusterId, DiskId, ExtentIndex, NodeId, OwnerEpoch, PgEpoch, PgId, PoolId, VolumeId};
 pub use names::{check_name, NAME_MAX_BYTES};
 pub use network::{
-    Mac, Network, NetworkId, NetworkKind, Nic, INTERFACE_NAME_MAX_BYTES, NETWORKS_MAX, VM_NICS_MAX, VNI_MAX,
+    Mac, Network, NetworkId, NetworkKind, Nic, GAP_REASON_MAX_BYTES, INTERFACE_NAME_MAX_BYTES, NETWORKS_MAX,
+    VM_NICS_MAX, VNI_MAX,
 };
 pub use report::{DiskHealth, DiskReport, NodeReport, ResyncReport};
 pub use state::{ClusterCa, ClusterInfo, ClusterState, Disk, Node, OutReason, Pg, Pool, Volume};

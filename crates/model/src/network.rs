@@ -24,6 +24,22 @@ pub const VM_NICS_MAX: usize = 8;
 pub const INTERFACE_NAME_MAX_BYTES: usize = 15;
 /// VXLAN network identifiers are 24 bits.
 pub const VNI_MAX: u32 = (1 << 24) - 1;
+/// Longest reason a node gives for a network it cannot provide: a line, enough for an
+/// interface and an error, small enough that a report of many stays one log entry.
+pub const GAP_REASON_MAX_BYTES: usize = 200;
+
+impl crate::state::ClusterState {
+    /// The first network of `spec`'s NICs that `node` reported it cannot provide: its name,
+    /// and why.
+    pub fn network_gap(&self, spec: &crate::vm::VmSpec, node: crate::ids::NodeId) -> Option<(String, String)> {
+        let gaps = self.network_gaps.get(&node)?;
+        spec.nics.iter().find_map(|nic| {
+            let why = gaps.get(&nic.network)?;
+            let name = self.networks.get(&nic.network).map_or_else(|| nic.network.to_string(), |n| n.name.clone());
+            Some((name, why.clone()))
+        })
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {

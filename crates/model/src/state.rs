@@ -55,6 +55,10 @@ pub struct ClusterState {
     pub networks: BTreeMap<NetworkId, Network>,
     #[serde(default)]
     pub next_network_id: NetworkId,
+    /// The networks each node cannot provide now, with why, as it last reported. A node
+    /// missing here provides every network (or has not said otherwise yet).
+    #[serde(default)]
+    pub network_gaps: BTreeMap<NodeId, BTreeMap<NetworkId, String>>,
 }
 
 /// The cluster's certificate authority, PEM.
@@ -301,6 +305,10 @@ impl ClusterState {
         }
         for network in self.networks.values() {
             assert!(network.id < self.next_network_id);
+        }
+        for (node, gaps) in &self.network_gaps {
+            assert!(self.nodes.contains_key(node), "network gaps of {node}, no member");
+            assert!(!gaps.is_empty() && gaps.keys().all(|n| self.networks.contains_key(n)), "gaps of {node}");
         }
     }
 }

@@ -61,7 +61,8 @@ pub fn finish_moves(state: &ClusterState, is_up: impl Fn(NodeId) -> bool) -> Pla
         if !stopped(vm, from) {
             continue;
         }
-        if is_up(to) && !state.is_down(to) && !state.drained.contains(&to) {
+        if is_up(to) && !state.is_down(to) && !state.drained.contains(&to) && state.network_gap(&vm.spec, to).is_none()
+        {
             placement.moves.push(Move { vm: vm.id, from, to });
         } else {
             replan.push(vm);
@@ -112,7 +113,8 @@ fn place(state: &ClusterState, moving: &[&Vm], is_up: impl Fn(NodeId) -> bool, l
             let room = capacity(n)
                 .is_none_or(|c| load.memory_bytes + vm.spec.memory_bytes <= c.memory_bytes && vm.spec.cpus <= c.cpus);
             let apart = vm.spec.ha.anti_affinity.as_ref().is_none_or(|g| !load.groups.contains(g));
-            room && apart
+            let wired = state.network_gap(&vm.spec, **n).is_none();
+            room && apart && wired
         };
         let free = |n: &NodeId, load: &Load| capacity(n).map_or(u64::MAX, |c| c.memory_bytes - load.memory_bytes);
         let best = loads
@@ -129,8 +131,13 @@ fn place(state: &ClusterState, moving: &[&Vm], is_up: impl Fn(NodeId) -> bool, l
                 placement.moves.push(Move { vm: vm.id, from, to });
             }
             None => {
+                let gaps: Vec<(NodeId, (String, String))> =
+                    loads.keys().filter_map(|&n| state.network_gap(&vm.spec, n).map(|gap| (n, gap))).collect();
                 let reason = if loads.is_empty() {
                     "no other node is up and taking VMs".to_string()
+                } else if gaps.len() == loads.len() {
+                    let (node, (network, why)) = &gaps[0];
+                    format!("no node that is up can provide its networks ({node} cannot provide network {network:?}: {why})")
                 } else if vm.spec.ha.anti_affinity.is_some()
                     && loads.iter().any(|(n, l)| {
                         capacity(n).is_none_or(|c| l.memory_bytes + vm.spec.memory_bytes <= c.memory_bytes)
@@ -270,6 +277,31 @@ mod tests {
         assert_eq!(plan.unplaced.len(), 1);
         assert_eq!(plan.unplaced[0].vm, VmId(0));
         assert!(plan.unplaced[0].reason.contains("3072 MiB"), "{}", plan.unplaced[0].reason);
+    }
+
+    #[test]
+    fn a_vm_goes_only_to_a_node_that_provides_its_networks() {
+        use model::{Mac, NetworkId, NetworkKind, Nic};
+        let mut state = cluster(3, 8, &[("web", 1, 1, ha())]);
+        let lan = ClusterCommand::CreateNetwork { name: "lan".into(), kind: NetworkKind::Overlay { vni: 5 } };
+        state.apply(&lan).unwrap();
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        state.vms.get_mut(&VmId(0)).unwrap().spec.nics = vec![Nic { network: NetworkId(0), mac }];
+        let gap = |state: &mut ClusterState, node: u64| {
+            let gaps = [(NetworkId(0), "no VXLAN here".to_string())].into();
+            state.apply(&ClusterCommand::ReportNetworkGaps { node: NodeId(node), gaps }).unwrap();
+        };
+        gap(&mut state, 2);
+        down(&mut state, 1);
+
+        let plan = failover_plan(&state, |_| true);
+        assert_eq!(plan.moves, vec![Move { vm: VmId(0), from: NodeId(1), to: NodeId(3) }], "node 2 would win a tie");
+
+        gap(&mut state, 3);
+        let plan = failover_plan(&state, |_| true);
+        assert!(plan.moves.is_empty());
+        let reason = &plan.unplaced[0].reason;
+        assert!(reason.contains("cannot provide network \"lan\": no VXLAN here"), "{reason}");
     }
 
     #[test]
