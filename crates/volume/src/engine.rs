@@ -30,8 +30,11 @@ pub const REPLICA_TIMEOUT_DEFAULT: Duration = Duration::from_secs(3);
 /// How long an IO waits for its PG to have enough acting replicas (or for Raft to take a
 /// failed one out) before it fails to the guest.
 pub const IO_WAIT_MAX: Duration = Duration::from_secs(30);
-/// Rounds over a PG's replicas a read makes when its view of the PG turns out to be old.
+/// Rounds over a PG's replicas a read makes when its view of the PG turns out to be old, or
+/// no replica served it for a passing reason (a peer restarting, one behind Raft).
 const READ_ROUNDS_MAX: usize = 3;
+/// The pause before a read's next round after passing failures; doubled each round.
+const READ_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How often a writer settles its finished writes on the replicas' activity logs by default.
 const SETTLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause between attempts to commit a PG change while Raft has no leader.
@@ -202,11 +205,12 @@ impl Engine {
         let piece = piece.clone();
         let this = self.inner.topology.this_node();
         let mut last = None;
-        for _ in 0..READ_ROUNDS_MAX {
+        let mut pause = READ_RETRY_PAUSE;
+        for round in 1..=READ_ROUNDS_MAX {
             let set = replicas_of(&self.inner.topology.state(), &volume, piece.extent)?;
             let mut order = set.replicas.clone();
             order.sort_by_key(|r| (r.node != this, !self.inner.topology.is_up(r.node)));
-            let mut behind = false;
+            let (mut behind, mut passing) = (false, false);
             for replica in &order {
                 let request = request(&set, replica, Op::Read, id, &piece, len_bytes, OwnerEpoch(0));
                 match self.send(replica, request, payload()).await.and_then(accepted) {
@@ -214,17 +218,29 @@ impl Engine {
                     Err(e) => {
                         tracing::debug!(disk = %replica.disk, error = %e, "read from replica failed; trying the next");
                         behind |= matches!(e, ReplicaError::Refused { status: Status::StalePgEpoch | Status::Out, .. });
+                        // A read is safe to send again: these may be gone a moment later.
+                        passing |= matches!(
+                            e,
+                            ReplicaError::Connect { .. }
+                                | ReplicaError::ConnectionLost { .. }
+                                | ReplicaError::Refused { status: Status::EpochUnknown, .. }
+                        );
                         last = Some((replica.clone(), e));
                     }
                 }
             }
-            if !behind {
+            if round == READ_ROUNDS_MAX || !(behind || passing) {
                 break;
             }
-            // This node's view of the PG is older than a replica's: read again once it
-            // has caught up.
-            let deadline = Instant::now() + self.inner.config.replica_timeout;
-            self.wait_for_pg(&set, &volume, piece.extent, |e| e > set.pg_epoch, deadline).await;
+            if behind {
+                // This node's view of the PG is older than a replica's: read again once it
+                // has caught up.
+                let deadline = Instant::now() + self.inner.config.replica_timeout;
+                self.wait_for_pg(&set, &volume, piece.extent, |e| e > set.pg_epoch, deadline).await;
+            } else {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
         }
         let (replica, source) = last.expect("a PG has at least one acting replica");
         Err(VolumeError::NoReplicaReadable {

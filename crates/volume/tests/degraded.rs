@@ -416,6 +416,40 @@ async fn a_read_whose_caller_gave_up_never_writes_into_its_memory_afterwards() {
     peer.abort();
 }
 
+/// A replica whose server is not there for a moment (its daemon restarting) is read again
+/// a moment later: a read fails only when no replica served it in every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_replica_is_gone_for_a_moment_is_served_when_it_is_back() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17824))));
+    let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
+    // B's server runs on another port; its address in the state answers only after 100 ms,
+    // through a relay (binding is all that takes).
+    let b = TestNode::start_on(NODE_B, &state, dir.path(), true, "127.0.0.3:17825").await;
+    let back = tokio::spawn({
+        let addr = state.borrow().nodes[&NODE_B].data_addr.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let listener = TcpListener::bind(&addr).await.unwrap();
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut server = TcpStream::connect("127.0.0.3:17825").await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut server).await;
+                });
+            }
+        }
+    });
+    let target = Arc::new(AlignedBuf::copy_from(&[0x11u8; 4096]));
+
+    let result = a.engine.read_into(VolumeId(1), 0, target.clone(), 0..4096).await;
+
+    assert!(result.is_ok(), "{result:?}");
+    assert!(target.as_slice().iter().all(|&b| b == 0), "never written: zeros");
+    back.abort();
+    drop(b);
+}
+
 /// A 4 KiB write at offset 0 of the volume, as its owner at `epoch` sends it to `node`'s disk.
 fn owner_write(state: &SharedState, node: NodeId, epoch: OwnerEpoch) -> Request {
     let (pg, placement) = pg_of_offset(&state.borrow(), 0);
