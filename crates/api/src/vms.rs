@@ -81,6 +81,7 @@ impl NodeServices {
     /// again if the VM cannot be created.
     pub async fn create_vm(&self, request: v1::CreateVm) -> Result<v1::VmInfo, ApiError> {
         crate::services::check_name("VM", &request.name)?;
+        self.know_what_it_names(&request).await;
         if self.cluster().state().vm_by_name(&request.name).is_some() {
             return Err(model::CommandError::VmExists(request.name).into_api());
         }
@@ -166,6 +167,26 @@ impl NodeServices {
         let chunk = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(Bytes::from(seed)) });
         self.import(&name, Box::pin(chunk)).await?;
         Ok(volume.id)
+    }
+
+    /// Catches up with the leader if the request names a network or a volume this node does
+    /// not know: one made through another node a moment ago (`fresh_names` does this for
+    /// names in a path). A name still unknown after is refused as usual.
+    async fn know_what_it_names(&self, request: &v1::CreateVm) {
+        let state = self.cluster().state();
+        let mut files = request.cdrom.iter().collect::<Vec<_>>();
+        if let v1::BootRequest::Kernel { kernel, initrd, .. } = &request.boot {
+            files.push(kernel);
+            files.extend(initrd);
+        }
+        let unknown = files.iter().any(|f| state.volume_by_name(&f.volume).is_none())
+            || request.nics.iter().any(|nic| state.network_by_name(&nic.network).is_none());
+        drop(state);
+        if unknown {
+            if let Err(e) = self.cluster().catch_up().await {
+                tracing::debug!(error = %e, "catching up for names a new VM gives");
+            }
+        }
     }
 
     /// The boot the request asks for; `None` for UEFI, whose variable volume is made with

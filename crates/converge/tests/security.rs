@@ -225,6 +225,28 @@ fn a_token_or_a_volume_made_through_one_node_is_there_at_once_on_every_other() {
         let missing =
             https.get(format!("https://{}/v1/volumes/none", nodes[1].addr)).bearer_auth(&admin).send().await.unwrap();
         assert_eq!(missing.status(), 404, "a name nobody made is still unknown");
+
+        // A name in a body: a VM booting a kernel kept in a volume just made elsewhere.
+        for (maker, user) in [(0, 1), (1, 2), (2, 0), (1, 0), (2, 1), (0, 2)] {
+            let kernel = format!("k-{maker}{user}");
+            let made = https
+                .post(format!("https://{}/v1/volumes", nodes[maker].addr))
+                .bearer_auth(&admin)
+                .json(&serde_json::json!({"name": kernel, "size_bytes": 4096, "replicas": 1}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(made.status(), 201, "{:?}", made.text().await);
+            let vm = serde_json::json!({
+                "name": format!("vm-{maker}{user}"), "cpus": 1, "memory_bytes": 256 << 20, "disks": [],
+                "boot": {"from": "kernel", "kernel": {"volume": kernel, "len_bytes": 512}, "initrd": null, "cmdline": ""},
+            });
+            let created =
+                https.post(format!("https://{}/v1/vms", nodes[user].addr)).bearer_auth(&admin).json(&vm).send().await;
+            let created = created.unwrap();
+            let status = created.status();
+            assert_eq!(status, 201, "{kernel} made on {maker}, booted on {user}: {:?}", created.text().await);
+        }
     });
 
     // A join token made on one member lets a node in through another at once.
