@@ -81,7 +81,7 @@ impl NodeServices {
     /// again if the VM cannot be created.
     pub async fn create_vm(&self, request: v1::CreateVm) -> Result<v1::VmInfo, ApiError> {
         crate::services::check_name("VM", &request.name)?;
-        self.know_what_it_names(&request).await;
+        self.know_what_it_names(&request).await?;
         if self.cluster().state().vm_by_name(&request.name).is_some() {
             return Err(model::CommandError::VmExists(request.name).into_api());
         }
@@ -172,8 +172,11 @@ impl NodeServices {
     /// Catches up with the leader if the request names a network or a volume this node does
     /// not know: one made through another node a moment ago (`fresh_names` does this for
     /// names in a path). A name still unknown after is refused as usual.
-    async fn know_what_it_names(&self, request: &v1::CreateVm) {
+    async fn know_what_it_names(&self, request: &v1::CreateVm) -> Result<(), ApiError> {
         let state = self.cluster().state();
+        if state.cluster.is_none() {
+            return Ok(());
+        }
         let mut files = request.cdrom.iter().collect::<Vec<_>>();
         if let v1::BootRequest::Kernel { kernel, initrd, .. } = &request.boot {
             files.push(kernel);
@@ -183,10 +186,14 @@ impl NodeServices {
             || request.nics.iter().any(|nic| state.network_by_name(&nic.network).is_none());
         drop(state);
         if unknown {
-            if let Err(e) = self.cluster().catch_up().await {
-                tracing::debug!(error = %e, "catching up for names a new VM gives");
-            }
+            self.cluster().catch_up().await.map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("this node does not know a name the VM gives and cannot check with the cluster now ({e}): try again"),
+                )
+            })?;
         }
+        Ok(())
     }
 
     /// The boot the request asks for; `None` for UEFI, whose variable volume is made with

@@ -206,11 +206,12 @@ impl Engine {
         let this = self.inner.topology.this_node();
         let mut last = None;
         let mut pause = READ_RETRY_PAUSE;
+        let started = Instant::now();
         for round in 1..=READ_ROUNDS_MAX {
             let set = replicas_of(&self.inner.topology.state(), &volume, piece.extent)?;
             let mut order = set.replicas.clone();
             order.sort_by_key(|r| (r.node != this, !self.inner.topology.is_up(r.node)));
-            let (mut behind, mut passing) = (false, false);
+            let (mut behind, mut passing) = (false, true);
             for replica in &order {
                 let request = request(&set, replica, Op::Read, id, &piece, len_bytes, OwnerEpoch(0));
                 match self.send(replica, request, payload()).await.and_then(accepted) {
@@ -218,8 +219,9 @@ impl Engine {
                     Err(e) => {
                         tracing::debug!(disk = %replica.disk, error = %e, "read from replica failed; trying the next");
                         behind |= matches!(e, ReplicaError::Refused { status: Status::StalePgEpoch | Status::Out, .. });
-                        // A read is safe to send again: these may be gone a moment later.
-                        passing |= matches!(
+                        // A read is safe to send again: when every replica failed for a
+                        // reason that may be gone a moment later (a peer restarting).
+                        passing &= matches!(
                             e,
                             ReplicaError::Connect { .. }
                                 | ReplicaError::ConnectionLost { .. }
@@ -237,9 +239,13 @@ impl Engine {
                 // has caught up.
                 let deadline = Instant::now() + self.inner.config.replica_timeout;
                 self.wait_for_pg(&set, &volume, piece.extent, |e| e > set.pg_epoch, deadline).await;
-            } else {
+            } else if started.elapsed() + pause < self.inner.config.replica_timeout {
                 tokio::time::sleep(pause).await;
                 pause *= 2;
+            } else {
+                // Failures that took their time (connects to a host that is gone): a guest
+                // waits no longer for another round.
+                break;
             }
         }
         let (replica, source) = last.expect("a PG has at least one acting replica");
