@@ -173,6 +173,18 @@ fn a_join_token_that_expired_or_was_revoked_lets_no_node_in() {
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status}");
 }
 
+/// Makes a 4 KiB volume through `node`'s API.
+async fn create_volume(https: &reqwest::Client, node: &NodeProcess, admin: &str, name: &str) {
+    let made = https
+        .post(format!("https://{}/v1/volumes", node.addr))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"name": name, "size_bytes": 4096, "replicas": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201, "{:?}", made.text().await);
+}
+
 /// A token made through one node works at once on every other: a follower that has not
 /// seen it yet catches up with the leader before it says no. Join tokens too, and a volume
 /// named in a path.
@@ -204,14 +216,7 @@ fn a_token_or_a_volume_made_through_one_node_is_there_at_once_on_every_other() {
                 assert_eq!(status, 200, "round {round}: made on {maker}, used on {user}: {:?}", used.text().await);
 
                 let name = format!("v{round}-{maker}{user}");
-                let made = https
-                    .post(format!("https://{}/v1/volumes", nodes[maker].addr))
-                    .bearer_auth(&admin)
-                    .json(&serde_json::json!({"name": name, "size_bytes": 4096, "replicas": 1}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(made.status(), 201, "{:?}", made.text().await);
+                create_volume(&https, &nodes[maker], &admin, &name).await;
                 let shown = https
                     .get(format!("https://{}/v1/volumes/{name}", nodes[user].addr))
                     .bearer_auth(&admin)
@@ -229,14 +234,7 @@ fn a_token_or_a_volume_made_through_one_node_is_there_at_once_on_every_other() {
         // A name in a body: a VM booting a kernel kept in a volume just made elsewhere.
         for (maker, user) in [(0, 1), (1, 2), (2, 0), (1, 0), (2, 1), (0, 2)] {
             let kernel = format!("k-{maker}{user}");
-            let made = https
-                .post(format!("https://{}/v1/volumes", nodes[maker].addr))
-                .bearer_auth(&admin)
-                .json(&serde_json::json!({"name": kernel, "size_bytes": 4096, "replicas": 1}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(made.status(), 201, "{:?}", made.text().await);
+            create_volume(&https, &nodes[maker], &admin, &kernel).await;
             let vm = serde_json::json!({
                 "name": format!("vm-{maker}{user}"), "cpus": 1, "memory_bytes": 256 << 20, "disks": [],
                 "boot": {"from": "kernel", "kernel": {"volume": kernel, "len_bytes": 512}, "initrd": null, "cmdline": ""},
