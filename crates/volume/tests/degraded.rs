@@ -421,11 +421,12 @@ async fn a_read_whose_caller_gave_up_never_writes_into_its_memory_afterwards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_replica_is_gone_for_a_moment_is_served_when_it_is_back() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17824))));
+    let state: SharedState = Arc::new(watch::Sender::new(Arc::new(remote_only(17826))));
     let a = TestNode::start(NODE_A, &state, dir.path(), true).await;
     // B's server runs on another port; its address in the state answers only after 100 ms,
     // through a relay (binding is all that takes).
-    let b = TestNode::start_on(NODE_B, &state, dir.path(), true, "127.0.0.3:17825").await;
+    let server = "127.0.0.3:17827";
+    let b = TestNode::start_on(NODE_B, &state, dir.path(), true, server).await;
     let back = tokio::spawn({
         let addr = state.borrow().nodes[&NODE_B].data_addr.clone();
         async move {
@@ -434,8 +435,8 @@ async fn a_read_whose_replica_is_gone_for_a_moment_is_served_when_it_is_back() {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
-                    let mut server = TcpStream::connect("127.0.0.3:17825").await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut server).await;
+                    let mut to_server = TcpStream::connect(server).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut to_server).await;
                 });
             }
         }
